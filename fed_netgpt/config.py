@@ -1,0 +1,250 @@
+"""One typed configuration for every command and both Flower apps.
+
+Merge order: dataclass defaults -> conf/base.yaml -> optional preset (conf/<preset>.yaml or a file) ->
+overrides (`key=value` from the command line, or Flower's run_config). Unknown keys and wrong types
+fail with a `ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"  # smollm2-135m | tiny-random | a local Hugging Face model folder
+    cache_dir: str = ""  # where the converted SmolLM2 lives; "" -> $FED_NETGPT_CACHE or ~/.cache/fed-netgpt
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a prompt-pair JSONL to use instead of building one
+    region_by: str = "country"  # country | continent | list
+    countries: list[str] = field(default_factory=lambda: ["FR", "JP", "BR"])
+    continents: list[str] = field(default_factory=lambda: ["EU", "AS", "SA"])
+    regions: dict[str, list[str]] = field(default_factory=dict)  # region_by=list: region -> city names
+    sites_per_region: int = 4
+    min_population: int = 100_000
+    test_intents: list[str] = field(default_factory=lambda: ["taxi", "pharmacy", "museum"])
+    test_fraction: float = 0.2  # for user JSONL lines without "split"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 6
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    max_length: int = 128
+    proximal_mu: float = 0.0  # FedProx term weight; 0 disables it
+    bf16: bool = True  # bf16 autocast on CPU (AMX) and GPU; fp32 master weights
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_rounds: int = 3
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedavgm
+    adapters: str = "regional"  # regional: one adapter per region | global: one for all sites
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    server_learning_rate: float = 1.0  # fedadam/fedyogi eta, fedavgm server lr
+    server_momentum: float = 0.9  # fedavgm
+    timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    max_new_tokens: int = 48
+    max_examples_per_region: int = 24
+    batch_size: int = 16
+    examples_to_show: int = 1
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    num_cpus_per_client: float = 2.0  # Ray resources per ClientApp; a whole machine by default
+    torch_threads: int = 0  # 0 -> torch's default
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    output_dir: str = "runs/latest"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+    preset: str = ""  # name of conf/<preset>.yaml or a YAML path, applied after base.yaml
+
+    def __post_init__(self) -> None:
+        _check_choice("federation.strategy", self.federation.strategy, STRATEGIES)
+        _check_choice("federation.adapters", self.federation.adapters, ("regional", "global"))
+        _check_choice("data.region_by", self.data.region_by, ("country", "continent", "list"))
+        for key, value in _positive_fields(self).items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        for key in ("federation.fraction_train", "federation.fraction_evaluate", "data.test_fraction"):
+            value = select(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key} must be within [0, 1], got {value}")
+        if self.data.region_by == "list" and not self.data.regions and not self.data.path:
+            raise ConfigError("data.regions must name at least one region when data.region_by=list")
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive_fields(config: Config) -> dict[str, float]:
+    keys = (
+        "lora.r", "lora.alpha", "data.sites_per_region", "train.local_steps", "train.batch_size",
+        "train.learning_rate", "train.max_length", "federation.num_rounds", "evaluation.max_new_tokens",
+        "evaluation.max_examples_per_region", "evaluation.batch_size",
+    )  # fmt: skip
+    return {key: select(config, key) for key in keys}
+
+
+def select(config: Any, dotted_key: str) -> Any:
+    """`select(cfg, "train.batch_size")` -> cfg.train.batch_size."""
+    value = config
+    for part in dotted_key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | list[str] | None = None,
+) -> Config:
+    """Build the typed config: defaults -> base.yaml -> preset -> config_file -> overrides."""
+    try:
+        merged = OmegaConf.structured(Config)
+        merged = OmegaConf.merge(merged, _load_yaml(CONF_DIR / "base.yaml"))
+        override_conf = _overrides_to_conf(overrides)
+        preset = override_conf.get("preset") or (
+            OmegaConf.load(config_file).get("preset") if config_file else None
+        ) or merged.preset
+        if preset:
+            merged = OmegaConf.merge(merged, _load_yaml(_preset_path(str(preset))))
+        if config_file:
+            merged = OmegaConf.merge(merged, _load_yaml(Path(config_file)))
+        merged = OmegaConf.merge(merged, override_conf)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def _load_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml errors come in several types
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def _preset_path(preset: str) -> Path:
+    candidate = Path(preset)
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate
+    path = CONF_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONF_DIR.glob("*.yaml") if p.stem != "base")
+        raise ConfigError(f"preset: no preset named {preset!r}; known presets: {', '.join(known)}")
+    return path
+
+
+def _overrides_to_conf(overrides: Mapping[str, Any] | list[str] | None) -> Any:
+    if not overrides:
+        return OmegaConf.create({})
+    if isinstance(overrides, list):
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        return OmegaConf.from_dotlist(overrides)
+    conf = OmegaConf.create({})
+    for key, value in overrides.items():
+        OmegaConf.update(conf, key, value, force_add=True)
+    return conf
+
+
+def _explain(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    message = str(err).splitlines()[0]
+    if "not in struct" in message or "Key '" in message and "not" in message:
+        return f"unknown config key: {key or message}"
+    return f"config key {key}: {message}" if key else message
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def from_yaml(text: str) -> Config:
+    """Rebuild a config saved with `to_yaml` (a run folder's config.yaml, a server message)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def scalar_defaults(config: Config) -> dict[str, Any]:
+    """Flat `{dotted.key: value}` of every scalar setting: what Flower's run_config can carry."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(key + ".", value)
+            elif isinstance(value, (str, int, float, bool)):
+                flat[key] = value
+
+    walk("", config)
+    return flat
+
+
+def overrides_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys of Flower's run_config that differ from base.yaml.
+
+    pyproject.toml must list every overridable key with its base.yaml value (a test keeps them equal),
+    so only the keys a user changed with `--run-config` come through; a preset then still applies.
+    """
+    defaults = scalar_defaults(load_config())
+    return {k: v for k, v in run_config.items() if k not in defaults or defaults[k] != v}

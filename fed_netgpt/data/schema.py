@@ -1,0 +1,87 @@
+"""The prompt-pair JSONL contract (ARCHITECTURE.md): one object a line, validated where it enters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+REQUIRED = ("site_id", "region", "prompt", "completion")
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """A user mistake in prompt data; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    site_id: str
+    region: str
+    prompt: str
+    completion: str
+    context: str = ""
+    facts: tuple[str, ...] = field(default_factory=tuple)
+    split: str = ""  # "" -> decided by the config's rule
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["facts"] = list(self.facts)
+        return {k: v for k, v in row.items() if v not in ("", [])}
+
+
+def parse_pair(row: Any, where: str) -> PromptPair:
+    """Validate one decoded JSON object; `where` ("file.jsonl line 3") prefixes every error."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in REQUIRED:
+        if key not in row:
+            raise DataError(f"{where}: missing required field {key!r}")
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise DataError(f"{where}: field {key!r} must be a non-empty string, got {row[key]!r}")
+    context = row.get("context", "")
+    if not isinstance(context, str):
+        raise DataError(f"{where}: field 'context' must be a string, got {context!r}")
+    facts = row.get("facts", [])
+    if not isinstance(facts, list) or not all(isinstance(f, str) and f for f in facts):
+        raise DataError(f"{where}: field 'facts' must be a list of non-empty strings, got {facts!r}")
+    split = row.get("split", "")
+    if split not in ("",) + SPLITS:
+        raise DataError(f"{where}: field 'split' must be 'train' or 'test', got {split!r}")
+    unknown = sorted(set(row) - set(PromptPair.__dataclass_fields__))
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+    return PromptPair(
+        site_id=row["site_id"], region=row["region"], prompt=row["prompt"], completion=row["completion"],
+        context=context, facts=tuple(facts), split=split,
+    )  # fmt: skip
+
+
+def read_jsonl(path: str | Path) -> list[PromptPair]:
+    """Read and validate a prompt-pair JSONL; the first bad line stops it with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    pairs = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            pairs.append(parse_pair(row, f"{path} line {number}"))
+    if not pairs:
+        raise DataError(f"{path}: no prompt pairs in the file")
+    return pairs
+
+
+def write_jsonl(pairs: Iterable[PromptPair], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for pair in pairs:
+            out.write(json.dumps(pair.to_json(), ensure_ascii=False) + "\n")
+    return path

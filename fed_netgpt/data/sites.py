@@ -1,0 +1,78 @@
+"""From config to per-site train/test splits, through HF `datasets` and Flower Datasets' partitioner."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import asdict, dataclass, replace
+
+from datasets import Dataset
+from flwr_datasets.partitioner import NaturalIdPartitioner
+from omegaconf import OmegaConf
+
+from fed_netgpt.config import DataConfig
+from fed_netgpt.data.geography import select_sites
+from fed_netgpt.data.prompts import build_pairs
+from fed_netgpt.data.schema import DataError, PromptPair, read_jsonl
+
+
+@dataclass(frozen=True)
+class SiteData:
+    site_id: str
+    region: str
+    train: tuple[PromptPair, ...]
+    test: tuple[PromptPair, ...]
+
+
+def load_pairs(config: DataConfig) -> list[PromptPair]:
+    """The user's JSONL (`data.path`) as-is after validation, else pairs built from real geography."""
+    return list(_load_pairs_cached(OmegaConf.to_yaml(OmegaConf.structured(config))))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_pairs_cached(config_yaml: str) -> tuple[PromptPair, ...]:
+    config = DataConfig(**OmegaConf.to_container(OmegaConf.create(config_yaml)))  # type: ignore[arg-type]
+    if config.path:
+        pairs = read_jsonl(config.path)
+    else:
+        pairs = build_pairs(select_sites(config), config.test_intents)
+    return tuple(
+        pair if pair.split else replace(pair, split=assign_split(pair, config.test_fraction, config.seed))
+        for pair in pairs
+    )
+
+
+def assign_split(pair: PromptPair, test_fraction: float, seed: int) -> str:
+    """A stable per-pair coin flip: the same line lands in the same split on every machine."""
+    digest = hashlib.sha256(f"{seed}|{pair.site_id}|{pair.prompt}|{pair.completion}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def site_datasets(pairs: list[PromptPair]) -> list[SiteData]:
+    """One `SiteData` per site, ordered as Flower partition ids: sorted site ids (NaturalIdPartitioner)."""
+    regions: dict[str, str] = {}
+    for pair in pairs:
+        if regions.setdefault(pair.site_id, pair.region) != pair.region:
+            raise DataError(
+                f"site {pair.site_id!r} appears in two regions: {regions[pair.site_id]!r} and {pair.region!r}"
+            )
+    partitioner = NaturalIdPartitioner(partition_by="site_id")
+    partitioner.dataset = Dataset.from_list([{**asdict(p), "facts": list(p.facts)} for p in pairs])
+    sites = []
+    for partition_id in range(partitioner.num_partitions):
+        site_id = partitioner.partition_id_to_natural_id[partition_id]
+        rows = [_pair(row) for row in partitioner.load_partition(partition_id)]
+        train = tuple(p for p in rows if p.split == "train")
+        if not train:
+            raise DataError(f"site {site_id!r} has no training pairs (every line is in the test split)")
+        test = tuple(p for p in rows if p.split == "test")
+        sites.append(SiteData(site_id=site_id, region=regions[site_id], train=train, test=test))
+    return sites
+
+
+def _pair(row: dict) -> PromptPair:
+    return PromptPair(**{**row, "facts": tuple(row["facts"] or ())})
+
+
+def region_of_sites(sites: list[SiteData]) -> dict[str, str]:
+    return {site.site_id: site.region for site in sites}
