@@ -52,7 +52,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_steps: int = 6
+    local_steps: int = 4
     batch_size: int = 8
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
@@ -71,13 +71,14 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     server_learning_rate: float = 1.0  # fedadam/fedyogi eta, fedavgm server lr
     server_momentum: float = 0.9  # fedavgm
+    min_nodes: int = 0  # nodes to wait for before round 1; 0 -> one per site of the data
     timeout: float = 3600.0
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
     max_new_tokens: int = 48
-    max_examples_per_region: int = 24
+    max_examples_per_region: int = 12
     batch_size: int = 16
     examples_to_show: int = 1
 
@@ -117,6 +118,8 @@ class Config:
             value = select(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must be within [0, 1], got {value}")
+        if self.federation.strategy == "fedprox" and self.train.proximal_mu <= 0:
+            raise ConfigError("federation.strategy=fedprox needs train.proximal_mu > 0")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:
             raise ConfigError("data.regions must name at least one region when data.region_by=list")
 

@@ -1,0 +1,96 @@
+"""The edge site's ClientApp: tell the server who it is, train the received adapter, evaluate it.
+
+The server sends the resolved config (YAML) in every message, so simulation and deployment behave the
+same. A site is picked by `site-id` in node_config (deployment) or by `partition-id` (simulation);
+`data-path` in node_config points a deployed node at its own JSONL.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_netgpt.adapters import attach_adapter, set_state
+from fed_netgpt.config import Config, from_yaml
+from fed_netgpt.data.sites import SiteData, load_pairs, site_datasets
+from fed_netgpt.evaluation import completion_loss
+from fed_netgpt.models import BaseModel, load_base
+from fed_netgpt.training import train_adapter
+from strategies.records import from_record, to_record
+
+CONFIG_KEY = "fed-netgpt-config"
+ADAPTER = "local"
+app = ClientApp()
+
+
+def message_config(msg: Message) -> Config:
+    config = from_yaml(str(msg.content["config"][CONFIG_KEY]))
+    if config.simulation.torch_threads > 0:
+        torch.set_num_threads(config.simulation.torch_threads)
+    return config
+
+
+def local_site(config: Config, context: Context) -> SiteData:
+    """This node's site: by `site-id`, else the `partition-id`-th site in sorted order."""
+    node = context.node_config
+    data = config.data
+    if "data-path" in node:
+        from dataclasses import replace
+
+        data = replace(data, path=str(node["data-path"]))
+    sites = site_datasets(load_pairs(data))
+    if "site-id" in node:
+        matches = [s for s in sites if s.site_id == node["site-id"]]
+        if not matches:
+            raise ValueError(f"node_config site-id={node['site-id']!r} is not a site of the data")
+        return matches[0]
+    partition = int(node["partition-id"])
+    if partition >= len(sites):
+        raise ValueError(f"partition-id {partition} but the data has only {len(sites)} sites")
+    return sites[partition]
+
+
+def prepared_model(msg: Message, config: Config) -> tuple[BaseModel, torch.nn.Module]:
+    base = load_base(config.model.name, config.model.cache_dir)
+    model = attach_adapter(base, ADAPTER, config.lora, seed=config.run.seed)
+    set_state(model, ADAPTER, from_record(msg.content["arrays"]))
+    return base, model
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    site = local_site(message_config(msg), context)
+    info = ConfigRecord({"site-id": site.site_id, "region": site.region,
+                         "num-train": len(site.train), "num-test": len(site.test)})  # fmt: skip
+    return Message(RecordDict({"site": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = message_config(msg)
+    site = local_site(config, context)
+    base, model = prepared_model(msg, config)
+    mu = float(msg.content["config"].get("proximal-mu", config.train.proximal_mu))
+    train_config = config.train if mu == config.train.proximal_mu else _with_mu(config, mu)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    result = train_adapter(model, ADAPTER, base.tokenizer, site.train, train_config, seed=server_round)
+    metrics = MetricRecord({**result.metrics, "num-examples": result.num_examples})
+    return Message(RecordDict({"arrays": to_record(result.state), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = message_config(msg)
+    site = local_site(config, context)
+    base, model = prepared_model(msg, config)
+    pairs = site.test or site.train
+    loss = completion_loss(model, base.tokenizer, pairs, config.evaluation.batch_size, config.train.max_length)
+    metrics = MetricRecord({"eval_loss": loss, "num-examples": len(pairs)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _with_mu(config: Config, mu: float):  # noqa: ANN202
+    from dataclasses import replace
+
+    return replace(config.train, proximal_mu=mu)

@@ -1,0 +1,1 @@
+"""Flower ServerApp: region discovery, regional rounds, checkpoints and the final report."""

@@ -1,0 +1,125 @@
+"""The ServerApp: learn each node's site and region, run the regional strategy, write the run folder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fed_netgpt.adapters import attach_adapter, get_state
+from fed_netgpt.config import Config, load_config, overrides_from_run_config, to_yaml
+from fed_netgpt.data.sites import load_pairs, site_datasets
+from fed_netgpt.evaluation import evaluate_run, write_report
+from fed_netgpt.models import load_base
+from fed_netgpt.runs import append_metrics, save_adapters, save_checkpoint, start_run
+from strategies.aggregation import merge_regions, split_regions
+from strategies.records import from_record, to_record
+from strategies.regional import RegionalStrategy
+from strategies.registry import make_strategy
+
+CONFIG_KEY = "fed-netgpt-config"
+GLOBAL = "global"
+log = logging.getLogger("fed_netgpt.server")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run .`: the config comes from conf/ plus the keys changed with --run-config."""
+    run_federation(grid, load_config(overrides=overrides_from_run_config(context.run_config)))
+
+
+def server_app_for(config: Config) -> ServerApp:
+    """A ServerApp bound to an already resolved config (what `fed-netgpt simulate` runs)."""
+    bound = ServerApp()
+
+    @bound.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, config)
+
+    return bound
+
+
+def run_federation(grid: Grid, config: Config) -> Path:
+    _setup_logging()
+    folder = start_run(config)
+    log.info("run folder: %s\n%s", folder, to_yaml(config))
+    message_config = ConfigRecord({CONFIG_KEY: to_yaml(config)})
+    node_regions = discover_regions(grid, config, message_config)
+    if config.federation.adapters == GLOBAL:
+        node_regions = {node: GLOBAL for node in node_regions}
+    base = load_base(config.model.name, config.model.cache_dir)
+    initial = get_state(attach_adapter(base, "initial", config.lora, seed=config.run.seed), "initial")
+    regions = sorted(set(node_regions.values()))
+    strategy = RegionalStrategy(lambda: make_strategy(config.federation, config.train.proximal_mu), node_regions)
+    started = time.perf_counter()
+
+    def end_of_round(server_round: int, arrays) -> None:  # noqa: ANN001
+        if server_round == 0:
+            return None
+        save_checkpoint(folder, server_round, from_record(arrays))
+        row = {"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}
+        append_metrics(folder, row)
+        _log_round(server_round, config.federation.num_rounds, regions, strategy.round_metrics)
+        return None
+
+    result = strategy.start(
+        grid=grid, initial_arrays=to_record(merge_regions({r: initial for r in regions})),
+        num_rounds=config.federation.num_rounds, timeout=config.federation.timeout,
+        train_config=message_config, evaluate_config=message_config, evaluate_fn=end_of_round,
+    )  # fmt: skip
+    save_adapters(folder, base, config, split_regions(from_record(result.arrays)))
+    results, examples = evaluate_run(folder, config, load_pairs(config.data), base)
+    table = write_report(folder, results, examples)
+    print(f"\nRegional adapters vs base model on the test split (held-out intents):\n\n{table}\n")
+    for region, shown in examples.items():
+        for ex in shown:
+            print(f"[{region}] {ex['site_id']}: {ex['prompt']!r}\n  -> {ex['adapter']}")
+    print(f"\nRun folder: {folder}  (report.md, adapters/, metrics.jsonl)")
+    return folder
+
+
+def discover_regions(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, str]:
+    """Ask every node which site and region it serves (a query message); wait for all sites."""
+    expected = len(site_datasets(load_pairs(config.data))) if config.federation.min_nodes == 0 else config.federation.min_nodes
+    deadline = time.monotonic() + config.federation.timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        log.info("discover_regions: %d of %d nodes connected, waiting", len(node_ids), expected)
+        time.sleep(1.0)
+    messages = [Message(RecordDict({"config": message_config}), dst_node_id=node, message_type=MessageType.QUERY)
+                for node in node_ids]  # fmt: skip
+    node_regions: dict[int, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=config.federation.timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("discover_regions: node %d did not answer: %s", node, reply.error.reason)
+            continue
+        site = reply.content["site"]
+        node_regions[node] = str(site["region"])
+        log.info("discover_regions: node %d serves site %s in region %s", node, site["site-id"], site["region"])
+    if not node_regions:
+        raise RuntimeError("no node answered the region query; nothing to train")
+    return node_regions
+
+
+def _log_round(server_round: int, num_rounds: int, regions: list[str], metrics: dict) -> None:
+    train, evaluate = metrics.get("train", {}), metrics.get("evaluate", {})
+    parts = []
+    for region in regions:
+        part = f"{region}: train loss {train.get(f'{region}/train_loss', float('nan')):.3f}"
+        if f"{region}/eval_loss" in evaluate:
+            part += f", test loss {evaluate[f'{region}/eval_loss']:.3f}"
+        parts.append(part)
+    print(f"[round {server_round}/{num_rounds}] " + " | ".join(parts), flush=True)
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        for name in ("fed_netgpt", "strategies"):
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.INFO)

@@ -1,0 +1,145 @@
+"""Run any Flower strategy once per region: regional adapters from one federation.
+
+The ArrayRecord this strategy carries holds every region's adapter, keys prefixed "<region>/", so
+Flower's own `Strategy.start` loop drives it unchanged. Each round, every region's strategy instance
+(FedAvg, FedProx, FedAdam, ...) sees only that region's nodes and adapter: it samples, configures and
+aggregates exactly as it would alone. Replies that do not fit the region's adapter are dropped with a
+logged reason; a region left with no valid reply keeps its previous adapter and says so in a WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fed_netgpt.adapters import describe_mismatch
+from strategies.aggregation import group_by, merge_regions, split_regions, weighted_average
+from strategies.records import from_record, to_record
+
+log = logging.getLogger(__name__)
+NUM_EXAMPLES = "num-examples"
+
+
+class RegionGrid:
+    """A view of the Grid that shows a strategy only its region's nodes."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        connected = set(self._grid.get_node_ids())
+        return [node for node in self._node_ids if node in connected]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class RegionalStrategy(Strategy):
+    """One `make_strategy()` instance per region; `node_regions` maps each node id to its region."""
+
+    def __init__(self, make_strategy: Callable[[], Strategy], node_regions: dict[int, str]) -> None:
+        if not node_regions:
+            raise ValueError("RegionalStrategy needs at least one node with a region")
+        self.node_regions = dict(node_regions)
+        self.regions = sorted(set(node_regions.values()))
+        self.strategies = {region: make_strategy() for region in self.regions}
+        self.current: dict[str, dict[str, Any]] = {}
+        self.round_metrics: dict[str, dict[str, float]] = {}
+
+    def summary(self) -> None:
+        log.info("\t├──> RegionalStrategy over %d regions:", len(self.regions))
+        for region in self.regions:
+            nodes = sum(r == region for r in self.node_regions.values())
+            log.info("\t│\t├── %s: %d nodes, %s", region, nodes, type(self.strategies[region]).__name__)
+        next(iter(self.strategies.values())).summary()
+
+    def _configure(self, method: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                   grid: Grid) -> list[Message]:  # fmt: skip
+        regions = split_regions(dict(arrays.items()))
+        self.current = {region: from_record(ArrayRecord(regions[region])) for region in self.regions}
+        messages: list[Message] = []
+        for region, strategy in self.strategies.items():
+            nodes = [node for node, r in self.node_regions.items() if r == region]
+            region_config = ConfigRecord({**dict(config), "region": region})
+            configure = getattr(strategy, method)
+            messages += configure(server_round, ArrayRecord(regions[region]), region_config, RegionGrid(grid, nodes))
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:  # fmt: skip
+        return self._configure("configure_train", server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:  # fmt: skip
+        return self._configure("configure_evaluate", server_round, arrays, config, grid)
+
+    def _by_region(self, replies: Iterable[Message]) -> dict[str, list[Message]]:
+        replies = [msg for msg in replies if msg.metadata.src_node_id in self.node_regions]
+        return group_by(replies, [self.node_regions[msg.metadata.src_node_id] for msg in replies])
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
+        grouped = self._by_region(replies)
+        new_states, metrics = {}, {}
+        for region in self.regions:
+            valid = [msg for msg in grouped.get(region, []) if self._accept(region, msg)]
+            arrays, _ = self.strategies[region].aggregate_train(server_round, valid) if valid else (None, None)
+            if arrays is None:
+                log.warning("aggregate_train: region %s has no valid update in round %d; it keeps its previous "
+                            "adapter", region, server_round)  # fmt: skip
+                new_states[region] = self.current[region]
+            else:
+                new_states[region] = from_record(arrays)
+            metrics.update(_prefixed(region, _mean_metrics(valid)))
+        self.round_metrics = {"train": metrics}
+        return to_record(merge_regions(new_states)), MetricRecord(metrics)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        grouped = self._by_region(replies)
+        metrics: dict[str, float] = {}
+        for region in self.regions:
+            valid = [msg for msg in grouped.get(region, []) if not msg.has_error()]
+            metrics.update(_prefixed(region, _mean_metrics(valid)))
+        self.round_metrics["evaluate"] = metrics
+        return MetricRecord(metrics) if metrics else None
+
+    def _accept(self, region: str, msg: Message) -> bool:
+        """Keep a reply only if it carries a finite adapter of the region's shapes and an example count."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            log.warning("aggregate_train: node %d (%s) failed: %s", node, region, msg.error.reason)
+            return False
+        records = list(msg.content.array_records.values())
+        metric_records = list(msg.content.metric_records.values())
+        if len(records) != 1 or not metric_records or metric_records[0].get(NUM_EXAMPLES, 0) <= 0:
+            reason = "it must carry one ArrayRecord and a MetricRecord with num-examples > 0"
+        else:
+            shapes = {key: value.shape for key, value in self.current[region].items()}
+            reason = describe_mismatch(shapes, from_record(records[0]))
+        if reason:
+            log.warning("aggregate_train: rejected the update of node %d (%s): %s", node, region, reason)
+            return False
+        return True
+
+
+def _mean_metrics(replies: list[Message]) -> dict[str, float]:
+    """Example-weighted mean of the replies' scalar metrics."""
+    records = [next(iter(msg.content.metric_records.values())) for msg in replies]
+    records = [r for r in records if float(r.get(NUM_EXAMPLES, 0)) > 0]
+    if not records:
+        return {}
+    keys = set.intersection(*(set(k for k, v in r.items() if isinstance(v, (int, float))) for r in records))
+    states = [{k: float(r[k]) for k in sorted(keys)} for r in records]
+    mean = weighted_average(states, [float(r[NUM_EXAMPLES]) for r in records])
+    mean[NUM_EXAMPLES] = sum(float(r[NUM_EXAMPLES]) for r in records)
+    return {k: float(v) for k, v in mean.items()}  # type: ignore[arg-type]
+
+
+def _prefixed(region: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{region}/{key}": value for key, value in metrics.items()}
