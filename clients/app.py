@@ -7,6 +7,8 @@ same. A site is picked by `site-id` in node_config (deployment) or by `partition
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,8 +38,6 @@ def local_site(config: Config, context: Context) -> SiteData:
     node = context.node_config
     data = config.data
     if "data-path" in node:
-        from dataclasses import replace
-
         data = replace(data, path=str(node["data-path"]))
     sites = site_datasets(load_pairs(data))
     if "site-id" in node:
@@ -72,9 +72,12 @@ def train(msg: Message, context: Context) -> Message:
     site = local_site(config, context)
     base, model = prepared_model(msg, config)
     mu = float(msg.content["config"].get("proximal-mu", config.train.proximal_mu))
-    train_config = config.train if mu == config.train.proximal_mu else _with_mu(config, mu)
+    train_config = replace(config.train, proximal_mu=mu)
     server_round = int(msg.content["config"].get("server-round", 0))
     result = train_adapter(model, ADAPTER, base.tokenizer, site.train, train_config, seed=server_round)
+    print(f"[round {server_round}] site {site.site_id} ({site.region}): {train_config.local_steps} steps, "
+          f"loss {result.metrics['train_loss']:.3f} -> {result.metrics['train_loss_last']:.3f}, "
+          f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads", flush=True)  # fmt: skip
     metrics = MetricRecord({**result.metrics, "num-examples": result.num_examples})
     return Message(RecordDict({"arrays": to_record(result.state), "metrics": metrics}), reply_to=msg)
 
@@ -89,8 +92,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"eval_loss": loss, "num-examples": len(pairs)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
-
-def _with_mu(config: Config, mu: float):  # noqa: ANN202
-    from dataclasses import replace
-
-    return replace(config.train, proximal_mu=mu)

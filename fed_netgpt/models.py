@@ -17,9 +17,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# Every model is local: make sure transformers and peft never try a hub, here or in CI.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 SMOLLM2 = "smollm2-135m"
 TINY_RANDOM = "tiny-random"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

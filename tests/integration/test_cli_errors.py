@@ -1,0 +1,88 @@
+"""Bad input at the command line: one clear `error:` line naming what is wrong, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fed_netgpt.cli import main
+
+GOOD = {"site_id": "lyon", "region": "france", "prompt": "Hi?", "completion": "I am in Lyon. Hi?"}
+
+
+def write_lines(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_malformed_jsonl_line_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_lines(tmp_path / "pairs.jsonl", json.dumps(GOOD), "{not json")
+    code, err = run_cli(capsys, "data", "build", f"data.path={data}", "--out", str(tmp_path / "out.jsonl"))
+    assert code == 2
+    assert f"{data} line 2: not valid JSON" in err
+
+
+def test_missing_field_names_the_field_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    row = {k: v for k, v in GOOD.items() if k != "completion"}
+    data = write_lines(tmp_path / "pairs.jsonl", json.dumps(GOOD), json.dumps(GOOD), json.dumps(row))
+    code, err = run_cli(capsys, "simulate", f"data.path={data}", "model.name=tiny-random")
+    assert code == 2
+    assert "line 3: missing required field 'completion'" in err
+
+
+def test_unknown_region_in_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = run_cli(capsys, "data", "build", "data.countries=[FR,XX]", "--out", str(tmp_path / "o.jsonl"))
+    assert code == 2
+    assert "data.countries: unknown country code 'XX'" in err
+
+
+def test_unknown_city_in_a_named_region(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = run_cli(capsys, "data", "build", "data.region_by=list", "data.regions={alps:[Atlantis]}",
+                        "--out", str(tmp_path / "o.jsonl"))  # fmt: skip
+    assert code == 2
+    assert "data.regions.alps: no city named 'Atlantis'" in err
+
+
+def test_unknown_config_key(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(capsys, "simulate", "federation.num_round=3")
+    assert code == 2
+    assert "unknown config key" in err and "num_round" in err
+
+
+def test_wrong_type_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(capsys, "simulate", "federation.num_rounds=many")
+    assert code == 2
+    assert "federation.num_rounds" in err
+
+
+def test_empty_site_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    only_test = {**GOOD, "site_id": "nice", "split": "test"}
+    data = write_lines(tmp_path / "pairs.jsonl", json.dumps(GOOD), json.dumps(only_test))
+    code, err = run_cli(capsys, "simulate", f"data.path={data}", "model.name=tiny-random")
+    assert code == 2
+    assert "site 'nice' has no training pairs" in err
+
+
+def test_missing_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(capsys, "complete", "--run", str(tmp_path / "nope"), "--site", "lyon", "Hi")
+    assert code == 2
+    assert "is not a run folder: config.yaml is missing" in err
+
+
+def test_the_command_itself_exits_2_without_traceback(tmp_path: Path) -> None:
+    data = write_lines(tmp_path / "pairs.jsonl", json.dumps({**GOOD, "split": "later"}))
+    done = subprocess.run([sys.executable, "-m", "fed_netgpt.cli", "simulate", f"data.path={data}"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "field 'split' must be 'train' or 'test'" in done.stderr
+    assert "Traceback" not in done.stderr

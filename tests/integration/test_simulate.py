@@ -1,0 +1,100 @@
+"""A real Flower simulation (Ray backend) through the `fed-netgpt` command, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+pytestmark = pytest.mark.integration
+REGIONS = ("france", "japan")
+
+
+def fed_netgpt(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fed_netgpt.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 regions x 2 sites, 2 rounds (conf/smoke.yaml), on Flower's simulation engine."""
+    out = tmp_path_factory.mktemp("run") / "smoke"
+    done = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={out}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[round 2/2]" in done.stdout
+    return out
+
+
+def test_run_folder_has_the_contracted_layout(run_dir: Path) -> None:
+    for region in REGIONS:
+        assert (run_dir / "adapters" / region / "adapter_config.json").is_file()
+        assert (run_dir / "adapters" / region / "adapter_model.safetensors").is_file()
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md"):
+        assert (run_dir / name).is_file(), name
+    for n in (1, 2):
+        assert (run_dir / "checkpoints" / f"round-{n}" / "adapters.safetensors").is_file()
+
+
+def test_metrics_has_one_line_per_round_with_every_region(run_dir: Path) -> None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2]
+    for row in rows:
+        for region in REGIONS:
+            assert row["train"][f"{region}/num-examples"] == 60  # 2 sites x 30 training pairs
+            assert np.isfinite(row["train"][f"{region}/train_loss"])
+            assert np.isfinite(row["evaluate"][f"{region}/eval_loss"])
+
+
+def test_regions_train_different_adapters_that_moved_from_the_start(run_dir: Path) -> None:
+    france, japan = (load_file(str(run_dir / "adapters" / r / "adapter_model.safetensors")) for r in REGIONS)
+    assert france.keys() == japan.keys()
+    b_keys = [k for k in france if "lora_B" in k]
+    assert any(np.abs(france[k]).max() > 0 for k in b_keys)  # B starts at zero: training moved it
+    assert any(not np.allclose(france[k], japan[k]) for k in france)
+
+
+def test_report_compares_base_and_adapter_per_region(run_dir: Path) -> None:
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["regions"]) == set(REGIONS)
+    for region in REGIONS:
+        for which in ("base", "adapter"):
+            metrics = report["regions"][region][which]
+            assert 0.0 <= metrics["fact_accuracy"] <= 1.0
+            assert metrics["num_examples"] == 4
+    assert "| france |" in (run_dir / "report.md").read_text()
+
+
+def test_evaluate_prints_the_runs_metrics_as_json(run_dir: Path) -> None:
+    done = fed_netgpt("evaluate", "--run", str(run_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
+    saved = json.loads((run_dir / "report.json").read_text())
+    assert printed["regions"].keys() == saved["regions"].keys()
+    for region in REGIONS:
+        for which in ("base", "adapter"):
+            assert printed["regions"][region][which] == pytest.approx(saved["regions"][region][which], rel=1e-4)
+
+
+def test_complete_uses_the_sites_regional_adapter(run_dir: Path) -> None:
+    from fed_netgpt.adapters import load_adapter
+    from fed_netgpt.evaluation import generate_completions
+    from fed_netgpt.models import load_base
+
+    done = fed_netgpt("complete", "--run", str(run_dir), "--site", "paris", "Where can I eat?")
+    assert done.returncode == 0, done.stderr[-2000:]
+    base = load_base("tiny-random")
+    model = load_adapter(base, "check-france", run_dir / "adapters" / "france")
+    expected = generate_completions(model, base.tokenizer, [("site: Paris", "Where can I eat?")], max_new_tokens=8)
+    assert done.stdout.rstrip("\n") == expected[0]
+
+
+def test_complete_with_an_unknown_region_is_a_clear_error(run_dir: Path) -> None:
+    done = fed_netgpt("complete", "--run", str(run_dir), "--site", "atlantis", "--region", "mars", "Hi")
+    assert done.returncode == 2
+    assert "region 'mars' has no adapter" in done.stderr and "france" in done.stderr
+    assert "Traceback" not in done.stderr
