@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fed_netgpt.adapters import attach_adapter, set_state
 from fed_netgpt.config import Config, from_yaml
-from fed_netgpt.data.sites import SiteData, load_pairs, site_datasets
+from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.training import train_adapter
@@ -39,7 +39,7 @@ def local_site(config: Config, context: Context) -> SiteData:
     data = config.data
     if "data-path" in node:
         data = replace(data, path=str(node["data-path"]))
-    sites = site_datasets(load_pairs(data))
+    sites = load_sites(data)
     if "site-id" in node:
         matches = [s for s in sites if s.site_id == node["site-id"]]
         if not matches:
@@ -62,7 +62,7 @@ def prepared_model(msg: Message, config: Config) -> tuple[BaseModel, torch.nn.Mo
 def query(msg: Message, context: Context) -> Message:
     site = local_site(message_config(msg), context)
     info = ConfigRecord({"site-id": site.site_id, "region": site.region,
-                         "num-train": len(site.train), "num-test": len(site.test)})  # fmt: skip
+                         "num-train": len(site.train), "num-test": len(site.test)})
     return Message(RecordDict({"site": info}), reply_to=msg)
 
 
@@ -77,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
     result = train_adapter(model, ADAPTER, base.tokenizer, site.train, train_config, seed=server_round)
     print(f"[round {server_round}] site {site.site_id} ({site.region}): {train_config.local_steps} steps, "
           f"loss {result.metrics['train_loss']:.3f} -> {result.metrics['train_loss_last']:.3f}, "
-          f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+          f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads", flush=True)
     metrics = MetricRecord({**result.metrics, "num-examples": result.num_examples})
     return Message(RecordDict({"arrays": to_record(result.state), "metrics": metrics}), reply_to=msg)
 

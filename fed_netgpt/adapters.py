@@ -32,7 +32,7 @@ def peft_config(config: LoraConfig, base: BaseModel) -> PeftLoraConfig:
     return PeftLoraConfig(
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules),
         task_type="CAUSAL_LM", base_model_name_or_path=base.model.name_or_path,
-    )  # fmt: skip
+    )
 
 
 def attach_adapter(base: BaseModel, name: str, config: LoraConfig, seed: int = 0) -> PeftModel:
@@ -51,7 +51,8 @@ def attach_adapter(base: BaseModel, name: str, config: LoraConfig, seed: int = 0
 
 def get_state(model: PeftModel, name: str) -> AdapterState:
     state = get_peft_model_state_dict(model, adapter_name=name)
-    return {key: value.detach().float().cpu().numpy() for key, value in state.items()}
+    # .float().cpu() of a float32 CPU tensor is the tensor itself: copy, so the state is a snapshot.
+    return {key: value.detach().float().cpu().numpy().copy() for key, value in state.items()}
 
 
 def set_state(model: PeftModel, name: str, state: AdapterState) -> None:
@@ -87,7 +88,7 @@ def save_adapter(model: PeftModel, name: str, folder: str | Path, state: Adapter
     model.peft_config[name].save_pretrained(str(folder))
     state = get_state(model, name) if state is None else state
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
@@ -106,7 +107,7 @@ def lora_config_from_json(adapter_config: dict) -> LoraConfig:
         r=int(adapter_config["r"]), alpha=int(adapter_config["lora_alpha"]),
         dropout=float(adapter_config.get("lora_dropout", 0.0)),
         target_modules=sorted(adapter_config["target_modules"]),
-    )  # fmt: skip
+    )
 
 
 def load_adapter(base: BaseModel, name: str, folder: str | Path) -> PeftModel:

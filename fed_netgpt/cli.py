@@ -13,11 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fed_netgpt.adapters import AdapterError
+from fed_netgpt.adapters import AdapterError, load_adapter
 from fed_netgpt.config import ConfigError, load_config
-from fed_netgpt.data.schema import DataError
-from fed_netgpt.models import ModelNotFoundError
-from fed_netgpt.runs import RunFolderError
+from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
+from fed_netgpt.data.sites import load_pairs, load_sites
+from fed_netgpt.evaluation import METRICS, evaluate_run, generate_completions
+from fed_netgpt.models import ModelNotFoundError, load_base
+from fed_netgpt.runs import RunFolderError, adapter_dir, read_run_config, run_regions
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError)
 
@@ -65,20 +67,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def simulate_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    from fed_netgpt.data.sites import load_pairs, site_datasets
-
-    sites = site_datasets(load_pairs(config.data))  # bad data fails here, before any engine starts
-    from fed_netgpt.models import load_base
-
+    sites = load_sites(config.data)  # bad data fails here, before any engine starts
     load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
-    from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation  # Flower (and Ray) load only for the command that needs them
 
     from clients.app import app as client_app
     from server.app import server_app_for
 
     regions = sorted({s.region for s in sites})
     print(f"Simulating {len(sites)} edge sites in {len(regions)} regions ({', '.join(regions)}), "
-          f"{config.federation.num_rounds} rounds, model {config.model.name}", flush=True)  # fmt: skip
+          f"{config.federation.num_rounds} rounds, model {config.model.name}", flush=True)
     backend = {
         "client_resources": {"num_cpus": config.simulation.num_cpus_per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
@@ -88,24 +86,15 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def data_build_command(args: argparse.Namespace) -> int:
-    from fed_netgpt.data import write_jsonl
-    from fed_netgpt.data.sites import load_pairs, site_datasets
-
     config = load_config(args.config, args.overrides)
     pairs = load_pairs(config.data)
-    sites = site_datasets(pairs)
+    sites = load_sites(config.data)
     path = write_jsonl(pairs, args.out)
     print(f"wrote {len(pairs)} prompt pairs for {len(sites)} sites to {path}")
     return 0
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from fed_netgpt.data.schema import read_jsonl
-    from fed_netgpt.data.sites import load_pairs
-    from fed_netgpt.evaluation import METRICS, evaluate_run
-    from fed_netgpt.models import load_base
-    from fed_netgpt.runs import read_run_config
-
     config = read_run_config(args.run)
     pairs = read_jsonl(args.data) if args.data else load_pairs(config.data)
     if args.data and not any(p.split == "test" for p in pairs):
@@ -121,22 +110,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def complete_command(args: argparse.Namespace) -> int:
-    from fed_netgpt.adapters import load_adapter
-    from fed_netgpt.data.sites import load_pairs
-    from fed_netgpt.evaluation import generate_completions
-    from fed_netgpt.models import load_base
-    from fed_netgpt.runs import adapter_dir, read_run_config, run_regions
-
     config = read_run_config(args.run)
     pairs = [p for p in load_pairs(config.data) if p.site_id == args.site]
     region = args.region or (pairs[0].region if pairs else None)
     if region is None:
         raise RunFolderError(f"site {args.site!r} is not in the run's data; pass --region (one of: "
-                             f"{', '.join(run_regions(args.run))})")  # fmt: skip
+                             f"{', '.join(run_regions(args.run))})")
     adapter_region = "global" if config.federation.adapters == "global" else region
     if adapter_region not in run_regions(args.run):
         raise RunFolderError(f"region {region!r} has no adapter in {args.run}/adapters; known regions: "
-                             f"{', '.join(run_regions(args.run))}")  # fmt: skip
+                             f"{', '.join(run_regions(args.run))}")
     context = pairs[0].context if pairs else f"site: {args.site}"
     base = load_base(config.model.name, config.model.cache_dir)
     model = load_adapter(base, adapter_region, adapter_dir(args.run, adapter_region))

@@ -8,9 +8,10 @@ fail with a `ConfigError` that names the key.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -69,8 +70,10 @@ class FederationConfig:
     adapters: str = "regional"  # regional: one adapter per region | global: one for all sites
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
-    server_learning_rate: float = 1.0  # fedadam/fedyogi eta, fedavgm server lr
+    server_learning_rate: float = 1.0  # fedavgm
     server_momentum: float = 0.9  # fedavgm
+    eta: float = 0.01  # fedadam/fedyogi server learning rate (Flower's name)
+    tau: float = 0.001  # fedadam/fedyogi adaptivity
     min_nodes: int = 0  # nodes to wait for before round 1; 0 -> one per site of the data
     timeout: float = 3600.0
 
@@ -137,7 +140,7 @@ def _positive_fields(config: Config) -> dict[str, float]:
         "lora.r", "lora.alpha", "data.sites_per_region", "train.local_steps", "train.batch_size",
         "train.learning_rate", "train.max_length", "federation.num_rounds", "evaluation.max_new_tokens",
         "evaluation.max_examples_per_region", "evaluation.batch_size",
-    )  # fmt: skip
+    )
     return {key: select(config, key) for key in keys}
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -50,7 +51,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 def completion_loss(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
     batch_size: int = 16, max_length: int = 128,
-) -> float:  # fmt: skip
+) -> float:
     """Mean cross-entropy per completion token (the same tokens training puts its loss on)."""
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
@@ -70,7 +71,7 @@ def completion_loss(
 def generate_completions(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, items: Sequence[tuple[str, str]],
     max_new_tokens: int = 48, batch_size: int = 16,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Greedy completions of `(context, prompt)` items; each stops at the end-of-turn token."""
     device = next(model.parameters()).device
     stop = end_of_turn_id(tokenizer)
@@ -84,7 +85,7 @@ def generate_completions(
             generated = model.generate(
                 **encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                 pad_token_id=tokenizer.pad_token_id,
-            )  # fmt: skip
+            )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
@@ -95,9 +96,10 @@ def generate_completions(
 def evaluate_pairs(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
     max_new_tokens: int, batch_size: int, max_length: int = 128,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """All metrics of one model on `pairs`, with the generated completions for inspection."""
-    generated = generate_completions(model, tokenizer, [(p.context, p.prompt) for p in pairs], max_new_tokens, batch_size)
+    items = [(p.context, p.prompt) for p in pairs]
+    generated = generate_completions(model, tokenizer, items, max_new_tokens, batch_size)
     loss = completion_loss(model, tokenizer, pairs, batch_size, max_length)
     return {
         "fact_accuracy": _mean([fact_accuracy(g, p.facts) for g, p in zip(generated, pairs)]),
@@ -112,7 +114,7 @@ def evaluate_pairs(
 def evaluate_base_and_adapter(
     model: PeftModel, adapter_name: str, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
     max_new_tokens: int, batch_size: int, max_length: int = 128,
-) -> dict[str, dict[str, Any]]:  # fmt: skip
+) -> dict[str, dict[str, Any]]:
     """The same pairs through the base model (adapters disabled) and through adapter `adapter_name`."""
     model.set_adapter(adapter_name)
     with model.disable_adapter():
@@ -152,12 +154,13 @@ def write_report(folder: Path, regions: dict[str, dict[str, dict[str, Any]]], ex
         for region, result in regions.items()
     }
     (folder / "report.json").write_text(json.dumps({"regions": summary, "examples": examples}, indent=2))
-    lines = ["# Personalization report", "", "Test split (held-out intents), base model vs regional adapter.", "", table, ""]
+    intro = "Test split (held-out intents), base model vs regional adapter."
+    lines = ["# Personalization report", "", intro, "", table, ""]
     for region, shown in examples.items():
         lines += [f"## {region}", ""]
         for ex in shown:
             lines += [f"- site `{ex['site_id']}`, prompt: {ex['prompt']}", f"  - base: {ex['base']}",
-                      f"  - adapter: {ex['adapter']}", f"  - reference: {ex['reference']}"]  # fmt: skip
+                      f"  - adapter: {ex['adapter']}", f"  - reference: {ex['reference']}"]
         lines.append("")
     (folder / "report.md").write_text("\n".join(lines))
     return table
@@ -195,11 +198,11 @@ def evaluate_run(
         model = load_adapter(base, f"eval-{adapter_region}", adapter_dir(folder, adapter_region))
         chosen = spread_over_sites(test, ev.max_examples_per_region)
         result = evaluate_base_and_adapter(model, f"eval-{adapter_region}", base.tokenizer, chosen,
-                                           ev.max_new_tokens, ev.batch_size, config.train.max_length)  # fmt: skip
+                                           ev.max_new_tokens, ev.batch_size, config.train.max_length)
         results[region] = result
         examples[region] = [
             {"site_id": p.site_id, "prompt": p.prompt, "base": result["base"]["completions"][i],
-             "adapter": result["adapter"]["completions"][i], "reference": p.completion}  # fmt: skip
+             "adapter": result["adapter"]["completions"][i], "reference": p.completion}
             for i, p in enumerate(chosen[: ev.examples_to_show])
         ]
     if not results:

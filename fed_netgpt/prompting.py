@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from fed_netgpt.data.schema import DataError
+
 # The base model gets the same instruction as the adapters, so the comparison in the report is fair.
 SYSTEM_PROMPT = (
     "Rewrite the user's request so that it first states where the user is: city, country, "
@@ -26,9 +28,16 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
 def encode_pair(
     tokenizer: PreTrainedTokenizerBase, context: str, prompt: str, completion: str, max_length: int
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels with the prompt masked (-100): loss falls on the completion and its end token."""
+    """Token ids and labels with the prompt masked (-100): loss falls on the completion and its end token.
+
+    A pair longer than `max_length` is an error, not a silent cut: a cut pair loses its end-of-turn label
+    (the model would not learn to stop) or all its labels.
+    """
     prompt_ids = tokenizer(chat_prompt(tokenizer, context, prompt), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
-    ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
-    return ids, labels
+    if len(prompt_ids) + len(completion_ids) > max_length:
+        raise DataError(
+            f"prompt pair {prompt!r} is {len(prompt_ids) + len(completion_ids)} tokens with the chat template, "
+            f"more than train.max_length={max_length}: raise train.max_length or shorten the pair"
+        )
+    return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids

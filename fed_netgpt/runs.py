@@ -43,7 +43,9 @@ def adapter_dir(folder: str | Path, region: str) -> Path:
 def run_regions(folder: str | Path) -> list[str]:
     """Regions with a saved adapter in the run folder."""
     root = Path(folder) / "adapters"
-    return sorted(p.name for p in root.iterdir() if (p / "adapter_model.safetensors").is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "adapter_model.safetensors").is_file())
 
 
 def save_adapters(folder: Path, base: BaseModel, config: Config, states: dict[str, AdapterState]) -> None:

@@ -6,8 +6,8 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from peft import PeftModel
@@ -77,6 +77,7 @@ def train_adapter(
     """Run `config.local_steps` AdamW steps on `pairs` with the active adapter; return its new state."""
     if not pairs:
         raise ValueError("train_adapter needs at least one training pair")
+    model.set_adapter(adapter_name)  # train the adapter whose state is returned, whatever was active
     device = next(model.parameters()).device
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     anchor = {n: p.detach().clone() for n, p in params.items()} if config.proximal_mu > 0 else {}

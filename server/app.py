@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import Config, load_config, overrides_from_run_config, to_yaml
-from fed_netgpt.data.sites import load_pairs, site_datasets
+from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run, write_report
 from fed_netgpt.models import load_base
 from fed_netgpt.runs import append_metrics, save_adapters, save_checkpoint, start_run
@@ -70,7 +70,7 @@ def run_federation(grid: Grid, config: Config) -> Path:
         grid=grid, initial_arrays=to_record(merge_regions({r: initial for r in regions})),
         num_rounds=config.federation.num_rounds, timeout=config.federation.timeout,
         train_config=message_config, evaluate_config=message_config, evaluate_fn=end_of_round,
-    )  # fmt: skip
+    )
     save_adapters(folder, base, config, split_regions(from_record(result.arrays)))
     results, examples = evaluate_run(folder, config, load_pairs(config.data), base)
     table = write_report(folder, results, examples)
@@ -84,13 +84,13 @@ def run_federation(grid: Grid, config: Config) -> Path:
 
 def discover_regions(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, str]:
     """Ask every node which site and region it serves (a query message); wait for all sites."""
-    expected = len(site_datasets(load_pairs(config.data))) if config.federation.min_nodes == 0 else config.federation.min_nodes
+    expected = len(load_sites(config.data)) if config.federation.min_nodes == 0 else config.federation.min_nodes
     deadline = time.monotonic() + config.federation.timeout
     while len(node_ids := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
         log.info("discover_regions: %d of %d nodes connected, waiting", len(node_ids), expected)
         time.sleep(1.0)
     messages = [Message(RecordDict({"config": message_config}), dst_node_id=node, message_type=MessageType.QUERY)
-                for node in node_ids]  # fmt: skip
+                for node in node_ids]
     node_regions: dict[int, str] = {}
     for reply in grid.send_and_receive(messages, timeout=config.federation.timeout):
         node = reply.metadata.src_node_id

@@ -34,7 +34,10 @@ def weighted_average(
     for key in states[0]:
         acc = sum(np.asarray(s[key], dtype=np.float64) * (w / total) for s, w in zip(states, weights))
         first = states[0][key]
-        averaged[key] = acc.astype(first.dtype) if isinstance(first, np.ndarray) else float(acc)
+        if isinstance(first, np.ndarray):
+            averaged[key] = acc.astype(first.dtype) if np.issubdtype(first.dtype, np.floating) else acc
+        else:
+            averaged[key] = float(acc)
     return averaged
 
 
@@ -50,7 +53,7 @@ def group_by(items: Sequence[T], keys: Sequence[K]) -> dict[K, list[T]]:
 
 def merge_regions(regions: Mapping[str, Mapping[str, T]]) -> dict[str, T]:
     """`{region: {key: v}}` -> `{"region/key": v}`: every region's adapter in one flat record."""
-    return {f"{region}{REGION_SEPARATOR}{key}": value for region, state in regions.items() for key, value in state.items()}
+    return {f"{region}{REGION_SEPARATOR}{key}": v for region, state in regions.items() for key, v in state.items()}
 
 
 def split_regions(merged: Mapping[str, T]) -> dict[str, dict[str, T]]:

@@ -10,6 +10,7 @@ logged reason; a region left with no valid reply keeps its previous adapter and 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,7 @@ from strategies.records import from_record, to_record
 
 log = logging.getLogger(__name__)
 NUM_EXAMPLES = "num-examples"
+ARRAYS = "arrays"  # the ArrayRecord key of Flower's strategies (arrayrecord_key)
 
 
 class RegionGrid:
@@ -60,7 +62,7 @@ class RegionalStrategy(Strategy):
         next(iter(self.strategies.values())).summary()
 
     def _configure(self, method: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                   grid: Grid) -> list[Message]:  # fmt: skip
+                   grid: Grid) -> list[Message]:
         regions = split_regions(dict(arrays.items()))
         self.current = {region: from_record(ArrayRecord(regions[region])) for region in self.regions}
         messages: list[Message] = []
@@ -72,11 +74,11 @@ class RegionalStrategy(Strategy):
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:  # fmt: skip
+                        grid: Grid) -> Iterable[Message]:
         return self._configure("configure_train", server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:  # fmt: skip
+                           grid: Grid) -> Iterable[Message]:
         return self._configure("configure_evaluate", server_round, arrays, config, grid)
 
     def _by_region(self, replies: Iterable[Message]) -> dict[str, list[Message]]:
@@ -84,15 +86,15 @@ class RegionalStrategy(Strategy):
         return group_by(replies, [self.node_regions[msg.metadata.src_node_id] for msg in replies])
 
     def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:  # fmt: skip
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         grouped = self._by_region(replies)
         new_states, metrics = {}, {}
         for region in self.regions:
-            valid = [msg for msg in grouped.get(region, []) if self._accept(region, msg)]
+            valid = _same_metric_keys(region, [msg for msg in grouped.get(region, []) if self._accept(region, msg)])
             arrays, _ = self.strategies[region].aggregate_train(server_round, valid) if valid else (None, None)
             if arrays is None:
                 log.warning("aggregate_train: region %s has no valid update in round %d; it keeps its previous "
-                            "adapter", region, server_round)  # fmt: skip
+                            "adapter", region, server_round)
                 new_states[region] = self.current[region]
             else:
                 new_states[region] = from_record(arrays)
@@ -115,30 +117,50 @@ class RegionalStrategy(Strategy):
         if msg.has_error():
             log.warning("aggregate_train: node %d (%s) failed: %s", node, region, msg.error.reason)
             return False
-        records = list(msg.content.array_records.values())
-        metric_records = list(msg.content.metric_records.values())
-        if len(records) != 1 or not metric_records or metric_records[0].get(NUM_EXAMPLES, 0) <= 0:
-            reason = "it must carry one ArrayRecord and a MetricRecord with num-examples > 0"
+        arrays = msg.content.array_records
+        metrics = list(msg.content.metric_records.values())
+        if list(arrays) != [ARRAYS] or len(metrics) != 1 or not float(metrics[0].get(NUM_EXAMPLES, 0)) > 0:
+            reason = f"it must carry one ArrayRecord {ARRAYS!r} and one MetricRecord with {NUM_EXAMPLES} > 0"
         else:
             shapes = {key: value.shape for key, value in self.current[region].items()}
-            reason = describe_mismatch(shapes, from_record(records[0]))
+            reason = describe_mismatch(shapes, from_record(arrays[ARRAYS]))
         if reason:
             log.warning("aggregate_train: rejected the update of node %d (%s): %s", node, region, reason)
             return False
         return True
 
 
+def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:
+    """Flower's strategies refuse a round whose replies differ in metric keys: drop the odd ones out."""
+    if not replies:
+        return replies
+    keys = set(next(iter(replies[0].content.metric_records.values())))
+    kept = []
+    for msg in replies:
+        other = set(next(iter(msg.content.metric_records.values())))
+        if other == keys:
+            kept.append(msg)
+        else:
+            log.warning("aggregate_train: rejected the update of node %d (%s): metric keys %s differ from %s",
+                        msg.metadata.src_node_id, region, sorted(other), sorted(keys))
+    return kept
+
+
 def _mean_metrics(replies: list[Message]) -> dict[str, float]:
-    """Example-weighted mean of the replies' scalar metrics."""
-    records = [next(iter(msg.content.metric_records.values())) for msg in replies]
-    records = [r for r in records if float(r.get(NUM_EXAMPLES, 0)) > 0]
+    """Example-weighted mean of the replies' finite scalar metrics (replies without metrics are skipped)."""
+    records = [r for msg in replies for r in list(msg.content.metric_records.values())[:1]]
+    records = [r for r in records if _finite(r.get(NUM_EXAMPLES, 0)) and float(r[NUM_EXAMPLES]) > 0]
     if not records:
         return {}
-    keys = set.intersection(*(set(k for k, v in r.items() if isinstance(v, (int, float))) for r in records))
+    keys = set.intersection(*({k for k, v in r.items() if _finite(v)} for r in records))
     states = [{k: float(r[k]) for k in sorted(keys)} for r in records]
     mean = weighted_average(states, [float(r[NUM_EXAMPLES]) for r in records])
     mean[NUM_EXAMPLES] = sum(float(r[NUM_EXAMPLES]) for r in records)
     return {k: float(v) for k, v in mean.items()}  # type: ignore[arg-type]
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _prefixed(region: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -12,7 +12,7 @@ def make_strategy(federation: FederationConfig, proximal_mu: float = 0.0) -> Str
     common = dict(
         fraction_train=federation.fraction_train, fraction_evaluate=federation.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
-    )  # fmt: skip
+    )
     if federation.fraction_evaluate == 0.0:
         common["min_evaluate_nodes"] = 0
     name = federation.strategy
@@ -22,8 +22,8 @@ def make_strategy(federation: FederationConfig, proximal_mu: float = 0.0) -> Str
         return FedProx(**common, proximal_mu=proximal_mu)
     if name == "fedavgm":
         return FedAvgM(**common, server_learning_rate=federation.server_learning_rate,
-                       server_momentum=federation.server_momentum)  # fmt: skip
+                       server_momentum=federation.server_momentum)
     if name in ("fedadam", "fedyogi"):
         optimizer = FedAdam if name == "fedadam" else FedYogi
-        return optimizer(**common, eta=federation.server_learning_rate)
+        return optimizer(**common, eta=federation.eta, tau=federation.tau)
     raise ValueError(f"federation.strategy: unknown strategy {name!r}")

@@ -13,11 +13,21 @@ from fed_netgpt.data.prompts import build_pairs
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import BaseModel, load_base
 
-# The suite runs on 2 cores next to other work: a second intra-op thread only spins while the
-# other process holds the core (measured: ~30x slower steps), so tests run torch on one thread.
-torch.set_num_threads(1)
-
 _ADAPTER_NUMBERS = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_in_unit_tests(request: pytest.FixtureRequest):
+    """Unit tests run torch on one thread: on a 2-core machine shared with other work, a second
+    intra-op thread mostly spins waiting for the busy core (measured: ~30x slower training steps).
+    Integration and slow tests keep torch's default."""
+    if "unit" not in request.node.path.parts:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,7 @@ def _site(city: dict[str, Any], region: str, countries: dict[str, dict[str, Any]
         site_id=slug(city["name"]), region=region, city=city["name"], country=country["name"],
         country_code=city["countrycode"], timezone=city["timezone"], currency=country["currencycode"],
         population=city["population"],
-    )  # fmt: skip
+    )
 
 
 def _unique_ids(sites: list[Site]) -> list[Site]:

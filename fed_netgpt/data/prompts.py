@@ -46,7 +46,7 @@ def build_pairs(sites: list[Site], test_intents: list[str]) -> list[PromptPair]:
         PromptPair(
             site_id=site.site_id, region=site.region, prompt=prompt, completion=complete_prompt(site, prompt),
             context=site_context(site), facts=site.facts, split="test" if intent in test_intents else "train",
-        )  # fmt: skip
+        )
         for site in sites
         for intent, phrasings in INTENTS.items()
         for prompt in phrasings

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 REQUIRED = ("site_id", "region", "prompt", "completion")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 SPLITS = ("train", "test")
 
 
@@ -40,6 +43,10 @@ def parse_pair(row: Any, where: str) -> PromptPair:
             raise DataError(f"{where}: missing required field {key!r}")
         if not isinstance(row[key], str) or not row[key].strip():
             raise DataError(f"{where}: field {key!r} must be a non-empty string, got {row[key]!r}")
+    for key in ("site_id", "region"):
+        if not ID_PATTERN.fullmatch(row[key]):
+            raise DataError(f"{where}: field {key!r} must be letters, digits, '-' or '_' (it names folders "
+                            f"and adapters), got {row[key]!r}")
     context = row.get("context", "")
     if not isinstance(context, str):
         raise DataError(f"{where}: field 'context' must be a string, got {context!r}")
@@ -55,7 +62,7 @@ def parse_pair(row: Any, where: str) -> PromptPair:
     return PromptPair(
         site_id=row["site_id"], region=row["region"], prompt=row["prompt"], completion=row["completion"],
         context=context, facts=tuple(facts), split=split,
-    )  # fmt: skip
+    )
 
 
 def read_jsonl(path: str | Path) -> list[PromptPair]:

@@ -26,12 +26,26 @@ class SiteData:
 
 def load_pairs(config: DataConfig) -> list[PromptPair]:
     """The user's JSONL (`data.path`) as-is after validation, else pairs built from real geography."""
-    return list(_load_pairs_cached(OmegaConf.to_yaml(OmegaConf.structured(config))))
+    return list(_cached(config)[0])
+
+
+def load_sites(config: DataConfig) -> list[SiteData]:
+    """The per-site splits of `load_pairs(config)`; computed once per process and config."""
+    return list(_cached(config)[1])
+
+
+def _cached(config: DataConfig) -> tuple[tuple[PromptPair, ...], tuple[SiteData, ...]]:
+    return _load_cached(OmegaConf.to_yaml(OmegaConf.structured(config)))
 
 
 @functools.lru_cache(maxsize=4)
-def _load_pairs_cached(config_yaml: str) -> tuple[PromptPair, ...]:
+def _load_cached(config_yaml: str) -> tuple[tuple[PromptPair, ...], tuple[SiteData, ...]]:
     config = DataConfig(**OmegaConf.to_container(OmegaConf.create(config_yaml)))  # type: ignore[arg-type]
+    pairs = _resolve_splits(config)
+    return pairs, tuple(site_datasets(list(pairs)))
+
+
+def _resolve_splits(config: DataConfig) -> tuple[PromptPair, ...]:
     if config.path:
         pairs = read_jsonl(config.path)
     else:
@@ -72,7 +86,3 @@ def site_datasets(pairs: list[PromptPair]) -> list[SiteData]:
 
 def _pair(row: dict) -> PromptPair:
     return PromptPair(**{**row, "facts": tuple(row["facts"] or ())})
-
-
-def region_of_sites(sites: list[SiteData]) -> dict[str, str]:
-    return {site.site_id: site.region for site in sites}

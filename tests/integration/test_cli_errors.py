@@ -47,7 +47,7 @@ def test_unknown_region_in_config(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_unknown_city_in_a_named_region(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, err = run_cli(capsys, "data", "build", "data.region_by=list", "data.regions={alps:[Atlantis]}",
-                        "--out", str(tmp_path / "o.jsonl"))  # fmt: skip
+                        "--out", str(tmp_path / "o.jsonl"))
     assert code == 2
     assert "data.regions.alps: no city named 'Atlantis'" in err
 
@@ -81,7 +81,7 @@ def test_missing_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_the_command_itself_exits_2_without_traceback(tmp_path: Path) -> None:
     data = write_lines(tmp_path / "pairs.jsonl", json.dumps({**GOOD, "split": "later"}))
     done = subprocess.run([sys.executable, "-m", "fed_netgpt.cli", "simulate", f"data.path={data}"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "field 'split' must be 'train' or 'test'" in done.stderr

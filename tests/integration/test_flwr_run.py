@@ -42,7 +42,7 @@ def test_flwr_run_with_run_config_overrides(tmp_path: Path) -> None:
     overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=1"
     try:
         done = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+                              capture_output=True, text=True, timeout=600)
         deadline = time.monotonic() + 120  # --stream may return before the ServerApp wrote its report
         while not (out / "report.json").is_file() and time.monotonic() < deadline:
             time.sleep(1)

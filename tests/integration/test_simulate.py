@@ -17,7 +17,7 @@ REGIONS = ("france", "japan")
 
 def fed_netgpt(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fed_netgpt.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -65,8 +65,15 @@ def test_load_config_hand_picked_defaults():
 
 def test_list_overrides_are_applied_with_their_types():
     # Execute
-    config = load_config(overrides=["federation.num_rounds=5", "model.name=tiny-random", "train.bf16=false",
-                                    "data.countries=[DE,IT]", "train.learning_rate=0.01"])  # fmt: skip
+    config = load_config(
+        overrides=[
+            "federation.num_rounds=5",
+            "model.name=tiny-random",
+            "train.bf16=false",
+            "data.countries=[DE,IT]",
+            "train.learning_rate=0.01",
+        ]
+    )
 
     # Assert
     assert config.federation.num_rounds == 5
@@ -79,8 +86,13 @@ def test_list_overrides_are_applied_with_their_types():
 
 def test_mapping_overrides_are_applied():
     # Execute
-    config = load_config(overrides={"train.batch_size": 2, "data.region_by": "list",
-                                    "data.regions": {"europe-west": ["Lyon", "Paris, FR"]}})  # fmt: skip
+    config = load_config(
+        overrides={
+            "train.batch_size": 2,
+            "data.region_by": "list",
+            "data.regions": {"europe-west": ["Lyon", "Paris, FR"]},
+        }
+    )
 
     # Assert
     assert config.train.batch_size == 2
@@ -211,8 +223,9 @@ def test_overrides_from_run_config_lets_a_preset_apply():
 
 def test_to_yaml_from_yaml_round_trip_is_equal():
     # Prepare
-    config = load_config(overrides=["preset=smoke", "data.region_by=list", "data.regions={west: [Lyon]}",
-                                    "train.proximal_mu=0.5"])  # fmt: skip
+    config = load_config(
+        overrides=["preset=smoke", "data.region_by=list", "data.regions={west: [Lyon]}", "train.proximal_mu=0.5"]
+    )
 
     # Execute
     restored = from_yaml(to_yaml(config))

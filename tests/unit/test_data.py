@@ -10,7 +10,7 @@ import pytest
 from fed_netgpt.config import ConfigError, DataConfig
 from fed_netgpt.data.geography import select_sites, slug
 from fed_netgpt.data.prompts import INTENTS, build_pairs, complete_prompt
-from fed_netgpt.data.schema import DataError, PromptPair, read_jsonl, write_jsonl
+from fed_netgpt.data.schema import DataError, PromptPair, parse_pair, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import assign_split, load_pairs, site_datasets
 
 # ---- geography -------------------------------------------------------------------------------
@@ -51,8 +51,11 @@ def test_sites_per_region_limits_each_region():
 
     # Assert: lower-case codes work too
     assert [(s.region, s.site_id) for s in sites] == [
-        ("france", "paris"), ("france", "marseille"), ("japan", "tokyo"), ("japan", "yokohama"),
-    ]  # fmt: skip
+        ("france", "paris"),
+        ("france", "marseille"),
+        ("japan", "tokyo"),
+        ("japan", "yokohama"),
+    ]
 
 
 def test_region_by_continent_gives_one_city_per_country():
@@ -77,8 +80,9 @@ def test_region_by_list_uses_the_named_cities():
 
     # Assert
     assert [(s.site_id, s.region, s.country_code) for s in sites] == [
-        ("lyon", "europe-west", "FR"), ("paris", "europe-west", "FR"),
-    ]  # fmt: skip
+        ("lyon", "europe-west", "FR"),
+        ("paris", "europe-west", "FR"),
+    ]
     assert sites[1].facts == ("Paris", "France", "Europe/Paris", "EUR")
 
 
@@ -256,8 +260,12 @@ def test_write_jsonl_read_jsonl_round_trip(tmp_path, default_pairs):
 
     # Assert
     assert read_jsonl(path) == pairs
-    assert json.loads(path.read_text().splitlines()[-1]) == {"site_id": "x", "region": "r", "prompt": "p",
-                                                              "completion": "c"}  # fmt: skip
+    assert json.loads(path.read_text().splitlines()[-1]) == {
+        "site_id": "x",
+        "region": "r",
+        "prompt": "p",
+        "completion": "c",
+    }
     assert "São Paulo" in path.read_text(encoding="utf-8")  # written as UTF-8, not \\u escapes
 
 
@@ -265,18 +273,22 @@ def test_write_jsonl_read_jsonl_round_trip(tmp_path, default_pairs):
 
 
 def _pair(site, region, prompt, split, facts=("F",)):
-    return PromptPair(site_id=site, region=region, prompt=prompt, completion=f"{site}: {prompt}", facts=facts,
-                      split=split)  # fmt: skip
+    return PromptPair(
+        site_id=site, region=region, prompt=prompt, completion=f"{site}: {prompt}", facts=facts, split=split
+    )
 
 
 def test_site_datasets_are_sorted_by_site_id_with_their_splits():
     # Prepare: sites appear out of order and interleaved
     pairs = [
-        _pair("tokyo", "japan", "a", "train"), _pair("lyon", "france", "a", "train"),
-        _pair("tokyo", "japan", "b", "test"), _pair("paris", "france", "a", "train"),
-        _pair("lyon", "france", "b", "train"), _pair("lyon", "france", "c", "test"),
+        _pair("tokyo", "japan", "a", "train"),
+        _pair("lyon", "france", "a", "train"),
+        _pair("tokyo", "japan", "b", "test"),
+        _pair("paris", "france", "a", "train"),
+        _pair("lyon", "france", "b", "train"),
+        _pair("lyon", "france", "c", "test"),
         _pair("paris", "france", "b", "train", facts=()),
-    ]  # fmt: skip
+    ]
 
     # Execute
     sites = site_datasets(pairs)
@@ -350,3 +362,10 @@ def test_load_pairs_keeps_given_splits_and_assigns_missing_ones(tmp_path):
     assert [p.split for p in pairs[:3]] == ["test"] * 3
     assert [p.split for p in pairs[3:]] == [assign_split(replace(p, split=""), 0.5, 3) for p in pairs[3:]]
     assert {p.split for p in pairs[3:]} == {"train", "test"}
+
+
+@pytest.mark.parametrize("field, value", [("region", "europe/west"), ("site_id", "../etc"), ("region", "a.b")])
+def test_ids_that_cannot_name_a_folder_or_adapter_are_rejected(field, value):
+    row = {"site_id": "lyon", "region": "france", "prompt": "Hi?", "completion": "I am in Lyon. Hi?", field: value}
+    with pytest.raises(DataError, match=f"x.jsonl line 4: field '{field}' must be letters, digits"):
+        parse_pair(row, "x.jsonl line 4")

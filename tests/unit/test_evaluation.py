@@ -82,8 +82,13 @@ def _greedy_tokens(model, tokenizer, item, max_new_tokens):
     """Reference: the item alone through `generate`, no padding, no end-of-turn stop."""
     encoded = tokenizer([chat_prompt(tokenizer, *item)], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        ids = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        ids = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return ids[0, encoded["input_ids"].shape[1] :].tolist()
 
 

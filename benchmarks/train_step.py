@@ -1,0 +1,54 @@
+"""Time one local training step (LoRA on SmolLM2-135M) in fp32 and with bf16 autocast, side by side.
+
+    python benchmarks/train_step.py [--model smollm2-135m] [--steps 8] [--device cpu|cuda]
+
+Rounds alternate fp32 and bf16 so machine noise hits both alike; prints the median step times and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from fed_netgpt.adapters import attach_adapter
+from fed_netgpt.config import load_config
+from fed_netgpt.data.sites import load_sites
+from fed_netgpt.models import load_base
+from fed_netgpt.training import train_adapter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}"])
+    base = load_base(config.model.name)
+    base.model.to(args.device)
+    pairs = load_sites(config.data)[0].train
+    model = attach_adapter(base, "bench", config.lora)
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    train_adapter(model, "bench", base.tokenizer, pairs, replace(config.train, local_steps=1))  # warm-up
+    for _ in range(args.rounds):
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            train_adapter(model, "bench", base.tokenizer, pairs, replace(config.train, bf16=bf16))
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - started) / args.steps)
+    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{args.model} LoRA r={config.lora.r}, batch {config.train.batch_size}, on {device}")
+    print(f"step fp32 {fp32 * 1000:.0f} ms | bf16 autocast {bf16 * 1000:.0f} ms | speed-up {fp32 / bf16:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The real SmolLM2-135M-Instruct: conversion from the wheel, learning the task, stock peft loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fed_netgpt.adapters import attach_adapter, load_adapter, save_adapter
+from fed_netgpt.config import load_config
+from fed_netgpt.data.sites import load_sites
+from fed_netgpt.evaluation import evaluate_base_and_adapter, generate_completions
+from fed_netgpt.models import SMOLLM2, cache_root, load_base, smollm2_folder
+from fed_netgpt.training import train_adapter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """A France adapter trained on the pooled data of two French sites for 10 steps, saved in peft format."""
+    config = load_config(overrides=["data.countries=[FR]", "data.sites_per_region=2", "train.local_steps=10"])
+    base = load_base(SMOLLM2)
+    sites = load_sites(config.data)
+    model = attach_adapter(base, "slow-france", config.lora)
+    train_adapter(model, "slow-france", base.tokenizer, [p for s in sites for p in s.train], config.train)
+    folder = save_adapter(model, "slow-france", tmp_path_factory.mktemp("adapter") / "france")
+    return folder, [p for s in sites for p in s.test][:8]
+
+
+def test_the_embedded_model_is_the_real_pretrained_smollm2() -> None:
+    base = load_base(SMOLLM2)
+    assert sum(p.numel() for p in base.model.parameters()) == 134_515_008
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)
+    with torch.no_grad():
+        out = base.model.generate(**ids, max_new_tokens=20, do_sample=False)
+    assert "Paris" in base.tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def test_ten_local_steps_learn_the_sites_facts_on_held_out_intents(trained: tuple[Path, list]) -> None:
+    folder, test = trained
+    base = load_base(SMOLLM2)
+    model = load_adapter(base, "slow-check", folder)
+    result = evaluate_base_and_adapter(model, "slow-check", base.tokenizer, test, max_new_tokens=48, batch_size=8)
+    assert result["adapter"]["fact_accuracy"] >= 0.9  # recorded: 1.0 (base: ~0.3)
+    assert result["base"]["fact_accuracy"] <= 0.6
+    assert result["adapter"]["loss"] < result["base"]["loss"] / 10
+
+
+def test_stock_peft_loads_the_adapter_and_completes_identically(trained: tuple[Path, list]) -> None:
+    folder, test = trained
+    base = load_base(SMOLLM2)
+    ours = generate_completions(load_adapter(base, "slow-ours", folder), base.tokenizer,
+                                [(p.context, p.prompt) for p in test[:4]])
+    fresh = AutoModelForCausalLM.from_pretrained(smollm2_folder(cache_root()), dtype=torch.float32)
+    stock = PeftModel.from_pretrained(fresh, str(folder)).eval()
+    theirs = generate_completions(stock, base.tokenizer, [(p.context, p.prompt) for p in test[:4]])
+    assert theirs == ours
+    assert all(p.facts[0] in text for p, text in zip(test, theirs))

@@ -1,0 +1,374 @@
+"""strategies/regional.py and registry.py with real Flower messages, records and strategies.
+
+Only the transport is a test double: a `Grid` that knows which nodes are connected. Instructions are
+built by the real strategies; replies are real `Message(content, reply_to=instruction)` objects, so
+their `src_node_id` is set by Flower exactly as on a SuperLink.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.supercore.task_identity import TaskIdentity
+
+from fed_netgpt.config import FederationConfig
+from strategies.regional import RegionalStrategy
+from strategies.registry import make_strategy
+
+NODE_REGIONS = {11: "france", 12: "france", 21: "japan"}
+SHAPES = {"lora_A.weight": (2, 3), "lora_B.weight": (3, 2)}
+
+
+class ConnectedNodesGrid(Grid):
+    """Transport double: only `get_node_ids` is needed by configure_*; nothing is sent anywhere."""
+
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """Instructions carry the sender's identity; the ServerApp runtime sets it (here: the SuperLink node)."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 42)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+
+
+def _state(value: float) -> dict[str, np.ndarray]:
+    return {key: np.full(shape, value, dtype=np.float32) for key, shape in SHAPES.items()}
+
+
+def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in state.items()})
+
+
+def _merged(states: dict[str, dict[str, np.ndarray]]) -> ArrayRecord:
+    return _record({f"{region}/{key}": v for region, state in states.items() for key, v in state.items()})
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def _instruction(node: int) -> Message:
+    return Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def _reply(node: int, state: dict[str, np.ndarray], num_examples: int, loss: float) -> Message:
+    content = RecordDict(
+        {"arrays": _record(state), "metrics": MetricRecord({"train_loss": loss, "num-examples": num_examples})}
+    )
+    return Message(content, reply_to=_instruction(node))
+
+
+def _fedavg() -> FedAvg:
+    return make_strategy(FederationConfig())
+
+
+@pytest.fixture
+def configured() -> RegionalStrategy:
+    """A RegionalStrategy after configure_train of round 1: france at 0.0, japan at 10.0."""
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+    strategy.configure_train(
+        1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)
+    )
+    return strategy
+
+
+def test_reply_src_node_id_comes_from_the_instruction():
+    # Execute
+    reply = _reply(12, _state(1.0), 1, 0.5)
+
+    # Assert
+    assert reply.metadata.src_node_id == 12
+    assert reply.metadata.dst_node_id == 1
+    assert reply.metadata.message_type == MessageType.TRAIN
+
+
+def test_constructor_groups_nodes_into_sorted_regions():
+    # Execute
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+
+    # Assert
+    assert strategy.regions == ["france", "japan"]
+    assert set(strategy.strategies) == {"france", "japan"}
+    assert strategy.strategies["france"] is not strategy.strategies["japan"]
+    with pytest.raises(ValueError, match="at least one node"):
+        RegionalStrategy(_fedavg, {})
+
+
+def test_configure_train_sends_each_node_its_own_regions_adapter():
+    # Prepare
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+    arrays = _merged({"france": _state(1.5), "japan": _state(-2.0)})
+
+    # Execute
+    messages = list(strategy.configure_train(3, arrays, ConfigRecord({"lr": 0.1}), ConnectedNodesGrid([11, 12, 21])))
+
+    # Assert
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 21]
+    for message in messages:
+        region = NODE_REGIONS[message.metadata.dst_node_id]
+        expected = _state(1.5 if region == "france" else -2.0)
+        sent = _numpy(message.content["arrays"])
+        assert sent.keys() == expected.keys()  # the region prefix is gone
+        for key, value in expected.items():
+            np.testing.assert_array_equal(sent[key], value)
+        config = message.content["config"]
+        assert config["region"] == region
+        assert config["lr"] == pytest.approx(0.1)
+        assert config["server-round"] == 3
+        assert message.metadata.message_type == MessageType.TRAIN
+    assert strategy.current["japan"]["lora_A.weight"].tolist() == [[-2.0] * 3] * 2
+
+
+def test_configure_train_only_addresses_connected_nodes():
+    # Prepare
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+
+    # Execute: node 12 is not connected, node 99 has no region
+    messages = strategy.configure_train(
+        1, _merged({"france": _state(0.0), "japan": _state(0.0)}), ConfigRecord({}), ConnectedNodesGrid([11, 21, 99])
+    )
+
+    # Assert
+    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 21]
+
+
+def test_configure_evaluate_sends_region_adapters_as_evaluate_messages():
+    # Prepare
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+
+    # Execute
+    messages = strategy.configure_evaluate(
+        2, _merged({"france": _state(4.0), "japan": _state(5.0)}), ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)
+    )
+
+    # Assert
+    assert len(messages) == 3
+    for message in messages:
+        assert message.metadata.message_type == MessageType.EVALUATE
+        value = 4.0 if NODE_REGIONS[message.metadata.dst_node_id] == "france" else 5.0
+        np.testing.assert_array_equal(_numpy(message.content["arrays"])["lora_B.weight"], np.full((3, 2), value))
+
+
+def test_aggregate_train_fedavg_is_the_example_weighted_mean_per_region(configured):
+    # Prepare
+    replies = [_reply(11, _state(1.0), 1, 2.0), _reply(12, _state(3.0), 3, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+
+    # Execute
+    arrays, metrics = configured.aggregate_train(1, replies)
+
+    # Assert: france (1*1 + 3*3) / 4 = 2.5; japan has one reply: 7.0
+    result = _numpy(arrays)
+    assert sorted(result) == [
+        "france/lora_A.weight",
+        "france/lora_B.weight",
+        "japan/lora_A.weight",
+        "japan/lora_B.weight",
+    ]
+    np.testing.assert_allclose(result["france/lora_A.weight"], np.full((2, 3), 2.5))
+    np.testing.assert_allclose(result["france/lora_B.weight"], np.full((3, 2), 2.5))
+    np.testing.assert_allclose(result["japan/lora_B.weight"], np.full((3, 2), 7.0))
+    assert result["france/lora_A.weight"].dtype == np.float32
+    # metrics: france loss (1*2 + 3*4) / 4 = 3.5 over 4 examples
+    assert dict(metrics) == pytest.approx(
+        {"france/train_loss": 3.5, "france/num-examples": 4.0, "japan/train_loss": 1.0, "japan/num-examples": 5.0}
+    )
+    assert configured.round_metrics == {"train": dict(metrics)}
+
+
+@pytest.mark.parametrize(
+    ("bad_state", "reason"),
+    [
+        ({"lora_A.weight": np.ones((2, 4), np.float32), "lora_B.weight": np.ones((3, 2), np.float32)}, "shape"),
+        ({"lora_A.weight": np.full((2, 3), np.nan, np.float32), "lora_B.weight": np.ones((3, 2), np.float32)}, "NaN"),
+        ({"lora_A.weight": np.ones((2, 3), np.float32)}, "missing"),
+    ],
+)
+def test_aggregate_train_rejects_and_excludes_a_misfit_reply(configured, caplog, bad_state, reason):
+    # Prepare
+    replies = [_reply(11, _state(1.0), 1, 2.0), _reply(12, bad_state, 100, 9.0), _reply(21, _state(7.0), 5, 1.0)]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+        arrays, metrics = configured.aggregate_train(1, replies)
+
+    # Assert: france is node 11 alone, with its metrics alone
+    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
+    assert metrics["france/train_loss"] == pytest.approx(2.0)
+    assert metrics["france/num-examples"] == pytest.approx(1.0)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "rejected the update of node 12 (france)" in warnings[0].getMessage()
+    assert reason in warnings[0].getMessage()
+
+
+def test_aggregate_train_rejects_a_reply_without_examples(configured, caplog):
+    # Prepare
+    replies = [_reply(11, _state(1.0), 0, 2.0), _reply(12, _state(3.0), 2, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+        arrays, _ = configured.aggregate_train(1, replies)
+
+    # Assert
+    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 3.0))
+    assert "rejected the update of node 11 (france)" in caplog.text
+    assert "num-examples > 0" in caplog.text
+
+
+def test_region_without_valid_replies_keeps_its_adapter_and_warns(configured, caplog):
+    # Prepare: japan's only reply holds NaN, france's two replies fail or are missing
+    nan_state = {k: np.full(shape, np.nan, np.float32) for k, shape in SHAPES.items()}
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=_instruction(11))
+    replies = [failed, _reply(21, nan_state, 5, 1.0)]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+        arrays, metrics = configured.aggregate_train(4, replies)
+
+    # Assert: both regions keep round 1's adapters (france 0.0, japan 10.0), no metrics
+    result = _numpy(arrays)
+    np.testing.assert_array_equal(result["france/lora_A.weight"], np.zeros((2, 3)))
+    np.testing.assert_array_equal(result["japan/lora_B.weight"], np.full((3, 2), 10.0))
+    assert dict(metrics) == {}
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("node 11 (france) failed: out of memory" in m for m in messages)
+    assert any("rejected the update of node 21 (japan)" in m and "NaN" in m for m in messages)
+    assert any("region france has no valid update in round 4" in m for m in messages)
+    assert any("region japan has no valid update in round 4" in m for m in messages)
+
+
+def test_a_reply_with_other_metric_keys_is_dropped_not_fatal(configured, caplog):
+    # Prepare: node 12 reports no train_loss, its adapter is fine
+    odd = Message(
+        RecordDict({"arrays": _record(_state(3.0)), "metrics": MetricRecord({"num-examples": 3})}),
+        reply_to=_instruction(12),
+    )
+    replies = [_reply(11, _state(1.0), 1, 2.0), odd, _reply(21, _state(7.0), 5, 1.0)]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+        arrays, _ = configured.aggregate_train(1, replies)
+
+    # Assert: the round completes; france aggregates what it can
+    assert "france/lora_A.weight" in _numpy(arrays)
+
+
+def test_aggregate_train_ignores_replies_from_unknown_nodes(configured):
+    # Prepare
+    replies = [_reply(11, _state(1.0), 1, 2.0), _reply(99, _state(50.0), 1000, 0.0), _reply(21, _state(7.0), 5, 1.0)]
+
+    # Execute
+    arrays, metrics = configured.aggregate_train(1, replies)
+
+    # Assert
+    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
+    assert set(metrics) == {"france/train_loss", "france/num-examples", "japan/train_loss", "japan/num-examples"}
+
+
+def test_aggregate_evaluate_prefixes_example_weighted_metrics(configured):
+    # Prepare
+    def eval_reply(node, loss, n):
+        return Message(
+            RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": n})}), reply_to=_instruction(node)
+        )
+
+    failed = Message(Error(code=0, reason="boom"), reply_to=_instruction(21))
+
+    # Execute
+    metrics = configured.aggregate_evaluate(1, [eval_reply(11, 1.0, 1), eval_reply(12, 3.0, 3), failed])
+
+    # Assert: france (1*1 + 3*3) / 4 = 2.5; japan failed -> no japan keys
+    assert dict(metrics) == pytest.approx({"france/eval_loss": 2.5, "france/num-examples": 4.0})
+    assert configured.round_metrics["evaluate"] == dict(metrics)
+
+
+def test_regional_fedavgm_runs_per_region_and_keeps_regions_apart():
+    # Prepare: server lr 1, momentum 0 -> FedAvgM's first step equals the plain average
+    config = FederationConfig(strategy="fedavgm", server_learning_rate=1.0, server_momentum=0.0)
+    strategy = RegionalStrategy(lambda: make_strategy(config), NODE_REGIONS)
+    strategy.configure_train(
+        1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)
+    )
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(
+        1, [_reply(11, _state(2.0), 1, 1.0), _reply(12, _state(4.0), 1, 1.0), _reply(21, _state(12.0), 1, 1.0)]
+    )
+
+    # Assert
+    result = _numpy(arrays)
+    np.testing.assert_allclose(result["france/lora_A.weight"], np.full((2, 3), 3.0), rtol=1e-6)
+    np.testing.assert_allclose(result["japan/lora_A.weight"], np.full((2, 3), 12.0), rtol=1e-6)
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi), ("fedavgm", FedAvgM)],
+)
+def test_make_strategy_returns_the_named_flower_strategy(name, cls):
+    # Execute
+    strategy = make_strategy(FederationConfig(strategy=name, fraction_train=0.5), proximal_mu=0.3)
+
+    # Assert
+    assert type(strategy) is cls
+    assert strategy.fraction_train == 0.5
+    assert (strategy.min_train_nodes, strategy.min_evaluate_nodes, strategy.min_available_nodes) == (1, 1, 1)
+
+
+def test_make_strategy_passes_the_server_hyperparameters():
+    # Execute
+    prox = make_strategy(FederationConfig(strategy="fedprox"), proximal_mu=0.3)
+    adam = make_strategy(FederationConfig(strategy="fedadam", eta=0.05, tau=0.002))
+    yogi = make_strategy(FederationConfig(strategy="fedyogi", eta=0.03, tau=0.004))
+    avgm = make_strategy(FederationConfig(strategy="fedavgm", server_learning_rate=0.5, server_momentum=0.7))
+    no_eval = make_strategy(FederationConfig(fraction_evaluate=0.0))
+
+    # Assert
+    assert prox.proximal_mu == pytest.approx(0.3)
+    assert (adam.eta, adam.tau) == (0.05, 0.002)
+    assert (yogi.eta, yogi.tau) == (0.03, 0.004)
+    assert (avgm.server_learning_rate, avgm.server_momentum) == (0.5, 0.7)
+    assert no_eval.min_evaluate_nodes == 0
+
+
+def test_make_strategy_rejects_an_unknown_name():
+    # Prepare: FederationConfig itself does not validate (Config does)
+    federation = FederationConfig(strategy="fedsgd")
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
+        make_strategy(federation)
