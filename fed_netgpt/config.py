@@ -201,6 +201,10 @@ def _overrides_to_conf(overrides: Mapping[str, Any] | list[str] | None) -> Any:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
+            try:
+                OmegaConf.from_dotlist([item])
+            except Exception as err:  # yaml's scanner errors are not OmegaConf's
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({type(err).__name__})") from None
         return OmegaConf.from_dotlist(overrides)
     conf = OmegaConf.create({})
     for key, value in overrides.items():

@@ -46,10 +46,10 @@ def test_unknown_region_in_config(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 
 def test_unknown_city_in_a_named_region(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, err = run_cli(capsys, "data", "build", "data.region_by=list", "data.regions={alps:[Atlantis]}",
+    code, err = run_cli(capsys, "data", "build", "data.region_by=list", "data.regions={alps: [Xyzzyville]}",
                         "--out", str(tmp_path / "o.jsonl"))
     assert code == 2
-    assert "data.regions.alps: no city named 'Atlantis'" in err
+    assert "data.regions.alps: no city named 'Xyzzyville'" in err
 
 
 def test_unknown_config_key(capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,3 +86,9 @@ def test_the_command_itself_exits_2_without_traceback(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "field 'split' must be 'train' or 'test'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_override_that_is_not_yaml_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(capsys, "simulate", "data.regions={alps:[Atlantis]}")
+    assert code == 2
+    assert "override 'data.regions={alps:[Atlantis]}': the value is not valid YAML" in err
