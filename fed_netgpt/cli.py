@@ -11,13 +11,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from fed_netgpt.adapters import AdapterError, load_adapter
 from fed_netgpt.config import ConfigError, load_config
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_pairs, load_sites
-from fed_netgpt.evaluation import METRICS, evaluate_run, generate_completions
+from fed_netgpt.evaluation import evaluate_run, generate_completions, report_json
 from fed_netgpt.models import ModelNotFoundError, load_base
 from fed_netgpt.runs import RunFolderError, adapter_dir, read_run_config, run_regions
 
@@ -98,14 +99,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     config = read_run_config(args.run)
     pairs = read_jsonl(args.data) if args.data else load_pairs(config.data)
     if args.data and not any(p.split == "test" for p in pairs):
-        pairs = [p.__class__(**{**p.__dict__, "split": "test"}) for p in pairs]  # no split given: all of it
+        pairs = [replace(p, split="test") for p in pairs]  # the file names no split: evaluate on all of it
     base = load_base(config.model.name, config.model.cache_dir)
-    results, examples = evaluate_run(args.run, config, pairs, base)
-    summary = {
-        region: {which: {m: r[which][m] for m in METRICS + ("num_examples",)} for which in ("base", "adapter")}
-        for region, r in results.items()
-    }
-    print(json.dumps({"regions": summary, "examples": examples}, indent=2))
+    print(json.dumps(report_json(*evaluate_run(args.run, config, pairs, base)), indent=2))
     return 0
 
 

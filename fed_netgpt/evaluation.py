@@ -146,19 +146,26 @@ def _fmt(metric: str, value: float) -> str:
     return f"{value:.1%}" if metric in ("fact_accuracy", "rouge_l") else f"{value:.3f}"
 
 
-def write_report(folder: Path, regions: dict[str, dict[str, dict[str, Any]]], examples: dict[str, list[dict]]) -> str:
-    """report.json (every number and example) and report.md (the table and examples); returns the table."""
-    table = report_table(regions)
+def report_json(regions: dict[str, dict[str, dict[str, Any]]], completions: dict[str, list[dict]]) -> dict:
+    """What report.json holds and `fed-netgpt evaluate` prints: every metric and every completion."""
     summary = {
         region: {which: {m: result[which][m] for m in METRICS + ("num_examples",)} for which in ("base", "adapter")}
         for region, result in regions.items()
     }
-    (folder / "report.json").write_text(json.dumps({"regions": summary, "examples": examples}, indent=2))
+    return {"regions": summary, "completions": completions}
+
+
+def write_report(
+    folder: Path, regions: dict[str, dict[str, dict[str, Any]]], completions: dict[str, list[dict]], shown: int
+) -> str:
+    """report.json (every number and completion) and report.md (the table, `shown` examples a region)."""
+    table = report_table(regions)
+    (folder / "report.json").write_text(json.dumps(report_json(regions, completions), indent=2))
     intro = "Test split (held-out intents), base model vs regional adapter."
     lines = ["# Personalization report", "", intro, "", table, ""]
-    for region, shown in examples.items():
+    for region, rows in completions.items():
         lines += [f"## {region}", ""]
-        for ex in shown:
+        for ex in rows[:shown]:
             lines += [f"- site `{ex['site_id']}`, prompt: {ex['prompt']}", f"  - base: {ex['base']}",
                       f"  - adapter: {ex['adapter']}", f"  - reference: {ex['reference']}"]
         lines.append("")
@@ -183,13 +190,16 @@ def spread_over_sites(pairs: Sequence[PromptPair], limit: int) -> list[PromptPai
 def evaluate_run(
     folder: Path, config: Config, pairs: Sequence[PromptPair], base: BaseModel
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, list[dict]]]:
-    """Base vs adapter on each region's test split; in global mode every region uses adapters/global."""
+    """Base vs adapter on each region's test split; in global mode every region uses adapters/global.
+
+    Returns the metrics per region and, per region, every evaluated pair with both completions.
+    """
     available = run_regions(folder)
     test_by_region: dict[str, list[PromptPair]] = {}
     for pair in pairs:
         if pair.split == "test":
             test_by_region.setdefault(pair.region, []).append(pair)
-    results, examples = {}, {}
+    results, completions = {}, {}
     ev = config.evaluation
     for region, test in sorted(test_by_region.items()):
         adapter_region = "global" if config.federation.adapters == "global" else region
@@ -200,11 +210,12 @@ def evaluate_run(
         result = evaluate_base_and_adapter(model, f"eval-{adapter_region}", base.tokenizer, chosen,
                                            ev.max_new_tokens, ev.batch_size, config.train.max_length)
         results[region] = result
-        examples[region] = [
-            {"site_id": p.site_id, "prompt": p.prompt, "base": result["base"]["completions"][i],
-             "adapter": result["adapter"]["completions"][i], "reference": p.completion}
-            for i, p in enumerate(chosen[: ev.examples_to_show])
+        completions[region] = [
+            {"site_id": p.site_id, "prompt": p.prompt, "reference": p.completion, "facts": list(p.facts),
+             "base": base_text, "adapter": adapter_text}
+            for p, base_text, adapter_text in zip(chosen, result["base"]["completions"],
+                                                  result["adapter"]["completions"])
         ]
     if not results:
         raise RunFolderError(f"{folder}: no adapter in adapters/ matches a region of the test data")
-    return results, examples
+    return results, completions

@@ -72,11 +72,12 @@ def run_federation(grid: Grid, config: Config) -> Path:
         train_config=message_config, evaluate_config=message_config, evaluate_fn=end_of_round,
     )
     save_adapters(folder, base, config, split_regions(from_record(result.arrays)))
-    results, examples = evaluate_run(folder, config, load_pairs(config.data), base)
-    table = write_report(folder, results, examples)
+    results, completions = evaluate_run(folder, config, load_pairs(config.data), base)
+    shown = config.evaluation.examples_to_show
+    table = write_report(folder, results, completions, shown)
     print(f"\nRegional adapters vs base model on the test split (held-out intents):\n\n{table}\n")
-    for region, shown in examples.items():
-        for ex in shown:
+    for region, rows in completions.items():
+        for ex in rows[:shown]:
             print(f"[{region}] {ex['site_id']}: {ex['prompt']!r}\n  -> {ex['adapter']}")
     print(f"\nRun folder: {folder}  (report.md, adapters/, metrics.jsonl)")
     return folder

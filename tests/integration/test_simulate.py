@@ -78,6 +78,8 @@ def test_evaluate_prints_the_runs_metrics_as_json(run_dir: Path) -> None:
     for region in REGIONS:
         for which in ("base", "adapter"):
             assert printed["regions"][region][which] == pytest.approx(saved["regions"][region][which], rel=1e-4)
+    assert printed["completions"] == saved["completions"]  # greedy decoding: the same text again
+    assert len(saved["completions"]["france"]) == 4
 
 
 def test_complete_uses_the_sites_regional_adapter(run_dir: Path) -> None:
