@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,10 +39,12 @@ def test_flwr_run_with_run_config_overrides(tmp_path: Path) -> None:
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 4\n'
     )
     out = tmp_path / "run"
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    bin_dir = Path(sys.executable).parent  # flwr and flower-superlink live beside this interpreter
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=1"
     try:
-        done = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
+        done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         deadline = time.monotonic() + 120  # --stream may return before the ServerApp wrote its report
         while not (out / "report.json").is_file() and time.monotonic() < deadline:
