@@ -44,8 +44,8 @@ def test_flwr_run_with_run_config_overrides(tmp_path: Path) -> None:
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=1"
     try:
-        done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
+        command = [str(bin_dir / "flwr"), "run", ".", "--stream", "--run-config", overrides]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         deadline = time.monotonic() + 120  # --stream may return before the ServerApp wrote its report
         while not (out / "report.json").is_file() and time.monotonic() < deadline:
             time.sleep(1)
