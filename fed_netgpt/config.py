@@ -96,6 +96,7 @@ class SimulationConfig:
 class RunSettings:
     output_dir: str = "runs/latest"
     seed: int = 0
+    resume: bool = False  # continue from the latest checkpoints/round-<n> in output_dir
 
 
 @dataclass(frozen=True)

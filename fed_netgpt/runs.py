@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from fed_netgpt.adapters import AdapterState, attach_adapter, save_adapter
 from fed_netgpt.config import Config, ConfigError, from_yaml, to_yaml
@@ -19,10 +19,12 @@ class RunFolderError(ValueError):
 
 
 def start_run(config: Config) -> Path:
+    """Create the run folder and write config.yaml; a resumed run keeps its metrics.jsonl."""
     folder = Path(config.run.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(to_yaml(config))
-    (folder / "metrics.jsonl").write_text("")
+    if not config.run.resume or not (folder / "metrics.jsonl").is_file():
+        (folder / "metrics.jsonl").write_text("")
     return folder
 
 
@@ -62,6 +64,17 @@ def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarra
     save_file({k: np.ascontiguousarray(v) for k, v in merged.items()}, str(path / "adapters.safetensors"))
     (path / "state.json").write_text(json.dumps({"round": server_round}))
     return path
+
+
+def latest_checkpoint(folder: Path) -> tuple[int, dict[str, np.ndarray]] | None:
+    """The highest round checkpointed in `folder` and its arrays, or None when there is none."""
+    rounds = sorted(
+        int(path.name.removeprefix("round-")) for path in (folder / "checkpoints").glob("round-*")
+        if path.name.removeprefix("round-").isdigit() and (path / "adapters.safetensors").is_file()
+    )
+    if not rounds:
+        return None
+    return rounds[-1], load_file(str(folder / "checkpoints" / f"round-{rounds[-1]}" / "adapters.safetensors"))
 
 
 def append_metrics(folder: Path, row: dict[str, Any]) -> None:

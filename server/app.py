@@ -6,15 +6,22 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import Config, load_config, overrides_from_run_config, to_yaml
 from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run, write_report
-from fed_netgpt.models import load_base
-from fed_netgpt.runs import append_metrics, save_adapters, save_checkpoint, start_run
+from fed_netgpt.models import BaseModel, load_base
+from fed_netgpt.runs import (
+    RunFolderError,
+    append_metrics,
+    latest_checkpoint,
+    save_adapters,
+    save_checkpoint,
+    start_run,
+)
 from strategies.aggregation import merge_regions, split_regions
 from strategies.records import from_record, to_record
 from strategies.regional import RegionalStrategy
@@ -52,26 +59,28 @@ def run_federation(grid: Grid, config: Config) -> Path:
     if config.federation.adapters == GLOBAL:
         node_regions = {node: GLOBAL for node in node_regions}
     base = load_base(config.model.name, config.model.cache_dir)
-    initial = get_state(attach_adapter(base, "initial", config.lora, seed=config.run.seed), "initial")
     regions = sorted(set(node_regions.values()))
+    done, arrays = starting_point(folder, config, base, regions)
     strategy = RegionalStrategy(lambda: make_strategy(config.federation, config.train.proximal_mu), node_regions)
     started = time.perf_counter()
 
-    def end_of_round(server_round: int, arrays) -> None:  # noqa: ANN001
+    def end_of_round(server_round: int, round_arrays: ArrayRecord) -> None:
         if server_round == 0:
             return None
-        save_checkpoint(folder, server_round, from_record(arrays))
+        server_round += done  # a resumed run numbers its rounds after the checkpoint's
+        save_checkpoint(folder, server_round, from_record(round_arrays))
         row = {"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}
         append_metrics(folder, row)
         _log_round(server_round, config.federation.num_rounds, regions, strategy.round_metrics)
         return None
 
-    result = strategy.start(
-        grid=grid, initial_arrays=to_record(merge_regions({r: initial for r in regions})),
-        num_rounds=config.federation.num_rounds, timeout=config.federation.timeout,
-        train_config=message_config, evaluate_config=message_config, evaluate_fn=end_of_round,
-    )
-    save_adapters(folder, base, config, split_regions(from_record(result.arrays)))
+    if done < config.federation.num_rounds:
+        arrays = from_record(strategy.start(
+            grid=grid, initial_arrays=to_record(arrays), num_rounds=config.federation.num_rounds - done,
+            timeout=config.federation.timeout, train_config=message_config, evaluate_config=message_config,
+            evaluate_fn=end_of_round,
+        ).arrays)
+    save_adapters(folder, base, config, split_regions(arrays))
     results, completions = evaluate_run(folder, config, load_pairs(config.data), base)
     shown = config.evaluation.examples_to_show
     table = write_report(folder, results, completions, shown)
@@ -81,6 +90,20 @@ def run_federation(grid: Grid, config: Config) -> Path:
             print(f"[{region}] {ex['site_id']}: {ex['prompt']!r}\n  -> {ex['adapter']}")
     print(f"\nRun folder: {folder}  (report.md, adapters/, metrics.jsonl)")
     return folder
+
+
+def starting_point(folder: Path, config: Config, base: BaseModel, regions: list[str]) -> tuple[int, dict]:
+    """Rounds already done and every region's adapter to start from: fresh, or the latest checkpoint."""
+    checkpoint = latest_checkpoint(folder) if config.run.resume else None
+    if checkpoint is None:
+        initial = get_state(attach_adapter(base, "initial", config.lora, seed=config.run.seed), "initial")
+        return 0, merge_regions({region: initial for region in regions})
+    done, arrays = checkpoint
+    saved = sorted(split_regions(arrays))
+    if saved != regions:
+        raise RunFolderError(f"{folder}/checkpoints/round-{done} holds regions {saved}, but the nodes serve {regions}")
+    log.info("resuming after round %d from %s/checkpoints/round-%d", done, folder, done)
+    return done, arrays
 
 
 def discover_regions(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,34 @@ def test_complete_with_an_unknown_region_is_a_clear_error(run_dir: Path) -> None
     assert done.returncode == 2
     assert "region 'mars' has no adapter" in done.stderr and "france" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_resume_continues_from_the_latest_checkpoint(run_dir: Path, tmp_path: Path) -> None:
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    round_2 = load_file(str(resumed / "checkpoints" / "round-2" / "adapters.safetensors"))
+
+    done = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={resumed}", "run.resume=true",
+                      "federation.num_rounds=3")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    assert "resuming after round 2" in done.stderr
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert "[round 3/3]" in done.stdout and "[round 1/3]" not in done.stdout
+    unchanged = load_file(str(resumed / "checkpoints" / "round-2" / "adapters.safetensors"))
+    assert all(np.array_equal(round_2[k], unchanged[k]) for k in round_2)
+    round_3 = load_file(str(resumed / "checkpoints" / "round-3" / "adapters.safetensors"))
+    assert any(not np.array_equal(round_2[k], round_3[k]) for k in round_2)
+
+
+def test_global_mode_trains_one_adapter_that_every_region_is_evaluated_with(tmp_path: Path) -> None:
+    out = tmp_path / "global"
+    done = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={out}", "federation.adapters=global",
+                      "federation.num_rounds=1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["global"]
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["regions"]) == list(REGIONS)
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["train"]["global/num-examples"] == 120  # all 4 sites x 30 pairs in one aggregate
