@@ -292,29 +292,19 @@ def test_proximal_term_keeps_weights_closer_to_the_start(
     # Prepare: identical (seeded) starts, identical batches; only mu differs
     start = _snapshot(attach_adapter(tiny_base, adapter_name + "_mu10", default_config.lora), adapter_name + "_mu10")
 
-    # Execute: train_adapter trains the active adapter, so attach (activate) right before each run
-    plain = attach_adapter(tiny_base, adapter_name + "_mu0", default_config.lora)
-    free = train_adapter(
-        plain,
-        adapter_name + "_mu0",
-        tiny_base.tokenizer,
-        paris_train_pairs,
-        replace(fast_train, local_steps=8, proximal_mu=0.0),
-    )
-    free_state = _snapshot(plain, adapter_name + "_mu0")
-    prox = attach_adapter(tiny_base, adapter_name + "_mu10", default_config.lora)
-    pulled = train_adapter(
-        prox,
-        adapter_name + "_mu10",
-        tiny_base.tokenizer,
-        paris_train_pairs,
-        replace(fast_train, local_steps=8, proximal_mu=10.0),
-    )
+    # Execute
+    results = {}
+    for mu in (0.0, 10.0):
+        name = f"{adapter_name}_mu{mu:g}"
+        model = attach_adapter(tiny_base, name, default_config.lora)
+        config = replace(fast_train, local_steps=8, proximal_mu=mu)
+        results[mu] = train_adapter(model, name, tiny_base.tokenizer, paris_train_pairs, config)
+    free, pulled = results[0.0], results[10.0]
 
     # Assert
     assert math.isfinite(pulled.metrics["train_loss"])
     assert math.isfinite(free.metrics["train_loss"])
-    assert 0 < _l2(start, pulled.state) < 0.8 * _l2(start, free_state)
+    assert 0 < _l2(start, pulled.state) < 0.8 * _l2(start, free.state)
 
 
 def test_train_adapter_needs_pairs(tiny_base, default_config, adapter_name):
