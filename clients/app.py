@@ -19,9 +19,8 @@ from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.training import train_adapter
-from strategies.records import from_record, to_record
+from strategies.records import CONFIG_KEY, from_record, to_record
 
-CONFIG_KEY = "fed-netgpt-config"
 ADAPTER = "local"
 app = ClientApp()
 
@@ -86,9 +85,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config = message_config(msg)
     site = local_site(config, context)
+    if not site.test:  # nothing held out here: zero examples leave this site out of the region's mean
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     base, model = prepared_model(msg, config)
-    pairs = site.test or site.train
-    loss = completion_loss(model, base.tokenizer, pairs, config.evaluation.batch_size, config.train.max_length)
-    metrics = MetricRecord({"eval_loss": loss, "num-examples": len(pairs)})
+    loss = completion_loss(model, base.tokenizer, site.test, config.evaluation.batch_size, config.train.max_length)
+    metrics = MetricRecord({"eval_loss": loss, "num-examples": len(site.test)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

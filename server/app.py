@@ -23,11 +23,10 @@ from fed_netgpt.runs import (
     start_run,
 )
 from strategies.aggregation import merge_regions, split_regions
-from strategies.records import from_record, to_record
+from strategies.records import CONFIG_KEY, from_record, to_record
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
 
-CONFIG_KEY = "fed-netgpt-config"
 GLOBAL = "global"
 log = logging.getLogger("fed_netgpt.server")
 app = ServerApp()

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+CONFIG_KEY = "fed-netgpt-config"  # the resolved config (YAML) in every message's ConfigRecord
+
 
 def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
