@@ -1,0 +1,82 @@
+"""The deployment engine on loopback: a real SuperLink, one SuperNode per site naming its site, `flwr run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+SITES = {"paris": "france", "marseille": "france", "tokyo": "japan", "yokohama": "japan"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    link_port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "lab"\n\n[superlink.lab]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = tmp_path / "run"
+    processes = []
+
+    def start(name: str, *command: str) -> None:
+        log = (logs / f"{name}.log").open("w")
+        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+
+    try:
+        start("superlink", str(bin_dir / "flower-superlink"), "--insecure", "--port", str(link_port),
+              "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db"))
+        wait_for_port(link_port)
+        for site in SITES:
+            start(site, str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                  "--port", str(free_port()), "--node-config", f"site-id='{site}'")
+        overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=1"
+        done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "lab", "--stream", "--run-config", overrides],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        deadline = time.monotonic() + 120
+        while not (out / "report.json").is_file() and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    server_log = done.stdout + done.stderr
+    assert (out / "report.json").is_file(), server_log[-4000:]
+    for site, region in SITES.items():
+        assert f"serves site {site} in region {region}" in server_log
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train"]["france/num-examples"] == 60 and row["train"]["japan/num-examples"] == 60
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["france", "japan"]
