@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,13 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: Path) -> None:
@@ -66,13 +74,13 @@ def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: 
         while not (out / "report.json").is_file() and time.monotonic() < deadline:
             time.sleep(1)
     finally:
-        for process in processes:
-            process.terminate()
+        for process in processes:  # each started its own session: end it with the helpers it spawned
+            stop_group(process, signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
+                stop_group(process, signal.SIGKILL)
     server_log = done.stdout + done.stderr
     assert (out / "report.json").is_file(), server_log[-4000:]
     for site, region in SITES.items():
