@@ -105,7 +105,7 @@ def evaluate_pairs(
         "fact_accuracy": _mean([fact_accuracy(g, p.facts) for g, p in zip(generated, pairs)]),
         "rouge_l": _mean([rouge_l(g, p.completion) for g, p in zip(generated, pairs)]),
         "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
+        "perplexity": math.exp(min(loss, 50.0)),  # capped: a random model's loss would overflow exp
         "num_examples": len(pairs),
         "completions": generated,
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -103,7 +102,3 @@ def train_adapter(
         "steps": float(config.local_steps),
     }
     return TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
