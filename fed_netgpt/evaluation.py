@@ -162,7 +162,7 @@ def write_report(
     table = report_table(regions)
     (folder / "report.json").write_text(json.dumps(report_json(regions, completions), indent=2))
     intro = "Test split (held-out intents), base model vs regional adapter."
-    lines = ["# Personalization report", "", intro, "", table, ""]
+    lines = ["# Personalization report", "", intro, "", table, "", "![report](report.png)", ""]
     for region, rows in completions.items():
         lines += [f"## {region}", ""]
         for ex in rows[:shown]:

@@ -14,6 +14,7 @@ from fed_netgpt.config import Config, load_config, overrides_from_run_config, to
 from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run, write_report
 from fed_netgpt.models import BaseModel, load_base
+from fed_netgpt.plots import write_plot
 from fed_netgpt.runs import (
     RunFolderError,
     append_metrics,
@@ -83,11 +84,12 @@ def run_federation(grid: Grid, config: Config) -> Path:
     results, completions = evaluate_run(folder, config, load_pairs(config.data), base)
     shown = config.evaluation.examples_to_show
     table = write_report(folder, results, completions, shown)
+    write_plot(folder, results)
     print(f"\nRegional adapters vs base model on the test split (held-out intents):\n\n{table}\n")
     for region, rows in completions.items():
         for ex in rows[:shown]:
             print(f"[{region}] {ex['site_id']}: {ex['prompt']!r}\n  -> {ex['adapter']}")
-    print(f"\nRun folder: {folder}  (report.md, adapters/, metrics.jsonl)")
+    print(f"\nRun folder: {folder}  (report.md, report.png, adapters/, metrics.jsonl)")
     return folder
 
 
