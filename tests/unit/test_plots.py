@@ -12,7 +12,8 @@ def test_write_plot_draws_a_png_from_the_report_and_the_metrics(tmp_path: Path) 
     # Prepare
     rows = [{"round": r, "evaluate": {"france/eval_loss": 1.0 / r, "japan/eval_loss": 2.0 / r}} for r in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    regions = {name: {"base": {"fact_accuracy": 0.25}, "adapter": {"fact_accuracy": 1.0}} for name in ("france", "japan")}
+    result = {"base": {"fact_accuracy": 0.25}, "adapter": {"fact_accuracy": 1.0}}
+    regions = {"france": result, "japan": result}
 
     # Execute
     path = write_plot(tmp_path, regions)
