@@ -23,6 +23,7 @@ demo: install
 	$(BIN)/fed-netgpt simulate
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 test-all: install
