@@ -110,9 +110,16 @@ def starting_point(folder: Path, config: Config, base: BaseModel, regions: list[
 def discover_regions(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, str]:
     """Ask every node which site and region it serves (a query message); wait for all sites."""
     expected = len(load_sites(config.data)) if config.federation.min_nodes == 0 else config.federation.min_nodes
-    deadline = time.monotonic() + config.federation.timeout
-    while len(node_ids := list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-        log.info("discover_regions: %d of %d nodes connected, waiting", len(node_ids), expected)
+    started = time.monotonic()
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        waited = time.monotonic() - started
+        if waited > config.federation.timeout:
+            log.warning("discover_regions: only %d of %d nodes after %.0fs; going on with them",
+                        len(node_ids), expected, waited)
+            break
+        if int(waited) % 10 == 0:
+            log.info("discover_regions: %d of %d nodes connected (one per site; federation.min_nodes sets "
+                     "fewer), waiting", len(node_ids), expected)
         time.sleep(1.0)
     messages = [Message(RecordDict({"config": message_config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in node_ids]
