@@ -162,14 +162,11 @@ def load_config(
         merged = OmegaConf.structured(Config)
         merged = OmegaConf.merge(merged, _load_yaml(CONF_DIR / "base.yaml"))
         override_conf = _overrides_to_conf(overrides)
-        preset = override_conf.get("preset") or (
-            OmegaConf.load(config_file).get("preset") if config_file else None
-        ) or merged.preset
+        file_conf = _load_yaml(Path(config_file)) if config_file else OmegaConf.create({})
+        preset = override_conf.get("preset") or file_conf.get("preset") or merged.preset
         if preset:
             merged = OmegaConf.merge(merged, _load_yaml(_preset_path(str(preset))))
-        if config_file:
-            merged = OmegaConf.merge(merged, _load_yaml(Path(config_file)))
-        merged = OmegaConf.merge(merged, override_conf)
+        merged = OmegaConf.merge(merged, file_conf, override_conf)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None

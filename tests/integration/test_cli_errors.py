@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fed_netgpt.cli import main
+from fed_netgpt.config import load_config
 
 GOOD = {"site_id": "lyon", "region": "france", "prompt": "Hi?", "completion": "I am in Lyon. Hi?"}
 
@@ -92,3 +93,16 @@ def test_an_override_that_is_not_yaml_is_named(capsys: pytest.CaptureFixture[str
     code, err = run_cli(capsys, "simulate", "data.regions={alps:[Atlantis]}")
     assert code == 2
     assert "override 'data.regions={alps:[Atlantis]}': the value is not valid YAML" in err
+
+
+def test_a_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(capsys, "simulate", "--config", str(tmp_path / "mine.yaml"))
+    assert code == 2
+    assert f"config file not found: {tmp_path / 'mine.yaml'}" in err
+
+
+def test_a_config_file_and_its_preset_apply_before_overrides(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("preset: smoke\ntrain:\n  local_steps: 7\nfederation:\n  num_rounds: 9\n")
+    config = load_config(mine, ["federation.num_rounds=5"])
+    assert (config.model.name, config.train.local_steps, config.federation.num_rounds) == ("tiny-random", 7, 5)
