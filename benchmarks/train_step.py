@@ -1,8 +1,10 @@
 """Time one local training step (LoRA on SmolLM2-135M) in fp32 and with bf16 autocast, side by side.
 
-    python benchmarks/train_step.py [--model smollm2-135m] [--steps 8] [--device cpu|cuda]
+    python benchmarks/train_step.py [--model smollm2-135m] [--steps 4] [--device cpu|cuda] [key=value ...]
 
 Rounds alternate fp32 and bf16 so machine noise hits both alike; prints the median step times and the ratio.
+`--random-init --model FOLDER` times FOLDER's architecture with random weights (a config.json and tokenizer
+suffice): step time does not depend on the weights' values, so machines without the weights can be measured.
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ import time
 from dataclasses import replace
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fed_netgpt.adapters import attach_adapter
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
-from fed_netgpt.models import load_base
+from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.training import train_adapter
+
+
+def random_base(folder: str) -> BaseModel:
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    return BaseModel(model=model.requires_grad_(False).eval(), tokenizer=AutoTokenizer.from_pretrained(folder),
+                     name=folder)
 
 
 def main() -> None:
@@ -27,9 +36,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--random-init", action="store_true", help="architecture of --model FOLDER, random weights")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
-    config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}"])
-    base = load_base(config.model.name)
+    config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}", *args.overrides])
+    base = random_base(args.model) if args.random_init else load_base(config.model.name)
     base.model.to(args.device)
     pairs = load_sites(config.data)[0].train
     model = attach_adapter(base, "bench", config.lora)
@@ -46,7 +57,8 @@ def main() -> None:
             times[name].append((time.perf_counter() - started) / args.steps)
     fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{args.model} LoRA r={config.lora.r}, batch {config.train.batch_size}, on {device}")
+    weights = "random weights" if args.random_init else "pretrained weights"
+    print(f"{args.model} ({weights}) LoRA r={config.lora.r}, batch {config.train.batch_size}, on {device}")
     print(f"step fp32 {fp32 * 1000:.0f} ms | bf16 autocast {bf16 * 1000:.0f} ms | speed-up {fp32 / bf16:.2f}x")
 
 
