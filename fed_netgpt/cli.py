@@ -20,7 +20,7 @@ from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run, generate_completions, report_json
 from fed_netgpt.models import ModelNotFoundError, load_base
-from fed_netgpt.runs import RunFolderError, adapter_dir, read_run_config, run_regions
+from fed_netgpt.runs import RunFolderError, adapter_dir, read_run_config, run_regions, serving_adapter
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError)
 
@@ -112,7 +112,7 @@ def complete_command(args: argparse.Namespace) -> int:
     if region is None:
         raise RunFolderError(f"site {args.site!r} is not in the run's data; pass --region (one of: "
                              f"{', '.join(run_regions(args.run))})")
-    adapter_region = "global" if config.federation.adapters == "global" else region
+    adapter_region = serving_adapter(config, region)
     if adapter_region not in run_regions(args.run):
         raise RunFolderError(f"region {region!r} has no adapter in {args.run}/adapters; known regions: "
                              f"{', '.join(run_regions(args.run))}")

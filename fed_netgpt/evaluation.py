@@ -17,7 +17,7 @@ from fed_netgpt.config import Config
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import BaseModel
 from fed_netgpt.prompting import chat_prompt, end_of_turn_id
-from fed_netgpt.runs import RunFolderError, adapter_dir, run_regions
+from fed_netgpt.runs import RunFolderError, adapter_dir, run_regions, serving_adapter
 from fed_netgpt.training import collate
 
 
@@ -202,7 +202,7 @@ def evaluate_run(
     results, completions = {}, {}
     ev = config.evaluation
     for region, test in sorted(test_by_region.items()):
-        adapter_region = "global" if config.federation.adapters == "global" else region
+        adapter_region = serving_adapter(config, region)
         if adapter_region not in available:
             continue
         model = load_adapter(base, f"eval-{adapter_region}", adapter_dir(folder, adapter_region))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,4 @@ def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     try:
         tmp.rename(folder)
     except OSError:  # another process finished first: keep its copy
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,14 @@ def read_run_config(folder: str | Path) -> Config:
         raise RunFolderError(f"{path}: {err}") from None
 
 
+GLOBAL = "global"  # the adapter's name when federation.adapters=global
+
+
+def serving_adapter(config: Config, region: str) -> str:
+    """Which saved adapter serves `region`: its own, or the one global adapter."""
+    return GLOBAL if config.federation.adapters == GLOBAL else region
+
+
 def adapter_dir(folder: str | Path, region: str) -> Path:
     return Path(folder) / "adapters" / region
 

@@ -21,6 +21,7 @@ from fed_netgpt.runs import (
     latest_checkpoint,
     save_adapters,
     save_checkpoint,
+    serving_adapter,
     start_run,
 )
 from strategies.aggregation import merge_regions, split_regions
@@ -28,7 +29,6 @@ from strategies.records import CONFIG_KEY, from_record, to_record
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
 
-GLOBAL = "global"
 log = logging.getLogger("fed_netgpt.server")
 app = ServerApp()
 
@@ -56,8 +56,7 @@ def run_federation(grid: Grid, config: Config) -> Path:
     log.info("run folder: %s\n%s", folder, to_yaml(config))
     message_config = ConfigRecord({CONFIG_KEY: to_yaml(config)})
     node_regions = discover_regions(grid, config, message_config)
-    if config.federation.adapters == GLOBAL:
-        node_regions = {node: GLOBAL for node in node_regions}
+    node_regions = {node: serving_adapter(config, region) for node, region in node_regions.items()}
     base = load_base(config.model.name, config.model.cache_dir)
     regions = sorted(set(node_regions.values()))
     done, arrays = starting_point(folder, config, base, regions)

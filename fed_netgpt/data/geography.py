@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fed_netgpt.config import ConfigError, DataConfig
@@ -107,12 +107,6 @@ def _unique_ids(sites: list[Site]) -> list[Site]:
     for site in sites:
         counts[site.site_id] = counts.get(site.site_id, 0) + 1
     return [
-        site if counts[site.site_id] == 1 else _with_id(site, f"{site.site_id}-{site.country_code.lower()}")
+        site if counts[site.site_id] == 1 else replace(site, site_id=f"{site.site_id}-{site.country_code.lower()}")
         for site in sites
     ]
-
-
-def _with_id(site: Site, site_id: str) -> Site:
-    from dataclasses import replace
-
-    return replace(site, site_id=site_id)

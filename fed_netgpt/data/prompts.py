@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fed_netgpt.config import ConfigError
 from fed_netgpt.data.geography import Site
 from fed_netgpt.data.schema import PromptPair
 
@@ -39,8 +40,6 @@ def build_pairs(sites: list[Site], test_intents: list[str]) -> list[PromptPair]:
     """Every intent's phrasings for every site; `test_intents` form the test split."""
     unknown = sorted(set(test_intents) - set(INTENTS))
     if unknown:
-        from fed_netgpt.config import ConfigError
-
         raise ConfigError(f"data.test_intents: unknown intent(s) {unknown}; known: {', '.join(INTENTS)}")
     return [
         PromptPair(
