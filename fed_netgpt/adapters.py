@@ -7,7 +7,10 @@ Every adapter a process uses is a named peft adapter on the one base model, so s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,11 @@ def attach_adapter(base: BaseModel, name: str, config: LoraConfig, seed: int = 0
             model.add_adapter(name, peft_config(config, base))
     model.set_adapter(name)
     return model
+
+
+def peft_model_of(base: BaseModel) -> PeftModel | None:
+    """The peft model wrapping `base` in this process, or None before any adapter was attached."""
+    return _PEFT_MODELS.get(id(base.model))
 
 
 def get_state(model: PeftModel, name: str) -> AdapterState:
@@ -92,6 +100,20 @@ def save_adapter(model: PeftModel, name: str, folder: str | Path, state: Adapter
     return folder
 
 
+def publish_adapter(model: PeftModel, name: str, folder: str | Path, state: AdapterState | None = None) -> Path:
+    """`save_adapter` into a sibling folder, then swap it in: a reader sees the old adapter or the new, never half."""
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_adapter(model, name, staging, state=state)
+    retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(retired)
+    staging.rename(folder)
+    shutil.rmtree(retired, ignore_errors=True)
+    return folder
+
+
 def read_adapter(folder: str | Path) -> tuple[dict, AdapterState]:
     """The adapter config (as JSON) and tensors of a saved adapter; never unpickles anything."""
     folder = Path(folder)
@@ -108,6 +130,11 @@ def lora_config_from_json(adapter_config: dict) -> LoraConfig:
         dropout=float(adapter_config.get("lora_dropout", 0.0)),
         target_modules=sorted(adapter_config["target_modules"]),
     )
+
+
+def adapter_name_for(folder: str | Path) -> str:
+    """A peft adapter name for a saved folder: stable per absolute path, and free of the "." peft refuses."""
+    return "saved-" + hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
 
 
 def load_adapter(base: BaseModel, name: str, folder: str | Path) -> PeftModel:

@@ -1,4 +1,4 @@
-"""The `fed-netgpt` command: simulate, data build, evaluate, complete.
+"""The `fed-netgpt` command: simulate, compare, data build, evaluate, complete.
 
 User mistakes (bad config, bad data, missing model or run folder) print one `error:` line and exit 2;
 no traceback. This is the outermost layer: the only module of fed_netgpt that starts Flower apps.
@@ -9,23 +9,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from fed_netgpt.adapters import AdapterError, load_adapter
-from fed_netgpt.config import ConfigError, load_config
+import torch
+
+from fed_netgpt.adapters import AdapterError, adapter_name_for, load_adapter
+from fed_netgpt.comparison import SOURCES, mean_over_seeds, run_config, runs_for
+from fed_netgpt.config import Config, ConfigError, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
-from fed_netgpt.data.sites import load_pairs, load_sites
-from fed_netgpt.evaluation import evaluate_run, generate_completions, report_json
+from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
+from fed_netgpt.evaluation import evaluate_run, generate_completions
 from fed_netgpt.models import ModelNotFoundError, load_base
-from fed_netgpt.runs import RunFolderError, adapter_dir, read_run_config, run_regions, serving_adapter
+from fed_netgpt.plots import mean_curve, validation_curves, write_plot
+from fed_netgpt.precision import choose_precision
+from fed_netgpt.report import json_safe, write_report
+from fed_netgpt.runs import RunFolderError, read_run_config, run_regions, serving_adapter
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (partitioning, weight loading) in every worker
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -43,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--config", help="a YAML file merged over conf/base.yaml")
     simulate.add_argument("overrides", nargs="*", metavar="key=value")
     simulate.set_defaults(handler=simulate_command)
+
+    compare = commands.add_parser("compare", help="train and evaluate base / local / global / regional / "
+                                  "personalized side by side on the same sites and test split")
+    compare.add_argument("--config", help="a YAML file merged over conf/base.yaml")
+    compare.add_argument("overrides", nargs="*", metavar="key=value")
+    compare.set_defaults(handler=compare_command)
 
     data = commands.add_parser("data", help="prompt-pair data")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -66,8 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def simulate_command(args: argparse.Namespace) -> int:
+def prepared_config(args: argparse.Namespace) -> Config:
+    """The config with what this machine decides resolved: an absolute run folder (Ray workers write site
+    adapters there) and `train.bf16=auto` turned into true/false, logged and saved with the run."""
     config = load_config(args.config, args.overrides)
+    precision = choose_precision(config.train.bf16, torch.device("cpu"))
+    print(f"precision: {precision.reason}", flush=True)
+    return replace(config, train=replace(config.train, bf16=str(precision.bf16).lower()),
+                   run=replace(config.run, output_dir=str(Path(config.run.output_dir).resolve())))
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    config = prepared_config(args)
     sites = load_sites(config.data)  # bad data fails here, before any engine starts
     load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
     from flwr.simulation import run_simulation  # Flower (and Ray) load only for the command that needs them
@@ -76,14 +101,96 @@ def simulate_command(args: argparse.Namespace) -> int:
     from server.app import server_app_for
 
     regions = sorted({s.region for s in sites})
+    heldout = load_heldout_sites(config.data)
     print(f"Simulating {len(sites)} edge sites in {len(regions)} regions ({', '.join(regions)}), "
-          f"{config.federation.num_rounds} rounds, model {config.model.name}", flush=True)
+          f"{len(heldout)} more held out, {config.federation.num_rounds} rounds, model {config.model.name}",
+          flush=True)
     backend = {
         "client_resources": {"num_cpus": config.simulation.num_cpus_per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
+    _flower_logs_to(Path(config.run.output_dir) / "flower.log")
     run_simulation(server_app_for(config), client_app, num_supernodes=len(sites), backend_config=backend)
-    return 0 if (Path(config.run.output_dir) / "report.json").is_file() else 1
+    done = Path(config.run.output_dir) / ("report.json" if config.run.report else "adapters")
+    return 0 if done.exists() or (Path(config.run.output_dir) / "site_adapters").exists() else 1
+
+
+def _flower_logs_to(path: Path) -> None:
+    """Flower's INFO logs (strategy trees, per-round metric dumps) go to the run's log file; the console keeps
+    warnings and fed-netgpt's own progress lines."""
+    import logging
+
+    flower = logging.getLogger("flwr")
+    for handler in flower.handlers:
+        handler.setLevel(logging.WARNING)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    flower.addHandler(file_handler)
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """Train every asked variant (one `simulate` process each, seed by seed), then evaluate them all with one
+    base model on the same rows and write report.json, report.md and report.png to `run.output_dir`."""
+    config = prepared_config(args)
+    load_sites(config.data)
+    base = load_base(config.model.name, config.model.cache_dir)
+    folder = Path(config.run.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(to_yaml(config))
+    runs, seeds = runs_for(config.compare.variants), config.compare.seeds
+    results: dict[str, list[dict]] = {v: [] for v in config.compare.variants}
+    curves: dict[str, list[tuple[int, float]]] = {}
+    started = time.perf_counter()
+    for seed in range(seeds):
+        for number, run in enumerate(runs, start=1):
+            run_cfg = run_config(config, run, seed)
+            print(f"[compare] seed {seed + 1}/{seeds}, run {number}/{len(runs)}: {run} -> {run_cfg.run.output_dir} "
+                  f"({time.perf_counter() - started:.0f}s elapsed)", flush=True)
+            wall = _simulate_in_subprocess(run_cfg)
+            run_dir = Path(run_cfg.run.output_dir)
+            served = [v for v in config.compare.variants if v != "base" and SOURCES[v][0] == run]
+            report = evaluate_run(run_dir, run_cfg, load_pairs(run_cfg.data), base,
+                                  variants=[SOURCES[v][1] for v in served])
+            for variant in served:
+                result = report["variants"][SOURCES[variant][1]]
+                results[variant].append({**result, "wall_seconds": wall, **_bytes_per_round(run_dir)})
+                if seed == 0:
+                    curves[variant] = mean_curve(validation_curves(run_dir / "metrics.jsonl"))
+    if "base" in results:
+        results["base"] = [evaluate_run(folder, config, load_pairs(config.data), base, variants=["base"])
+                           ["variants"]["base"]]
+    report = {"variants": {v: mean_over_seeds(r) for v, r in results.items()}, "seeds": seeds,
+              "wall_seconds": time.perf_counter() - started}
+    text = write_report(folder, report, config.evaluation.examples_to_show, title="Comparison of variants")
+    write_plot(folder / "report.png", report["variants"], curves, "Validation loss by round (mean over groups)")
+    print(f"\n{text}\n\nReport: {folder}/report.md, report.json, report.png")
+    return 0
+
+
+def _simulate_in_subprocess(config: Config) -> float:
+    """`fed-netgpt simulate` of one variant in its own process (a fresh Ray, memory returned); its console goes to
+    <run>/simulate.log. Returns its wall time; a failed run is a clear error naming the log."""
+    folder = Path(config.run.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    requested = folder.with_suffix(".yaml")
+    requested.write_text(to_yaml(config))
+    started = time.perf_counter()
+    with (folder.with_suffix(".log")).open("w") as log:
+        done = subprocess.run([sys.executable, "-m", "fed_netgpt.cli", "simulate", "--config", str(requested)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RunFolderError(f"the {folder.name} run failed (exit {done.returncode}); see {folder.with_suffix('.log')}")
+    return time.perf_counter() - started
+
+
+def _bytes_per_round(run_dir: Path) -> dict[str, float]:
+    """Mean adapter bytes a round moved, down to the sites and up from them (metrics.jsonl)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row["bytes"] for row in rows if "bytes" in row]
+    if not rows:
+        return {}
+    return {f"{way}_bytes_per_round": sum(r[way] for r in rows) / len(rows) for way in ("downlink", "uplink")}
 
 
 def data_build_command(args: argparse.Namespace) -> int:
@@ -101,7 +208,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.data and not any(p.split == "test" for p in pairs):
         pairs = [replace(p, split="test") for p in pairs]  # the file names no split: evaluate on all of it
     base = load_base(config.model.name, config.model.cache_dir)
-    print(json.dumps(report_json(*evaluate_run(args.run, config, pairs, base)), indent=2))
+    report = evaluate_run(args.run, config, pairs, base)
+    print(json.dumps(json_safe(report), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -112,13 +220,10 @@ def complete_command(args: argparse.Namespace) -> int:
     if region is None:
         raise RunFolderError(f"site {args.site!r} is not in the run's data; pass --region (one of: "
                              f"{', '.join(run_regions(args.run))})")
-    adapter_region = serving_adapter(config, region)
-    if adapter_region not in run_regions(args.run):
-        raise RunFolderError(f"region {region!r} has no adapter in {args.run}/adapters; known regions: "
-                             f"{', '.join(run_regions(args.run))}")
-    context = pairs[0].context if pairs else f"site: {args.site}"
+    folder = serving_adapter(args.run, config, region, args.site)
+    context = pairs[0].context if pairs else ""
     base = load_base(config.model.name, config.model.cache_dir)
-    model = load_adapter(base, adapter_region, adapter_dir(args.run, adapter_region))
+    model = base.model if folder is None else load_adapter(base, adapter_name_for(folder), folder)
     completion = generate_completions(model, base.tokenizer, [(context, args.prompt)], config.evaluation.max_new_tokens)
     print(completion[0])
     return 0

@@ -44,10 +44,17 @@ class DataConfig:
     countries: list[str] = field(default_factory=lambda: ["FR", "JP", "BR"])
     continents: list[str] = field(default_factory=lambda: ["EU", "AS", "SA"])
     regions: dict[str, list[str]] = field(default_factory=dict)  # region_by=list: region -> city names
-    sites_per_region: int = 4
+    context: str = "none"  # none | city | coordinates: what the edge tells its model about where it is
+    sites_per_region: int = 3  # sites that train (Flower nodes)
+    heldout_sites_per_region: int = 1  # more sites that never train: cold start with the region's adapter
     min_population: int = 100_000
+    max_pairs_per_site: int = 32  # training pairs of a region's biggest site
+    min_pairs_per_site: int = 4  # ... and of its smallest: sizes fall as rank^-size_skew in between
+    size_skew: float = 1.5
+    valid_pairs_per_site: int = 2  # pairs of training intents kept for per-round validation
     test_intents: list[str] = field(default_factory=lambda: ["taxi", "pharmacy", "museum"])
     test_fraction: float = 0.2  # for user JSONL lines without "split"
+    valid_fraction: float = 0.1  # of the other lines without "split"
     seed: int = 0
 
 
@@ -59,7 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 128
     proximal_mu: float = 0.0  # FedProx term weight; 0 disables it
-    bf16: bool = True  # bf16 autocast on CPU (AMX) and GPU; fp32 master weights
+    bf16: str = "auto"  # auto | true | false: bf16 autocast only where it is faster (fed_netgpt/precision.py)
     seed: int = 0
 
 
@@ -67,7 +74,8 @@ class TrainConfig:
 class FederationConfig:
     num_rounds: int = 3
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedavgm
-    adapters: str = "regional"  # regional: one adapter per region | global: one for all sites
+    adapters: str = "regional"  # regional: one per region | global: one for all sites | local: each site alone
+    lora_aggregation: str = "factors"  # factors: A and B averaged apart | ffa: A frozen | svd: mean of B·A, rank r
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     server_learning_rate: float = 1.0  # fedavgm
@@ -76,6 +84,19 @@ class FederationConfig:
     tau: float = 0.001  # fedadam/fedyogi adaptivity
     min_nodes: int = 0  # nodes to wait for before round 1; 0 -> one per site of the data
     timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig:
+    method: str = "ditto"  # ditto: a site adapter pulled toward its region's | none
+    steps: int = 4  # local steps of the site adapter per round
+    ditto_lambda: float = 0.1  # weight of (lambda/2)·||site adapter - regional adapter||²
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    seeds: int = 1  # repeat every trained variant with run.seed = train.seed = 0 .. seeds-1
 
 
 @dataclass(frozen=True)
@@ -97,6 +118,7 @@ class RunSettings:
     output_dir: str = "runs/latest"
     seed: int = 0
     resume: bool = False  # continue from the latest checkpoints/round-<n> in output_dir
+    report: bool = True  # evaluate and write the personalization report at the end (compare does it itself)
 
 
 @dataclass(frozen=True)
@@ -106,29 +128,52 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     run: RunSettings = field(default_factory=RunSettings)
     preset: str = ""  # name of conf/<preset>.yaml or a YAML path, applied after base.yaml
 
     def __post_init__(self) -> None:
         _check_choice("federation.strategy", self.federation.strategy, STRATEGIES)
-        _check_choice("federation.adapters", self.federation.adapters, ("regional", "global"))
+        _check_choice("federation.adapters", self.federation.adapters, ("regional", "global", "local"))
+        _check_choice("federation.lora_aggregation", self.federation.lora_aggregation, ("factors", "ffa", "svd"))
         _check_choice("data.region_by", self.data.region_by, ("country", "continent", "list"))
+        _check_choice("data.context", self.data.context, CONTEXTS)
+        _check_choice("train.bf16", str(self.train.bf16).lower(), ("auto", "true", "false"))
+        object.__setattr__(self.train, "bf16", str(self.train.bf16).lower())  # YAML's true arrives as "True"
+        _check_choice("personalization.method", self.personalization.method, ("ditto", "none"))
+        for variant in self.compare.variants:
+            _check_choice("compare.variants", variant, VARIANTS)
         for key, value in _positive_fields(self).items():
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
-        for key in ("federation.fraction_train", "federation.fraction_evaluate", "data.test_fraction"):
+        for key in ("federation.fraction_train", "federation.fraction_evaluate", "data.test_fraction",
+                    "data.valid_fraction"):
             value = select(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must be within [0, 1], got {value}")
         if self.federation.strategy == "fedprox" and self.train.proximal_mu <= 0:
             raise ConfigError("federation.strategy=fedprox needs train.proximal_mu > 0")
+        if self.federation.lora_aggregation == "svd" and self.federation.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError("federation.lora_aggregation=svd averages the products B·A itself: it works with "
+                              f"federation.strategy fedavg or fedprox, not {self.federation.strategy}")
+        if self.data.min_pairs_per_site > self.data.max_pairs_per_site:
+            raise ConfigError(f"data.min_pairs_per_site ({self.data.min_pairs_per_site}) must be <= "
+                              f"data.max_pairs_per_site ({self.data.max_pairs_per_site})")
+        for key in ("data.heldout_sites_per_region", "data.valid_pairs_per_site", "data.size_skew",
+                    "personalization.ditto_lambda"):
+            if select(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:
             raise ConfigError("data.regions must name at least one region when data.region_by=list")
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+CONTEXTS = ("none", "city", "coordinates")
+# What `fed-netgpt compare` can train and evaluate side by side (fed_netgpt/comparison.py says what each is).
+VARIANTS = ("base", "local", "global", "global_city", "regional", "personalized", "regional_ffa", "regional_svd")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -138,7 +183,8 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _positive_fields(config: Config) -> dict[str, float]:
     keys = (
-        "lora.r", "lora.alpha", "data.sites_per_region", "train.local_steps", "train.batch_size",
+        "lora.r", "lora.alpha", "data.sites_per_region", "data.max_pairs_per_site", "data.min_pairs_per_site",
+        "personalization.steps", "compare.seeds", "train.local_steps", "train.batch_size",
         "train.learning_rate", "train.max_length", "federation.num_rounds", "evaluation.max_new_tokens",
         "evaluation.max_examples_per_region", "evaluation.batch_size",
     )

@@ -1,58 +1,43 @@
-"""Metrics of prompt completion (location-fact accuracy, ROUGE-L, loss) and the personalization report."""
+"""Evaluation of a run: every variant's completions on the same sampled rows, scored by `fed_netgpt.metrics`.
+
+Two test groups, reported apart: held-out intents at the training sites (requests no site trained on), and
+held-out sites (sites that never trained: cold start with the region's adapter). A variant is one way to serve a
+row: `base` (no adapter), the federated adapters (`regional`, `global` or `local`) and `personalized` (the site's
+own adapter, else its region's). `runs.serving_adapter` decides which adapter serves a row; rows are batched per
+adapter, so every variant sees exactly the same rows.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fed_netgpt.adapters import load_adapter
+from fed_netgpt.adapters import adapter_name_for, load_adapter, peft_model_of
 from fed_netgpt.config import Config
+from fed_netgpt.data.facts import fact_levels, fact_vocabulary, levels_of
 from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.data.sites import site_datasets
+from fed_netgpt.metrics import score_row, summarize
 from fed_netgpt.models import BaseModel
 from fed_netgpt.prompting import chat_prompt, end_of_turn_id
-from fed_netgpt.runs import RunFolderError, adapter_dir, run_regions, serving_adapter
+from fed_netgpt.runs import RunFolderError, federated_variant, serving_adapter
 from fed_netgpt.training import collate
 
-
-def fact_accuracy(text: str, facts: Sequence[str]) -> float:
-    """Fraction of `facts` that appear in `text` (case-insensitive); 1.0 when there is nothing to check."""
-    if not facts:
-        return 1.0
-    lowered = text.lower()
-    return sum(fact.lower() in lowered for fact in facts) / len(facts)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace tokens (longest common subsequence)."""
-    pred, ref = prediction.lower().split(), reference.lower().split()
-    if not pred or not ref:
-        return float(pred == ref)
-    previous = [0] * (len(ref) + 1)
-    for p in pred:
-        current = [0]
-        for j, r in enumerate(ref, start=1):
-            current.append(previous[j - 1] + 1 if p == r else max(previous[j], current[j - 1]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+GROUPS = ("heldout_intents", "heldout_sites")  # test rows of training sites | test rows of held-out sites
 
 
 @torch.no_grad()
-def completion_loss(
+def completion_loss_sum(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
     batch_size: int = 16, max_length: int = 128,
-) -> float:
-    """Mean cross-entropy per completion token (the same tokens training puts its loss on)."""
+) -> tuple[float, int]:
+    """Summed cross-entropy over completion tokens (the tokens training puts its loss on), and their count."""
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(pairs), batch_size):
@@ -64,6 +49,15 @@ def completion_loss(
         )
         total += float(losses)
         tokens += int((targets != -100).sum())
+    return total, tokens
+
+
+def completion_loss(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
+    batch_size: int = 16, max_length: int = 128,
+) -> float:
+    """Mean cross-entropy per completion token."""
+    total, tokens = completion_loss_sum(model, tokenizer, pairs, batch_size, max_length)
     return total / max(tokens, 1)
 
 
@@ -93,92 +87,17 @@ def generate_completions(
     return outputs
 
 
-def evaluate_pairs(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
-    max_new_tokens: int, batch_size: int, max_length: int = 128,
-) -> dict[str, Any]:
-    """All metrics of one model on `pairs`, with the generated completions for inspection."""
-    items = [(p.context, p.prompt) for p in pairs]
-    generated = generate_completions(model, tokenizer, items, max_new_tokens, batch_size)
-    loss = completion_loss(model, tokenizer, pairs, batch_size, max_length)
-    return {
-        "fact_accuracy": _mean([fact_accuracy(g, p.facts) for g, p in zip(generated, pairs)]),
-        "rouge_l": _mean([rouge_l(g, p.completion) for g, p in zip(generated, pairs)]),
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),  # capped: a random model's loss would overflow exp
-        "num_examples": len(pairs),
-        "completions": generated,
-    }
+def balanced_sample(pairs: Sequence[PromptPair], limit: int) -> list[PromptPair]:
+    """Up to `limit` pairs (0: all), round-robin over (site, intent) cells in sorted order.
 
-
-def evaluate_base_and_adapter(
-    model: PeftModel, adapter_name: str, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
-    max_new_tokens: int, batch_size: int, max_length: int = 128,
-) -> dict[str, dict[str, Any]]:
-    """The same pairs through the base model (adapters disabled) and through adapter `adapter_name`."""
-    model.set_adapter(adapter_name)
-    with model.disable_adapter():
-        base = evaluate_pairs(model, tokenizer, pairs, max_new_tokens, batch_size, max_length)
-    adapted = evaluate_pairs(model, tokenizer, pairs, max_new_tokens, batch_size, max_length)
-    return {"base": base, "adapter": adapted}
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-METRICS = ("fact_accuracy", "rouge_l", "loss", "perplexity")
-
-
-def report_table(regions: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """A Markdown table: per region, base vs adapter on every metric."""
-    header = "| region | n | " + " | ".join(f"{m} base | {m} adapter" for m in METRICS) + " |"
-    lines = [header, "|" + "---|" * (2 + 2 * len(METRICS))]
-    for region, result in regions.items():
-        cells = [region, str(result["adapter"]["num_examples"])]
-        for metric in METRICS:
-            cells += [_fmt(metric, result["base"][metric]), _fmt(metric, result["adapter"][metric])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(metric: str, value: float) -> str:
-    return f"{value:.1%}" if metric in ("fact_accuracy", "rouge_l") else f"{value:.3f}"
-
-
-def report_json(regions: dict[str, dict[str, dict[str, Any]]], completions: dict[str, list[dict]]) -> dict:
-    """What report.json holds and `fed-netgpt evaluate` prints: every metric and every completion."""
-    summary = {
-        region: {which: {m: result[which][m] for m in METRICS + ("num_examples",)} for which in ("base", "adapter")}
-        for region, result in regions.items()
-    }
-    return {"regions": summary, "completions": completions}
-
-
-def write_report(
-    folder: Path, regions: dict[str, dict[str, dict[str, Any]]], completions: dict[str, list[dict]], shown: int
-) -> str:
-    """report.json (every number and completion) and report.md (the table, `shown` examples a region)."""
-    table = report_table(regions)
-    (folder / "report.json").write_text(json.dumps(report_json(regions, completions), indent=2))
-    intro = "Test split (held-out intents), base model vs regional adapter."
-    lines = ["# Personalization report", "", intro, "", table, "", "![report](report.png)", ""]
-    for region, rows in completions.items():
-        lines += [f"## {region}", ""]
-        for ex in rows[:shown]:
-            lines += [f"- site `{ex['site_id']}`, prompt: {ex['prompt']}", f"  - base: {ex['base']}",
-                      f"  - adapter: {ex['adapter']}", f"  - reference: {ex['reference']}"]
-        lines.append("")
-    (folder / "report.md").write_text("\n".join(lines))
-    return table
-
-
-def spread_over_sites(pairs: Sequence[PromptPair], limit: int) -> list[PromptPair]:
-    """Up to `limit` pairs taken round-robin over sites, so every site of a region is represented."""
-    by_site: dict[str, list[PromptPair]] = {}
+    Every cell is represented before any gets a second row, so a small sample still covers every site
+    and every held-out intent (not the first N rows, which are one intent of a few sites).
+    """
+    cells: dict[tuple[str, str], list[PromptPair]] = {}
     for pair in pairs:
-        by_site.setdefault(pair.site_id, []).append(pair)
-    queues = [list(v) for _, v in sorted(by_site.items())]
+        cells.setdefault((pair.site_id, pair.intent), []).append(pair)
+    queues = [list(rows) for _, rows in sorted(cells.items())]
+    limit = limit or len(pairs)
     chosen: list[PromptPair] = []
     while len(chosen) < limit and any(queues):
         for queue in queues:
@@ -187,35 +106,100 @@ def spread_over_sites(pairs: Sequence[PromptPair], limit: int) -> list[PromptPai
     return chosen
 
 
-def evaluate_run(
-    folder: Path, config: Config, pairs: Sequence[PromptPair], base: BaseModel
-) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, list[dict]]]:
-    """Base vs adapter on each region's test split; in global mode every region uses adapters/global.
-
-    Returns the metrics per region and, per region, every evaluated pair with both completions.
-    """
-    available = run_regions(folder)
-    test_by_region: dict[str, list[PromptPair]] = {}
+def sample_test_rows(pairs: Sequence[PromptPair], per_region: int) -> dict[str, list[PromptPair]]:
+    """The sampled test rows of each group (`GROUPS`), `per_region` a region and group (0: all)."""
+    heldout = {site.site_id for site in site_datasets(list(pairs)) if site.heldout}
+    rows: dict[str, list[PromptPair]] = {group: [] for group in GROUPS}
+    by_region: dict[tuple[str, str], list[PromptPair]] = {}
     for pair in pairs:
         if pair.split == "test":
-            test_by_region.setdefault(pair.region, []).append(pair)
-    results, completions = {}, {}
+            group = GROUPS[1] if pair.site_id in heldout else GROUPS[0]
+            by_region.setdefault((group, pair.region), []).append(pair)
+    for (group, _), region_rows in sorted(by_region.items()):
+        rows[group] += balanced_sample(region_rows, per_region)
+    return rows
+
+
+def run_variant(
+    base: BaseModel, config: Config, pairs: Sequence[PromptPair], adapters: Sequence[Path | None],
+) -> tuple[list[str], float]:
+    """Greedy completions of `pairs`, row i served by adapter folder `adapters[i]` (None: the base model),
+    and the mean completion loss over all their completion tokens."""
+    completions: list[str] = [""] * len(pairs)
+    total, tokens = 0.0, 0
     ev = config.evaluation
-    for region, test in sorted(test_by_region.items()):
-        adapter_region = serving_adapter(config, region)
-        if adapter_region not in available:
-            continue
-        model = load_adapter(base, f"eval-{adapter_region}", adapter_dir(folder, adapter_region))
-        chosen = spread_over_sites(test, ev.max_examples_per_region)
-        result = evaluate_base_and_adapter(model, f"eval-{adapter_region}", base.tokenizer, chosen,
-                                           ev.max_new_tokens, ev.batch_size, config.train.max_length)
-        results[region] = result
-        completions[region] = [
-            {"site_id": p.site_id, "prompt": p.prompt, "reference": p.completion, "facts": list(p.facts),
-             "base": base_text, "adapter": adapter_text}
-            for p, base_text, adapter_text in zip(chosen, result["base"]["completions"],
-                                                  result["adapter"]["completions"])
-        ]
-    if not results:
-        raise RunFolderError(f"{folder}: no adapter in adapters/ matches a region of the test data")
-    return results, completions
+    for folder in dict.fromkeys(adapters):
+        indices = [i for i, a in enumerate(adapters) if a == folder]
+        rows = [pairs[i] for i in indices]
+        if folder is None:  # the base model: peft injects its layers in place, so they are switched off
+            model = peft_model_of(base) or base.model
+            off = model.disable_adapter() if model is not base.model else contextlib.nullcontext()
+        else:
+            model, off = load_adapter(base, adapter_name_for(folder), folder), contextlib.nullcontext()
+        with off:
+            texts = generate_completions(model, base.tokenizer, [(p.context, p.prompt) for p in rows],
+                                         ev.max_new_tokens, ev.batch_size)
+            loss_sum, count = completion_loss_sum(model, base.tokenizer, rows, ev.batch_size, config.train.max_length)
+        for i, text in zip(indices, texts):
+            completions[i] = text
+        total, tokens = total + loss_sum, tokens + count
+    return completions, total / max(tokens, 1)
+
+
+def score_variant(
+    pairs: Sequence[PromptPair], completions: Sequence[str], loss: float, all_pairs: Sequence[PromptPair],
+) -> dict[str, Any]:
+    """Every metric of one variant on `pairs`, overall, per region and per site, with its examples.
+
+    Fact levels and the vocabulary of wrong facts come from `all_pairs` (the whole data set).
+    """
+    levels, vocabulary = fact_levels(all_pairs), fact_vocabulary(all_pairs)
+    scores = [
+        score_row(text, p.completion, p.prompt, p.facts, levels_of(p, levels), vocabulary - set(p.facts))
+        for p, text in zip(pairs, completions)
+    ]
+    result: dict[str, Any] = {**summarize(scores), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    for key, name in (("region", "regions"), ("site_id", "sites")):
+        groups: dict[str, list] = {}
+        for pair, score in zip(pairs, scores):
+            groups.setdefault(getattr(pair, key), []).append(score)
+        result[name] = {group: summarize(rows) for group, rows in sorted(groups.items())}
+    site_accuracies = [s["fact_accuracy"] for s in result["sites"].values() if not math.isnan(s["fact_accuracy"])]
+    result["worst_site_fact_accuracy"] = min(site_accuracies) if site_accuracies else math.nan
+    result["examples"] = [
+        {"site_id": p.site_id, "region": p.region, "prompt": p.prompt, "context": p.context,
+         "reference": p.completion, "completion": text, "facts": list(p.facts)}
+        for p, text in zip(pairs, completions)
+    ]
+    return result
+
+
+def run_variants(config: Config) -> list[str]:
+    """The variants a finished run folder can serve: base, its federated adapters, and personalized."""
+    variants = ["base", federated_variant(config)]
+    if config.federation.adapters != "local" and config.personalization.method != "none":
+        variants.append("personalized")
+    return variants
+
+
+def evaluate_run(folder: Path, config: Config, pairs: Sequence[PromptPair], base: BaseModel,
+                 variants: Sequence[str] | None = None) -> dict[str, Any]:
+    """report.json's content: per variant, every metric on held-out intents, and on held-out sites apart."""
+    rows = sample_test_rows(pairs, config.evaluation.max_examples_per_region)
+    if not any(rows.values()):
+        raise RunFolderError(f"{folder}: the data has no test pairs to evaluate")
+    report: dict[str, Any] = {"variants": {}}
+    for variant in variants or run_variants(config):
+        result: dict[str, Any] = {}
+        for group in GROUPS:
+            if not rows[group]:
+                continue
+            adapters = [serving_adapter(folder, config, p.region, p.site_id, variant) for p in rows[group]]
+            completions, loss = run_variant(base, config, rows[group], adapters)
+            scored = score_variant(rows[group], completions, loss, pairs)
+            if group == GROUPS[0]:
+                result.update(scored)
+            else:
+                result[group] = scored
+        report["variants"][variant] = result
+    return report

@@ -1,4 +1,4 @@
-"""report.png: what personalization gained per region, and how each region's test loss fell by round."""
+"""report.png: location-fact accuracy per variant and region, and validation loss by round."""
 
 from __future__ import annotations
 
@@ -12,33 +12,55 @@ matplotlib.use("Agg")  # files only: no display on servers, edge nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def write_plot(folder: Path, regions: dict[str, dict[str, dict[str, Any]]]) -> Path:
-    """Left: location-fact accuracy, base vs adapter, per region. Right: per-round test loss from metrics.jsonl."""
-    names = list(regions)
-    figure, (bars, curves) = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.38
-    for offset, which, color in ((-width / 2, "base", "#9e9e9e"), (width / 2, "adapter", "#1f77b4")):
-        values = [100 * regions[name][which]["fact_accuracy"] for name in names]
-        drawn = bars.bar([i + offset for i in range(len(names))], values, width, label=which, color=color)
-        bars.bar_label(drawn, fmt="%.0f%%", fontsize=8)
-    bars.set_xticks(range(len(names)), names)
-    bars.set_ylim(0, 119)
+def validation_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per group (region, or global/site), the per-round validation loss that metrics.jsonl recorded."""
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.get("evaluate", {}).items():
+            if key.endswith("/eval_loss"):
+                curves.setdefault(key.split("/")[0], []).append((int(row["round"]), float(value)))
+    return curves
+
+
+def mean_curve(curves: dict[str, list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The mean over groups, round by round (rounds every group reported)."""
+    by_round: dict[int, list[float]] = {}
+    for points in curves.values():
+        for round_, value in points:
+            by_round.setdefault(round_, []).append(value)
+    return [(r, sum(v) / len(v)) for r, v in sorted(by_round.items()) if len(v) == len(curves)]
+
+
+def write_plot(path: Path, variants: dict[str, dict[str, Any]], curves: dict[str, list[tuple[int, float]]],
+               curve_title: str = "Validation loss by round") -> Path:
+    """Left: fact accuracy per region (groups of bars) and variant (colours). Right: `curves`."""
+    names = list(variants)
+    regions = sorted({region for result in variants.values() for region in result.get("regions", {})})
+    figure, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        values = [100 * (variants[name].get("regions", {}).get(r, {}).get("fact_accuracy") or 0.0) for r in regions]
+        positions = [k - 0.4 + width * (i + 0.5) for k in range(len(regions))]
+        drawn = bars.bar(positions, values, width, label=name)
+        if len(names) <= 4:
+            bars.bar_label(drawn, fmt="%.0f", fontsize=7)
+    bars.set_xticks(range(len(regions)), regions)
+    bars.set_ylim(0, 115)
     bars.set_ylabel("location-fact accuracy (%)")
-    bars.set_title("Test split: base model vs regional adapter")
-    bars.legend(loc="upper left", ncols=2)
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    for key in sorted({k for row in rows for k in row.get("evaluate", {}) if k.endswith("/eval_loss")}):
-        points = [(row["round"], row["evaluate"][key]) for row in rows if key in row.get("evaluate", {})]
-        curves.plot(*zip(*points), marker="o", label=key.split("/")[0])
-    curves.set_xlabel("round")
-    curves.xaxis.get_major_locator().set_params(integer=True)
-    curves.set_ylabel("federated test loss")
-    curves.set_yscale("log")
-    curves.set_title("Completion loss on the sites' test splits")
-    if curves.lines:
-        curves.legend()
+    bars.set_title("Held-out intents: fact accuracy per region")
+    bars.legend(loc="upper left", ncols=min(len(names), 4), fontsize=8)
+    for label, points in curves.items():
+        if points:
+            lines.plot(*zip(*points), marker="o", label=label)
+    lines.set_xlabel("round")
+    lines.xaxis.get_major_locator().set_params(integer=True)
+    lines.set_ylabel("completion loss (validation split)")
+    lines.set_yscale("log")
+    lines.set_title(curve_title)
+    if lines.lines:
+        lines.legend(fontsize=8)
     figure.tight_layout()
-    path = folder / "report.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,26 @@ class RunFolderError(ValueError):
     """A path that is not a finished run folder; the message says what is missing."""
 
 
-def start_run(config: Config) -> Path:
-    """Create the run folder and write config.yaml; a resumed run keeps its metrics.jsonl."""
+OWNED = ("adapters", "site_adapters", "checkpoints")  # what a fresh run clears of an earlier one in its folder
+
+
+def start_run(config: Config) -> tuple[Path, str]:
+    """Create the run folder, write config.yaml, return it and the run's id (kept when resumed).
+
+    A fresh run removes the adapters and checkpoints an earlier run left in the folder, so nothing stale is
+    served or continued; a resumed run keeps them and its metrics.jsonl.
+    """
     folder = Path(config.run.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    resuming = config.run.resume and (folder / "run.json").is_file()
+    if not resuming:
+        for name in OWNED:
+            shutil.rmtree(folder / name, ignore_errors=True)
+        (folder / "run.json").write_text(json.dumps({"run_id": uuid.uuid4().hex}))
     (folder / "config.yaml").write_text(to_yaml(config))
-    if not config.run.resume or not (folder / "metrics.jsonl").is_file():
+    if not resuming or not (folder / "metrics.jsonl").is_file():
         (folder / "metrics.jsonl").write_text("")
-    return folder
+    return folder, str(json.loads((folder / "run.json").read_text())["run_id"])
 
 
 def read_run_config(folder: str | Path) -> Config:
@@ -39,15 +53,54 @@ def read_run_config(folder: str | Path) -> Config:
 
 
 GLOBAL = "global"  # the adapter's name when federation.adapters=global
+LOCAL = "local"  # federation.adapters=local: every site trains alone, its adapter under site_adapters/
 
 
-def serving_adapter(config: Config, region: str) -> str:
-    """Which saved adapter serves `region`: its own, or the one global adapter."""
-    return GLOBAL if config.federation.adapters == GLOBAL else region
+def aggregation_group(config: Config, site_id: str, region: str) -> str:
+    """Which adapter a site trains in the federation: its region's, the one global adapter, or its own."""
+    return {GLOBAL: GLOBAL, LOCAL: site_id}.get(config.federation.adapters, region)
+
+
+def federated_variant(config: Config) -> str:
+    """The report's name for what the federation trained: regional, global or local."""
+    return config.federation.adapters
+
+
+def serving_adapter(folder: str | Path, config: Config, region: str, site_id: str = "",
+                    variant: str = "personalized") -> Path | None:
+    """The one place that decides which adapter folder serves a site of `region` (None: the base model).
+
+    `personalized` (what `complete` and serving use): the site's own adapter when it has one, else the region's
+    (or the global one). The federated variant (`regional`, `global`, `local`) ignores site adapters except in a
+    local run, where a site's own adapter is all there is and a site that never trained gets the base model.
+    """
+    if variant == "base":
+        return None
+    own = site_adapter_dir(folder, site_id) if site_id else None
+    local = config.federation.adapters == LOCAL
+    if own is not None and (variant == "personalized" or local) and is_adapter(own):
+        return own
+    if local:
+        return None
+    name = aggregation_group(config, site_id, region)
+    path = adapter_dir(folder, name)
+    if not is_adapter(path):
+        known = ", ".join(run_regions(folder)) or "none"
+        raise RunFolderError(f"region {region!r} has no adapter {path}; adapters in the run: {known}")
+    return path
 
 
 def adapter_dir(folder: str | Path, region: str) -> Path:
     return Path(folder) / "adapters" / region
+
+
+def site_adapter_dir(folder: str | Path, site_id: str) -> Path:
+    """Where a site keeps its own adapter (simulation: inside the run folder, standing for the site's disk)."""
+    return Path(folder) / "site_adapters" / site_id
+
+
+def is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
 
 
 def run_regions(folder: str | Path) -> list[str]:
@@ -59,10 +112,11 @@ def run_regions(folder: str | Path) -> list[str]:
 
 
 def save_adapters(folder: Path, base: BaseModel, config: Config, states: dict[str, AdapterState]) -> None:
-    """Each region's adapter as a peft folder under adapters/<region>/."""
+    """Each group's adapter as a peft folder: adapters/<region or global>/, or site_adapters/<site>/ when local."""
     model = attach_adapter(base, "export", config.lora)
-    for region, state in states.items():
-        save_adapter(model, "export", adapter_dir(folder, region), state=state)
+    place = site_adapter_dir if config.federation.adapters == LOCAL else adapter_dir
+    for group, state in states.items():
+        save_adapter(model, "export", place(folder, group), state=state)
 
 
 def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarray]) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,11 @@ from transformers import PreTrainedTokenizerBase
 from fed_netgpt.adapters import AdapterState, get_state
 from fed_netgpt.config import TrainConfig
 from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.models import cache_root
+from fed_netgpt.precision import Precision, choose_precision, step_benchmark
 from fed_netgpt.prompting import encode_pair
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,35 @@ def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextM
 
 
 def proximal_term(model: PeftModel, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
-    """FedProx: squared distance of the trainable weights from the round's starting adapter."""
+    """Squared distance of the trainable weights from `anchor`: the round's starting adapter (FedProx), or the
+    received regional adapter (Ditto's personal objective)."""
     terms = [(p - anchor[n]).pow(2).sum() for n, p in model.named_parameters() if n in anchor]
     return torch.stack(terms).sum()
+
+
+def trainable_parameters(model: PeftModel, freeze_lora_a: bool = False) -> dict[str, torch.nn.Parameter]:
+    """The active adapter's trainable weights; `freeze_lora_a` (FFA-LoRA) leaves A at its shared start."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p for n, p in params.items() if not (freeze_lora_a and ".lora_A." in n)}
+
+
+_CHOSEN: dict[tuple[str, str], Precision] = {}
+
+
+def precision_for(config: TrainConfig, model: PeftModel, batch: dict[str, torch.Tensor]) -> Precision:
+    """bf16 autocast or fp32 for this machine (`train.bf16`), decided once per process and logged.
+
+    On a GPU the choice is a one-off measurement of this model's step, cached per GPU, model and batch size.
+    """
+    device = next(model.parameters()).device
+    key = (str(config.bf16), str(device))
+    if key not in _CHOSEN:
+        gpu = device.type == "cuda"
+        name = f"{torch.cuda.get_device_name(device)}|{model.name_or_path}|{config.batch_size}" if gpu else ""
+        _CHOSEN[key] = choose_precision(config.bf16, device, benchmark=step_benchmark(model, batch) if gpu else None,
+                                        cache_key=name, cache_file=cache_root() / "precision.json")
+        log.info("precision: %s", _CHOSEN[key].reason)
+    return _CHOSEN[key]
 
 
 def train_adapter(
@@ -72,21 +103,31 @@ def train_adapter(
     pairs: Sequence[PromptPair],
     config: TrainConfig,
     seed: int = 0,
+    *,
+    anchor: dict[str, torch.Tensor] | None = None,
+    freeze_lora_a: bool = False,
 ) -> TrainResult:
-    """Run `config.local_steps` AdamW steps on `pairs` with the active adapter; return its new state."""
+    """Run `config.local_steps` AdamW steps on `pairs` with adapter `adapter_name`; return its new state.
+
+    With `config.proximal_mu > 0` the loss gains (mu/2)·||w - anchor||², the anchor being the adapter's
+    starting weights unless given (parameter names as in `model.named_parameters()`).
+    """
     if not pairs:
         raise ValueError("train_adapter needs at least one training pair")
     model.set_adapter(adapter_name)  # train the adapter whose state is returned, whatever was active
     device = next(model.parameters()).device
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    anchor = {n: p.detach().clone() for n, p in params.items()} if config.proximal_mu > 0 else {}
+    params = trainable_parameters(model, freeze_lora_a)
+    if config.proximal_mu > 0 and anchor is None:
+        anchor = {n: p.detach().clone() for n, p in params.items()}
+    anchor = anchor if config.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
     stream = batches(pairs, config.batch_size, seed=config.seed + seed)
     model.train()
-    losses, started = [], time.perf_counter()
+    losses, started, precision = [], time.perf_counter(), None
     for _ in range(config.local_steps):
         batch = {k: v.to(device) for k, v in collate(tokenizer, next(stream), config.max_length).items()}
-        with autocast(config.bf16, device):
+        precision = precision or precision_for(config, model, batch)
+        with autocast(precision.bf16, device):
             loss = model(**batch).loss
         objective = loss + (config.proximal_mu / 2) * proximal_term(model, anchor) if anchor else loss
         objective.backward()
@@ -100,5 +141,6 @@ def train_adapter(
         "train_loss_last": losses[-1],
         "train_seconds": elapsed,
         "steps": float(config.local_steps),
+        "bf16": float(bool(precision and precision.bf16)),
     }
     return TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)

@@ -12,20 +12,21 @@ from flwr.serverapp import Grid, ServerApp
 from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import Config, load_config, overrides_from_run_config, to_yaml
 from fed_netgpt.data.sites import load_pairs, load_sites
-from fed_netgpt.evaluation import evaluate_run, write_report
+from fed_netgpt.evaluation import evaluate_run
 from fed_netgpt.models import BaseModel, load_base
-from fed_netgpt.plots import write_plot
+from fed_netgpt.plots import validation_curves, write_plot
+from fed_netgpt.report import write_report
 from fed_netgpt.runs import (
     RunFolderError,
+    aggregation_group,
     append_metrics,
     latest_checkpoint,
     save_adapters,
     save_checkpoint,
-    serving_adapter,
     start_run,
 )
 from strategies.aggregation import merge_regions, split_regions
-from strategies.records import CONFIG_KEY, from_record, to_record
+from strategies.records import CONFIG_KEY, RUN_ID_KEY, from_record, to_record
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
 
@@ -52,15 +53,16 @@ def server_app_for(config: Config) -> ServerApp:
 
 def run_federation(grid: Grid, config: Config) -> Path:
     _setup_logging()
-    folder = start_run(config)
+    folder, run_id = start_run(config)
     log.info("run folder: %s\n%s", folder, to_yaml(config))
-    message_config = ConfigRecord({CONFIG_KEY: to_yaml(config)})
-    node_regions = discover_regions(grid, config, message_config)
-    node_regions = {node: serving_adapter(config, region) for node, region in node_regions.items()}
+    message_config = ConfigRecord({CONFIG_KEY: to_yaml(config), RUN_ID_KEY: run_id})
+    node_sites = discover_sites(grid, config, message_config)
+    node_groups = {node: aggregation_group(config, site, region) for node, (site, region) in node_sites.items()}
     base = load_base(config.model.name, config.model.cache_dir)
-    regions = sorted(set(node_regions.values()))
+    regions = sorted(set(node_groups.values()))
     done, arrays = starting_point(folder, config, base, regions)
-    strategy = RegionalStrategy(lambda: make_strategy(config.federation, config.train.proximal_mu), node_regions)
+    strategy = RegionalStrategy(lambda: make_strategy(config.federation, config.train.proximal_mu), node_groups,
+                                config.federation.lora_aggregation, config.lora.r)
     started = time.perf_counter()
 
     def end_of_round(server_round: int, round_arrays: ArrayRecord) -> None:
@@ -70,7 +72,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
         save_checkpoint(folder, server_round, from_record(round_arrays))
         row = {"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}
         append_metrics(folder, row)
-        _log_round(server_round, config.federation.num_rounds, regions, strategy.round_metrics)
+        _log_round(server_round, config.federation.num_rounds, done + 1, time.perf_counter() - started, regions,
+                   strategy.round_metrics)
         return None
 
     if done < config.federation.num_rounds:
@@ -80,16 +83,23 @@ def run_federation(grid: Grid, config: Config) -> Path:
             evaluate_fn=end_of_round,
         ).arrays)
     save_adapters(folder, base, config, split_regions(arrays))
-    results, completions = evaluate_run(folder, config, load_pairs(config.data), base)
-    shown = config.evaluation.examples_to_show
-    table = write_report(folder, results, completions, shown)
-    write_plot(folder, results)
-    print(f"\nRegional adapters vs base model on the test split (held-out intents):\n\n{table}\n")
-    for region, rows in completions.items():
-        for ex in rows[:shown]:
-            print(f"[{region}] {ex['site_id']}: {ex['prompt']!r}\n  -> {ex['adapter']}")
-    print(f"\nRun folder: {folder}  (report.md, report.png, adapters/, metrics.jsonl)")
+    if config.run.report:
+        report_run(folder, config, base)
     return folder
+
+
+def report_run(folder: Path, config: Config, base: BaseModel) -> dict:
+    """Evaluate every variant the run folder serves; write report.json, report.md and report.png; print the tables."""
+    report = evaluate_run(folder, config, load_pairs(config.data), base)
+    shown = config.evaluation.examples_to_show
+    text = write_report(folder, report, shown)
+    write_plot(folder / "report.png", report["variants"], validation_curves(folder / "metrics.jsonl"))
+    print(f"\n{text}\n")
+    for name, result in report["variants"].items():
+        for ex in result.get("examples", [])[:shown]:
+            print(f"[{name}] {ex['site_id']} ({ex['region']}): {ex['prompt']!r}\n  -> {ex['completion']}")
+    print(f"\nRun folder: {folder}  (report.md, report.png, adapters/, site_adapters/, metrics.jsonl)")
+    return report
 
 
 def starting_point(folder: Path, config: Config, base: BaseModel, regions: list[str]) -> tuple[int, dict]:
@@ -106,45 +116,56 @@ def starting_point(folder: Path, config: Config, base: BaseModel, regions: list[
     return done, arrays
 
 
-def discover_regions(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, str]:
-    """Ask every node which site and region it serves (a query message); wait for all sites."""
+def discover_sites(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, tuple[str, str]]:
+    """Ask every node which site and region it serves (a query message); wait for all training sites."""
     expected = len(load_sites(config.data)) if config.federation.min_nodes == 0 else config.federation.min_nodes
     started = time.monotonic()
     while len(node_ids := list(grid.get_node_ids())) < expected:
         waited = time.monotonic() - started
         if waited > config.federation.timeout:
-            log.warning("discover_regions: only %d of %d nodes after %.0fs; going on with them",
+            log.warning("discover_sites: only %d of %d nodes after %.0fs; going on with them",
                         len(node_ids), expected, waited)
             break
         if int(waited) % 10 == 0:
-            log.info("discover_regions: %d of %d nodes connected (one per site; federation.min_nodes sets "
+            log.info("discover_sites: %d of %d nodes connected (one per site; federation.min_nodes sets "
                      "fewer), waiting", len(node_ids), expected)
         time.sleep(1.0)
     messages = [Message(RecordDict({"config": message_config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in node_ids]
-    node_regions: dict[int, str] = {}
+    node_sites: dict[int, tuple[str, str]] = {}
     for reply in grid.send_and_receive(messages, timeout=config.federation.timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("discover_regions: node %d did not answer: %s", node, reply.error.reason)
+            log.warning("discover_sites: node %d did not answer: %s", node, reply.error.reason)
             continue
         site = reply.content["site"]
-        node_regions[node] = str(site["region"])
-        log.info("discover_regions: node %d serves site %s in region %s", node, site["site-id"], site["region"])
-    if not node_regions:
+        node_sites[node] = (str(site["site-id"]), str(site["region"]))
+        log.info("discover_sites: node %d serves site %s in region %s", node, site["site-id"], site["region"])
+    if not node_sites:
         raise RuntimeError("no node answered the region query; nothing to train")
-    return node_regions
+    return node_sites
 
 
-def _log_round(server_round: int, num_rounds: int, regions: list[str], metrics: dict) -> None:
+def _log_round(server_round: int, num_rounds: int, first: int, elapsed: float, regions: list[str],
+               metrics: dict) -> None:
+    """One progress line a round: rounds done, elapsed, ETA, and each group's train and validation loss."""
     train, evaluate = metrics.get("train", {}), metrics.get("evaluate", {})
     parts = []
     for region in regions:
-        part = f"{region}: train loss {train.get(f'{region}/train_loss', float('nan')):.3f}"
+        part = f"{region}: train {train.get(f'{region}/train_loss', float('nan')):.3f}"
+        if f"{region}/personal_loss" in train:
+            part += f", site adapters {train[f'{region}/personal_loss']:.3f}"
         if f"{region}/eval_loss" in evaluate:
-            part += f", test loss {evaluate[f'{region}/eval_loss']:.3f}"
+            part += f", valid {evaluate[f'{region}/eval_loss']:.3f}"
         parts.append(part)
-    print(f"[round {server_round}/{num_rounds}] " + " | ".join(parts), flush=True)
+    done = server_round - first + 1
+    eta = elapsed / done * (num_rounds - server_round)
+    progress = f"[round {server_round}/{num_rounds} | {_minutes(elapsed)} elapsed, ETA {_minutes(eta)}]"
+    print(progress, " | ".join(parts), flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _setup_logging() -> None:

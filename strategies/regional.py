@@ -5,6 +5,11 @@ Flower's own `Strategy.start` loop drives it unchanged. Each round, every region
 (FedAvg, FedProx, FedAdam, ...) sees only that region's nodes and adapter: it samples, configures and
 aggregates exactly as it would alone. Replies that do not fit the region's adapter are dropped with a
 logged reason; a region left with no valid reply keeps its previous adapter and says so in a WARNING.
+
+LoRA aggregation (`lora_aggregation`): `factors` keeps the inner strategy's result, which averages A and B
+apart (not the mean of the updates B·A); `ffa` is the same averaging over sites that froze A at the shared
+initialisation (replies that changed A are rejected), which makes it the exact mean of B·A; `svd` replaces the
+inner result by the example-weighted mean of B·A re-factorised to rank r (`svd_average`), logging the residual.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fed_netgpt.adapters import describe_mismatch
-from strategies.aggregation import group_by, merge_regions, split_regions, weighted_average
+from strategies.aggregation import (
+    group_by,
+    merge_regions,
+    shared_factor_mismatch,
+    split_regions,
+    svd_average,
+    weighted_average,
+)
 from strategies.records import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -45,14 +57,21 @@ class RegionGrid:
 class RegionalStrategy(Strategy):
     """One `make_strategy()` instance per region; `node_regions` maps each node id to its region."""
 
-    def __init__(self, make_strategy: Callable[[], Strategy], node_regions: dict[int, str]) -> None:
+    def __init__(self, make_strategy: Callable[[], Strategy], node_regions: dict[int, str],
+                 lora_aggregation: str = "factors", rank: int = 0) -> None:
         if not node_regions:
             raise ValueError("RegionalStrategy needs at least one node with a region")
+        if lora_aggregation not in ("factors", "ffa", "svd") or (lora_aggregation == "svd" and rank < 1):
+            raise ValueError(f"lora_aggregation must be factors, ffa, or svd with rank >= 1; got "
+                             f"{lora_aggregation!r}, rank {rank}")
+        self.lora_aggregation = lora_aggregation
+        self.rank = rank
         self.node_regions = dict(node_regions)
         self.regions = sorted(set(node_regions.values()))
         self.strategies = {region: make_strategy() for region in self.regions}
         self.current: dict[str, dict[str, Any]] = {}
         self.round_metrics: dict[str, dict[str, float]] = {}
+        self.downlink_bytes = 0
 
     def summary(self) -> None:
         log.info("\t├──> RegionalStrategy over %d regions:", len(self.regions))
@@ -75,7 +94,9 @@ class RegionalStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self._configure("configure_train", server_round, arrays, config, grid)
+        messages = self._configure("configure_train", server_round, arrays, config, grid)
+        self.downlink_bytes = sum(array_bytes(msg) for msg in messages)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -92,15 +113,30 @@ class RegionalStrategy(Strategy):
         for region in self.regions:
             valid = _same_metric_keys(region, [msg for msg in grouped.get(region, []) if self._accept(region, msg)])
             arrays, _ = self.strategies[region].aggregate_train(server_round, valid) if valid else (None, None)
+            region_metrics = _mean_metrics(valid)
             if arrays is None:
                 log.warning("aggregate_train: region %s has no valid update in round %d; it keeps its previous "
                             "adapter", region, server_round)
                 new_states[region] = self.current[region]
+            elif self.lora_aggregation == "svd":
+                new_states[region], residual = self._svd(region, valid)
+                region_metrics["svd_residual"] = residual
             else:
                 new_states[region] = from_record(arrays)
-            metrics.update(_prefixed(region, _mean_metrics(valid)))
-        self.round_metrics = {"train": metrics}
+            metrics.update(_prefixed(region, region_metrics))
+        replies_bytes = sum(array_bytes(msg) for msgs in grouped.values() for msg in msgs if not msg.has_error())
+        self.round_metrics = {"train": metrics, "bytes": {"downlink": self.downlink_bytes, "uplink": replies_bytes}}
         return to_record(merge_regions(new_states)), MetricRecord(metrics)
+
+    def _svd(self, region: str, replies: list[Message]) -> tuple[dict[str, Any], float]:
+        """The region's mean of B·A at rank r; returns it and the largest relative residual over modules."""
+        states = [from_record(msg.content[ARRAYS]) for msg in replies]
+        weights = [float(next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]) for msg in replies]
+        state, residuals = svd_average(states, weights, self.rank)
+        worst = max(residuals.values(), default=0.0)
+        log.info("aggregate_train: %s: rank-%d SVD of the mean B·A discards at most %.2e of its norm",
+                 region, self.rank, worst)
+        return state, worst
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         grouped = self._by_region(replies)
@@ -123,11 +159,19 @@ class RegionalStrategy(Strategy):
             reason = f"it must carry one ArrayRecord {ARRAYS!r} and one MetricRecord with {NUM_EXAMPLES} > 0"
         else:
             shapes = {key: value.shape for key, value in self.current[region].items()}
-            reason = describe_mismatch(shapes, from_record(arrays[ARRAYS]))
+            state = from_record(arrays[ARRAYS])
+            reason = describe_mismatch(shapes, state)
+            if not reason and self.lora_aggregation == "ffa":
+                reason = shared_factor_mismatch([state], self.current[region])
         if reason:
             log.warning("aggregate_train: rejected the update of node %d (%s): %s", node, region, reason)
             return False
         return True
+
+
+def array_bytes(msg: Message) -> int:
+    """Bytes of adapter weights a message carries (what a round costs the sites' links, framing aside)."""
+    return sum(array.numpy().nbytes for record in msg.content.array_records.values() for array in record.values())
 
 
 def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:

@@ -43,8 +43,8 @@ def default_config() -> Config:
 
 @pytest.fixture(scope="session")
 def default_pairs(default_config: Config) -> list[PromptPair]:
-    """Pairs built from the default geography (12 sites in France, Japan and Brazil)."""
-    return build_pairs(select_sites(default_config.data), list(default_config.data.test_intents))
+    """Pairs built from the default geography (9 training + 3 held-out sites in France, Japan and Brazil)."""
+    return build_pairs(select_sites(default_config.data), default_config.data)
 
 
 @pytest.fixture(scope="session")

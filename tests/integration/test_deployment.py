@@ -86,5 +86,5 @@ def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: 
     for site, region in SITES.items():
         assert f"serves site {site} in region {region}" in server_log
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["train"]["france/num-examples"] == 60 and row["train"]["japan/num-examples"] == 60
+    assert row["train"]["france/num-examples"] == 43 and row["train"]["japan/num-examples"] == 43  # 32 + 11
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["france", "japan"]

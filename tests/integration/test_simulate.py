@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from safetensors.numpy import load_file
 
 pytestmark = pytest.mark.integration
 REGIONS = ("france", "japan")
+TRAINING_SITES = ["marseille", "paris", "tokyo", "yokohama"]  # smoke: 2 a region train, the third is held out
 
 
 def fed_netgpt(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -46,9 +48,12 @@ def test_metrics_has_one_line_per_round_with_every_region(run_dir: Path) -> None
     assert [row["round"] for row in rows] == [1, 2]
     for row in rows:
         for region in REGIONS:
-            assert row["train"][f"{region}/num-examples"] == 60  # 2 sites x 30 training pairs
+            assert row["train"][f"{region}/num-examples"] == 43  # the long tail: 32 + 11 training pairs
             assert np.isfinite(row["train"][f"{region}/train_loss"])
+            assert np.isfinite(row["train"][f"{region}/personal_loss"])
             assert np.isfinite(row["evaluate"][f"{region}/eval_loss"])
+            assert row["evaluate"][f"{region}/num-examples"] == 4  # validation split: 2 sites x 2 pairs
+        assert row["bytes"]["uplink"] == row["bytes"]["downlink"] > 0  # 4 sites, one adapter each way
 
 
 def test_regions_train_different_adapters_that_moved_from_the_start(run_dir: Path) -> None:
@@ -59,41 +64,55 @@ def test_regions_train_different_adapters_that_moved_from_the_start(run_dir: Pat
     assert any(not np.allclose(france[k], japan[k]) for k in france)
 
 
-def test_report_compares_base_and_adapter_per_region(run_dir: Path) -> None:
+def test_each_training_site_keeps_its_own_peft_adapter(run_dir: Path) -> None:
+    from peft import PeftModel
+
+    from fed_netgpt.models import load_base
+
+    assert sorted(p.name for p in (run_dir / "site_adapters").iterdir()) == TRAINING_SITES
+    fresh = copy.deepcopy(load_base("tiny-random").model)
+    model = PeftModel.from_pretrained(fresh, str(run_dir / "site_adapters" / "paris"))
+    assert any(".lora_B." in name and float(p.abs().max()) > 0 for name, p in model.named_parameters())
+
+
+def test_report_has_every_variant_on_held_out_intents_and_held_out_sites(run_dir: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report["regions"]) == set(REGIONS)
-    for region in REGIONS:
-        for which in ("base", "adapter"):
-            metrics = report["regions"][region][which]
-            assert 0.0 <= metrics["fact_accuracy"] <= 1.0
-            assert metrics["num_examples"] == 4
-    assert "| france |" in (run_dir / "report.md").read_text()
+    assert list(report["variants"]) == ["base", "regional", "personalized"]
+    for result in report["variants"].values():
+        for key in ("fact_accuracy", "region_fact_accuracy", "site_fact_accuracy", "rouge_l", "request_kept"):
+            assert 0.0 <= result[key] <= 1.0, key
+        assert result["num_examples"] == 8  # smoke: 4 a region, spread over 2 sites x 3 held-out intents
+        assert {e["site_id"] for e in result["examples"]} == set(TRAINING_SITES)
+        assert result["heldout_sites"]["num_examples"] == 8
+        assert {e["site_id"] for e in result["heldout_sites"]["examples"]} == {"lyon", "osaka"}
+    md = (run_dir / "report.md").read_text()
+    assert "| personalized |" in md and "Held-out sites" in md
 
 
-def test_evaluate_prints_the_runs_metrics_as_json(run_dir: Path) -> None:
+def test_evaluate_prints_the_runs_report_as_json(run_dir: Path) -> None:
     done = fed_netgpt("evaluate", "--run", str(run_dir))
     assert done.returncode == 0, done.stderr[-2000:]
     printed = json.loads(done.stdout)
     saved = json.loads((run_dir / "report.json").read_text())
-    assert printed["regions"].keys() == saved["regions"].keys()
-    for region in REGIONS:
-        for which in ("base", "adapter"):
-            assert printed["regions"][region][which] == pytest.approx(saved["regions"][region][which], rel=1e-4)
-    assert printed["completions"] == saved["completions"]  # greedy decoding: the same text again
-    assert len(saved["completions"]["france"]) == 4
+    assert printed["variants"].keys() == saved["variants"].keys()
+    for name, result in saved["variants"].items():
+        assert printed["variants"][name]["fact_accuracy"] == pytest.approx(result["fact_accuracy"])
+        assert printed["variants"][name]["loss"] == pytest.approx(result["loss"], rel=1e-4)
+        assert printed["variants"][name]["examples"] == result["examples"]  # greedy decoding: the same text
 
 
-def test_complete_uses_the_sites_regional_adapter(run_dir: Path) -> None:
+def test_complete_uses_the_site_adapter_then_the_regions(run_dir: Path) -> None:
     from fed_netgpt.adapters import load_adapter
     from fed_netgpt.evaluation import generate_completions
     from fed_netgpt.models import load_base
 
-    done = fed_netgpt("complete", "--run", str(run_dir), "--site", "paris", "Where can I eat?")
-    assert done.returncode == 0, done.stderr[-2000:]
     base = load_base("tiny-random")
-    model = load_adapter(base, "check-france", run_dir / "adapters" / "france")
-    expected = generate_completions(model, base.tokenizer, [("site: Paris", "Where can I eat?")], max_new_tokens=8)
-    assert done.stdout.rstrip("\n") == expected[0]
+    for site, folder in (("paris", run_dir / "site_adapters" / "paris"), ("lyon", run_dir / "adapters" / "france")):
+        done = fed_netgpt("complete", "--run", str(run_dir), "--site", site, "Where can I eat?")
+        assert done.returncode == 0, done.stderr[-2000:]
+        model = load_adapter(base, f"check-{site}", folder)
+        expected = generate_completions(model, base.tokenizer, [("", "Where can I eat?")], max_new_tokens=8)
+        assert done.stdout.rstrip("\n") == expected[0], site
 
 
 def test_complete_with_an_unknown_region_is_a_clear_error(run_dir: Path) -> None:
@@ -129,6 +148,7 @@ def test_global_mode_trains_one_adapter_that_every_region_is_evaluated_with(tmp_
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["global"]
     report = json.loads((out / "report.json").read_text())
-    assert sorted(report["regions"]) == list(REGIONS)
+    assert list(report["variants"]) == ["base", "global", "personalized"]
+    assert sorted(report["variants"]["global"]["regions"]) == list(REGIONS)
     row = json.loads((out / "metrics.jsonl").read_text())
-    assert row["train"]["global/num-examples"] == 120  # all 4 sites x 30 pairs in one aggregate
+    assert row["train"]["global/num-examples"] == 86  # all 4 sites (2 x (32 + 11) pairs) in one aggregate

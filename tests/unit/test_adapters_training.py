@@ -24,6 +24,7 @@ from fed_netgpt.adapters import (
 from fed_netgpt.data.schema import DataError
 from fed_netgpt.evaluation import completion_loss, generate_completions
 from fed_netgpt.models import cache_root, tiny_random_folder
+from fed_netgpt.precision import choose_precision
 from fed_netgpt.prompting import chat_prompt
 from fed_netgpt.training import batches, collate, train_adapter
 
@@ -245,7 +246,8 @@ def test_train_adapter_three_steps_changes_only_the_active_adapter(
         np.testing.assert_array_equal(value, other_before[key])
     assert result.num_examples == 6
     assert result.metrics["steps"] == 3.0
-    assert set(result.metrics) == {"train_loss", "train_loss_last", "train_seconds", "steps"}
+    assert set(result.metrics) == {"train_loss", "train_loss_last", "train_seconds", "steps", "bf16"}
+    assert result.metrics["bf16"] == float(choose_precision(config.bf16, torch.device("cpu")).bf16)
     assert math.isfinite(result.metrics["train_loss"]) and result.metrics["train_loss"] > 0
     assert not model.training  # left in eval mode
 
@@ -305,6 +307,24 @@ def test_proximal_term_keeps_weights_closer_to_the_start(
     assert math.isfinite(pulled.metrics["train_loss"])
     assert math.isfinite(free.metrics["train_loss"])
     assert 0 < _l2(start, pulled.state) < 0.8 * _l2(start, free.state)
+
+
+def test_ffa_training_leaves_lora_a_at_its_start_and_moves_b(tiny_base, default_config, adapter_name,
+                                                             paris_train_pairs):
+    # Prepare
+    model = attach_adapter(tiny_base, adapter_name, default_config.lora)
+    before = get_state(model, adapter_name)
+    config = replace(default_config.train, local_steps=2, batch_size=2)
+
+    # Execute
+    result = train_adapter(model, adapter_name, tiny_base.tokenizer, paris_train_pairs[:4], config, freeze_lora_a=True)
+
+    # Assert
+    for key, value in result.state.items():
+        if ".lora_A." in key:
+            np.testing.assert_array_equal(value, before[key])
+        else:
+            assert np.abs(value - before[key]).max() > 0, key
 
 
 def test_train_adapter_needs_pairs(tiny_base, default_config, adapter_name):

@@ -1,81 +1,373 @@
-"""fed_netgpt/evaluation.py: metric functions by hand, generation and loss on the tiny random model."""
+"""fed_netgpt/evaluation.py: test-row sampling, scoring by hand, adapter routing, generation and loss on the tiny model.
+
+The metric functions themselves (score_row, summarize, rouge_l) are tested in tests/unit/test_metrics.py.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.adapters import attach_adapter, get_state, load_adapter, peft_model_of, save_adapter, set_state
+from fed_netgpt.config import load_config
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.evaluation import completion_loss, fact_accuracy, generate_completions, rouge_l, spread_over_sites
+from fed_netgpt.evaluation import (
+    GROUPS,
+    balanced_sample,
+    completion_loss,
+    completion_loss_sum,
+    generate_completions,
+    run_variant,
+    run_variants,
+    sample_test_rows,
+    score_variant,
+)
 from fed_netgpt.prompting import chat_prompt
 from fed_netgpt.training import collate
 
 ITEMS = [("site: Paris", "Call me a taxi."), ("site: Osaka", "Find an art museum."), ("", "Hello?")]
 
 
+def _random_state(model, name: str, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0.0, 0.5, v.shape).astype(np.float32) for k, v in get_state(model, name).items()}
+
+
 @pytest.fixture
 def random_adapter_model(tiny_base, default_config, adapter_name):
     """The tiny base with an adapter of random (non-zero) weights: greedy output is varied text."""
     model = attach_adapter(tiny_base, adapter_name, default_config.lora)
-    rng = np.random.default_rng(0)
-    state = {k: rng.normal(0.0, 0.5, v.shape).astype(np.float32) for k, v in get_state(model, adapter_name).items()}
-    set_state(model, adapter_name, state)
+    set_state(model, adapter_name, _random_state(model, adapter_name, seed=0))
     return model
 
 
-# ---- metrics by hand -------------------------------------------------------------------------
+# ---- balanced_sample -------------------------------------------------------------------------------
 
 
-def test_fact_accuracy_counts_case_insensitive_matches():
-    # Execute / Assert
-    assert fact_accuracy("I am in PARIS, France.", ["Paris", "France", "EUR"]) == pytest.approx(2 / 3)
-    assert fact_accuracy("nothing here", ["Paris", "France"]) == 0.0
-    assert fact_accuracy("Europe/Paris, EUR", ("europe/paris", "eur")) == 1.0
-    assert fact_accuracy("anything", []) == 1.0
+def _cell_pair(site: str, intent: str, n: int) -> PromptPair:
+    return PromptPair(site_id=site, region="r", prompt=f"{site}-{intent}{n}", completion="x", split="test",
+                      intent=intent)
+
+
+# Cells (sorted): (a, taxi) x3, (a, zoo) x1, (b, museum) x2, (b, taxi) x1; listed out of order.
+CELL_PAIRS = [
+    _cell_pair("b", "taxi", 1), _cell_pair("a", "zoo", 1), _cell_pair("a", "taxi", 1), _cell_pair("b", "museum", 1),
+    _cell_pair("a", "taxi", 2), _cell_pair("b", "museum", 2), _cell_pair("a", "taxi", 3),
+]
+
+
+def test_balanced_sample_with_one_row_per_cell_takes_every_cell_once_in_sorted_order():
+    # Execute
+    sample = balanced_sample(CELL_PAIRS, 4)
+
+    # Assert
+    assert [p.prompt for p in sample] == ["a-taxi1", "a-zoo1", "b-museum1", "b-taxi1"]
+
+
+def test_balanced_sample_goes_round_robin_over_cells_keeping_each_cell_in_input_order():
+    # Execute
+    six = balanced_sample(CELL_PAIRS, 6)
+    everything = balanced_sample(CELL_PAIRS, 0)  # 0: all
+    more_than_all = balanced_sample(CELL_PAIRS, 100)
+
+    # Assert: round 1 every cell, round 2 the cells with a second row, round 3 the rest
+    round_robin = ["a-taxi1", "a-zoo1", "b-museum1", "b-taxi1", "a-taxi2", "b-museum2", "a-taxi3"]
+    assert [p.prompt for p in six] == round_robin[:6]
+    assert [p.prompt for p in everything] == round_robin
+    assert [p.prompt for p in more_than_all] == round_robin
+    assert balanced_sample([], 5) == []
+    assert balanced_sample([], 0) == []
+
+
+# ---- sample_test_rows on the default data -----------------------------------
+
+HELDOUT_SITES = {"france": "toulouse", "japan": "nagoya", "brazil": "salvador"}
+TRAINING_SITES = {
+    "france": {"paris", "marseille", "lyon"},
+    "japan": {"tokyo", "yokohama", "osaka"},
+    "brazil": {"sao-paulo", "rio-de-janeiro", "belo-horizonte"},
+}
+TEST_INTENTS = {"taxi", "pharmacy", "museum"}
+
+
+def test_test_rows_with_nine_per_region_cover_every_training_site_and_test_intent(default_pairs):
+    # Execute
+    rows = sample_test_rows(default_pairs, per_region=9)
+
+    # Assert: regions come in sorted order; each region's 9 heldout_intents rows are its 3 x 3 cells, once each
+    assert set(rows) == set(GROUPS) == {"heldout_intents", "heldout_sites"}
+    intents = rows["heldout_intents"]
+    assert len(intents) == 27
+    assert [p.region for p in intents] == ["brazil"] * 9 + ["france"] * 9 + ["japan"] * 9
+    for start in range(0, 27, 9):
+        region_rows = intents[start : start + 9]
+        region = region_rows[0].region
+        cells = [(p.site_id, p.intent) for p in region_rows]
+        assert cells == sorted(cells)  # one round of the round robin, in (site, intent) order
+        assert set(cells) == {(s, i) for s in TRAINING_SITES[region] for i in TEST_INTENTS}
+    assert all(p.split == "test" for group in rows.values() for p in group)  # no train/valid row leaks in
+
+
+def test_test_rows_heldout_sites_are_exactly_the_heldout_sites_test_rows(default_pairs):
+    # Prepare: each held-out site has 9 test rows (3 per test intent) and nothing else
+    heldout_rows = {site: [p for p in default_pairs if p.site_id == site] for site in HELDOUT_SITES.values()}
+    assert all(len(r) == 9 and {p.split for p in r} == {"test"} for r in heldout_rows.values())
+
+    # Execute
+    rows = sample_test_rows(default_pairs, per_region=9)
+
+    # Assert
+    sites = rows["heldout_sites"]
+    assert Counter(p.site_id for p in sites) == {"salvador": 9, "toulouse": 9, "nagoya": 9}
+    for site, expected in heldout_rows.items():
+        assert sorted(p.prompt for p in sites if p.site_id == site) == sorted(p.prompt for p in expected)
+    assert not {p.site_id for p in rows["heldout_intents"]} & set(HELDOUT_SITES.values())
+
+
+def test_test_rows_zero_per_region_takes_every_test_row(default_pairs):
+    # Prepare
+    test_split = [p for p in default_pairs if p.split == "test"]
+
+    # Execute
+    rows = sample_test_rows(default_pairs, per_region=0)
+
+    # Assert: 9 training sites x 9 test rows, 3 held-out sites x 9
+    assert len(rows["heldout_intents"]) == 81
+    assert len(rows["heldout_sites"]) == 27
+    assert Counter(rows["heldout_intents"] + rows["heldout_sites"]) == Counter(test_split)
+
+
+def test_test_rows_small_sample_still_spreads_over_sites(default_pairs):
+    # Execute
+    rows = sample_test_rows(default_pairs, per_region=3)
+
+    # Assert: 3 a region: the 3 first cells (site order) of each region
+    assert [(p.region, p.site_id, p.intent) for p in rows["heldout_intents"][:3]] == [
+        ("brazil", "belo-horizonte", "museum"), ("brazil", "belo-horizonte", "pharmacy"),
+        ("brazil", "belo-horizonte", "taxi"),
+    ]
+    assert [(p.site_id, p.intent) for p in rows["heldout_sites"]] == [
+        ("salvador", "museum"), ("salvador", "pharmacy"), ("salvador", "taxi"),
+        ("toulouse", "museum"), ("toulouse", "pharmacy"), ("toulouse", "taxi"),
+        ("nagoya", "museum"), ("nagoya", "pharmacy"), ("nagoya", "taxi"),
+    ]
+
+
+# ---- score_variant by hand -------------------------------------------------------------------------
+
+
+def _pair(site: str, region: str, prompt: str, completion: str, facts: tuple[str, ...], split="test"):
+    return PromptPair(site_id=site, region=region, prompt=prompt, completion=completion, facts=facts, split=split)
+
+
+PARIS = _pair("paris", "france", "Call me a taxi.", "I am in Paris, France, paying in EUR. Call me a taxi.",
+              ("Paris", "France", "EUR"))
+LYON = _pair("lyon", "france", "Find a pharmacy.", "I am in Lyon, France, paying in EUR. Find a pharmacy.",
+             ("Lyon", "France", "EUR"))
+TOKYO = _pair("tokyo", "japan", "Call me a taxi.", "I am in Tokyo, Japan, paying in JPY. Call me a taxi.",
+              ("Tokyo", "Japan", "JPY"))
+# A training row: levels and the wrong-fact vocabulary come from every split of the data.
+MARSEILLE = _pair("marseille", "france", "Book a hotel.", "I am in Marseille, France, paying in EUR. Book a hotel.",
+                  ("Marseille", "France", "EUR"), split="train")
+ALL_PAIRS = [PARIS, LYON, TOKYO, MARSEILLE]
+# Levels: France and EUR are held by every French site (region level), the cities are site level;
+# Japan has one site, so all its facts are region level.
+COMPLETIONS = [
+    PARIS.completion,  # perfect: 3/3 facts, exact, ROUGE-L 1
+    "I am in Paris, France, paying in EUR. Find a pharmacy.",  # wrong city: 2/2 region, 0/1 site, 1 wrong fact
+    "I am in Tokyo.",  # 1/3 facts (Tokyo), request dropped; ROUGE-L: LCS 4, P = 4/4, R = 4/12 -> F = 1/2
+]
+
+
+@pytest.fixture(scope="module")
+def scored():
+    return score_variant([PARIS, LYON, TOKYO], COMPLETIONS, 2.0, ALL_PAIRS)
+
+
+def test_score_variant_overall_metrics_by_hand(scored):
+    # Assert: facts found 3 + 2 + 1 = 6 of 9; region level 2 + 2 + 1 of 2 + 2 + 3; site level 1 + 0 of 1 + 1
+    assert scored["fact_accuracy"] == pytest.approx(6 / 9)
+    assert scored["region_fact_accuracy"] == pytest.approx(5 / 7)
+    assert scored["site_fact_accuracy"] == pytest.approx(1 / 2)
+    assert scored["fact_precision"] == pytest.approx(6 / 7)  # 6 found, 1 wrong (Paris at Lyon)
+    assert scored["wrong_facts_per_row"] == pytest.approx(1 / 3)
+    assert scored["exact_match"] == pytest.approx(1 / 3)
+    assert scored["request_kept"] == pytest.approx(2 / 3)
+    # ROUGE-L: 1; 10 of 11 tokens in common (paris/lyon) -> 10/11; 1/2
+    assert scored["rouge_l"] == pytest.approx((1 + 10 / 11 + 1 / 2) / 3)
+    assert scored["loss"] == 2.0
+    assert scored["perplexity"] == pytest.approx(math.exp(2.0))
+    assert (scored["num_examples"], scored["num_fact_rows"], scored["num_facts"]) == (3, 3, 9)
+
+
+def test_score_variant_perfect_and_wrong_city_rows_alone():
+    # Execute
+    perfect = score_variant([PARIS], [PARIS.completion], 0.5, ALL_PAIRS)
+    wrong_city = score_variant([LYON], [COMPLETIONS[1]], 0.5, ALL_PAIRS)
+
+    # Assert
+    assert perfect["fact_accuracy"] == 1.0
+    assert perfect["exact_match"] == 1.0
+    assert perfect["rouge_l"] == pytest.approx(1.0)
+    assert perfect["wrong_facts_per_row"] == 0.0
+    assert wrong_city["site_fact_accuracy"] == 0.0  # the site-level fact (Lyon) is missed
+    assert wrong_city["region_fact_accuracy"] == 1.0  # France and EUR are there
+    assert wrong_city["wrong_facts_per_row"] == 1.0  # Paris: a fact of another site
+    assert wrong_city["fact_precision"] == pytest.approx(2 / 3)
+    assert wrong_city["exact_match"] == 0.0
+
+
+def test_score_variant_per_region_and_per_site_by_hand(scored):
+    # Assert: sub-results in sorted order
+    assert list(scored["regions"]) == ["france", "japan"]
+    assert list(scored["sites"]) == ["lyon", "paris", "tokyo"]
+    france, japan = scored["regions"]["france"], scored["regions"]["japan"]
+    assert france["fact_accuracy"] == pytest.approx(5 / 6)
+    assert france["site_fact_accuracy"] == pytest.approx(1 / 2)
+    assert france["wrong_facts_per_row"] == pytest.approx(1 / 2)
+    assert france["num_examples"] == 2
+    assert japan["fact_accuracy"] == pytest.approx(1 / 3)
+    assert math.isnan(japan["site_fact_accuracy"])  # a one-site region has no site-level fact
+    assert scored["sites"]["lyon"]["fact_accuracy"] == pytest.approx(2 / 3)
+    assert scored["sites"]["lyon"]["wrong_facts_per_row"] == 1.0
+    assert scored["sites"]["paris"]["fact_accuracy"] == 1.0
+    assert scored["sites"]["tokyo"]["fact_accuracy"] == pytest.approx(1 / 3)
+    assert scored["worst_site_fact_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_score_variant_examples_follow_the_contract(scored):
+    # Assert
+    examples = scored["examples"]
+    assert len(examples) == 3
+    for example in examples:
+        assert {"site_id", "region", "prompt", "reference", "completion", "facts"} <= set(example)
+    assert examples[1] == {
+        "site_id": "lyon", "region": "france", "prompt": "Find a pharmacy.", "context": "",
+        "reference": LYON.completion, "completion": COMPLETIONS[1], "facts": ["Lyon", "France", "EUR"],
+    }
+
+
+def test_score_variant_worst_site_skips_sites_without_facts_and_perplexity_is_capped():
+    # Prepare: a site whose rows carry no facts has fact_accuracy nan
+    bare = _pair("nowhere", "x", "Hi.", "Hi.", ())
+
+    # Execute
+    only_bare = score_variant([bare], ["Hi."], 100.0, [bare, PARIS])
+    mixed = score_variant([bare, PARIS], ["Hi.", "Paris"], 1.0, [bare, PARIS])
+
+    # Assert
+    assert math.isnan(only_bare["fact_accuracy"])
+    assert math.isnan(only_bare["worst_site_fact_accuracy"])
+    assert only_bare["exact_match"] == 1.0
+    assert only_bare["perplexity"] == pytest.approx(math.exp(50.0))
+    assert math.isnan(mixed["sites"]["nowhere"]["fact_accuracy"])
+    assert mixed["worst_site_fact_accuracy"] == pytest.approx(1 / 3)  # paris alone: Paris of Paris, France, EUR
+
+
+# ---- run_variants ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("prediction", "reference", "expected"),
+    ("overrides", "expected"),
     [
-        ("a b c d", "a c d e", 0.75),  # LCS a c d = 3, P = 3/4, R = 3/4
-        ("a b", "a b c d", 2 * 1.0 * 0.5 / 1.5),  # LCS 2, P = 1, R = 1/2
-        ("A B C", "c b a", 1 / 3),  # LCS 1 (case-insensitive), P = R = 1/3
-        ("x y", "a b", 0.0),
-        ("same words here", "same  words\there", 1.0),  # whitespace tokens
-        ("", "", 1.0),
-        ("", "a", 0.0),
-        ("a", "", 0.0),
+        ([], ["base", "regional", "personalized"]),
+        (["personalization.method=none"], ["base", "regional"]),
+        (["federation.adapters=global"], ["base", "global", "personalized"]),
+        (["federation.adapters=local"], ["base", "local"]),
     ],
 )
-def test_rouge_l_matches_hand_computed_f1(prediction, reference, expected):
+def test_run_variants_lists_what_a_run_serves(overrides, expected):
     # Execute / Assert
-    assert rouge_l(prediction, reference) == pytest.approx(expected)
+    assert run_variants(load_config(overrides=overrides)) == expected
 
 
-def test_spread_over_sites_takes_round_robin_in_site_order():
-    # Prepare: sites a(3), b(1), c(2), listed out of order
-    def pair(site, n):
-        return PromptPair(site_id=site, region="r", prompt=f"{site}{n}", completion="x")
+# ---- run_variant: adapter routing on the tiny model ------------------------------------------------
 
-    pairs = [pair("c", 1), pair("a", 1), pair("a", 2), pair("b", 1), pair("c", 2), pair("a", 3)]
+
+@pytest.fixture
+def two_saved_adapters(tiny_base, default_config, adapter_name, tmp_path):
+    """Two peft adapter folders of different random weights."""
+    folders = []
+    for seed in (1, 2):
+        name = f"{adapter_name}_s{seed}"
+        model = attach_adapter(tiny_base, name, default_config.lora)
+        set_state(model, name, _random_state(model, name, seed))
+        folders.append(save_adapter(model, name, tmp_path / "adapters" / f"region{seed}"))
+    return folders
+
+
+def test_run_variant_serves_each_row_with_its_own_adapter(tiny_base, default_pairs, two_saved_adapters,
+                                                          adapter_name):
+    # Prepare: 6 test rows, routed A, base, B, B, A, base (batch size 4: each adapter's rows in one batch)
+    config = load_config(overrides=["model.name=tiny-random", "evaluation.max_new_tokens=6",
+                                    "evaluation.batch_size=4"])
+    first, second = two_saved_adapters
+    rows = [p for p in default_pairs if p.split == "test"][::18]
+    assert len(rows) == 6
+    adapters = [first, None, second, second, first, None]
+    tokenizer = tiny_base.tokenizer
 
     # Execute
-    four = spread_over_sites(pairs, 4)
-    everything = spread_over_sites(pairs, 10)
+    completions, loss = run_variant(tiny_base, config, rows, adapters)
+
+    # Assert: every row gets what its adapter alone gives on that row alone
+    alone = {}
+    loss_sum, tokens = 0.0, 0
+    for tag, folder in (("a", first), ("b", second)):
+        model = load_adapter(tiny_base, f"{adapter_name}_ref_{tag}", folder)
+        alone[folder] = [generate_completions(model, tokenizer, [(p.context, p.prompt)], 6)[0] for p in rows]
+        own = [p for p, a in zip(rows, adapters) if a == folder]
+        row_sum, row_tokens = completion_loss_sum(model, tokenizer, own)
+        loss_sum, tokens = loss_sum + row_sum, tokens + row_tokens
+    model = peft_model_of(tiny_base)
+    with model.disable_adapter():
+        alone[None] = [generate_completions(model, tokenizer, [(p.context, p.prompt)], 6)[0] for p in rows]
+        row_sum, row_tokens = completion_loss_sum(model, tokenizer, [p for p, a in zip(rows, adapters) if a is None])
+    loss_sum, tokens = loss_sum + row_sum, tokens + row_tokens
+
+    assert completions == [alone[folder][i] for i, folder in enumerate(adapters)]
+    for i in range(len(rows)):  # the three models disagree on every row, so a mix-up would show
+        assert len({alone[first][i], alone[second][i], alone[None][i]}) == 3, i
+    assert loss == pytest.approx(loss_sum / tokens, rel=1e-5)
+
+
+def test_run_variant_base_rows_equal_a_no_op_adapter(tiny_base, default_pairs, adapter_name):
+    # Prepare: a fresh adapter has B = 0: exactly the base model's output
+    config = load_config(overrides=["model.name=tiny-random", "evaluation.max_new_tokens=6"])
+    rows = [p for p in default_pairs if p.split == "test"][:3]
+    fresh = attach_adapter(tiny_base, adapter_name, config.lora)
+    expected = generate_completions(fresh, tiny_base.tokenizer, [(p.context, p.prompt) for p in rows], 6)
+    expected_loss = completion_loss(fresh, tiny_base.tokenizer, rows)
+
+    # Execute
+    completions, loss = run_variant(tiny_base, config, rows, [None] * 3)
 
     # Assert
-    assert [p.prompt for p in four] == ["a1", "b1", "c1", "a2"]
-    assert [p.prompt for p in everything] == ["a1", "b1", "c1", "a2", "c2", "a3"]
-    assert spread_over_sites(pairs, 0) == []
-    assert spread_over_sites([], 5) == []
+    assert completions == expected
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
 
 
-# ---- generation and loss on the tiny model ---------------------------------------------------
+def test_run_variant_serves_an_adapter_from_a_folder_with_a_dot_in_its_path(tiny_base, default_config, default_pairs,
+                                                                           adapter_name, tmp_path):
+    # Prepare: e.g. run.output_dir=runs/lr0.01, or a home folder /home/first.last (cli resolves output_dir)
+    config = load_config(overrides=["model.name=tiny-random", "evaluation.max_new_tokens=2"])
+    model = attach_adapter(tiny_base, adapter_name, default_config.lora)
+    folder = save_adapter(model, adapter_name, tmp_path / "lr0.01" / "adapters" / "france")
+    rows = [p for p in default_pairs if p.split == "test"][:1]
+
+    # Execute
+    completions, _ = run_variant(tiny_base, config, rows, [folder])
+
+    # Assert
+    assert len(completions) == 1
+
+
+# ---- generation and loss on the tiny model ---------------------------------------------------------
 
 
 def _greedy_tokens(model, tokenizer, item, max_new_tokens):
@@ -155,3 +447,24 @@ def test_completion_loss_is_a_per_token_mean_independent_of_batching(tiny_base, 
     assert one_by_one == pytest.approx(together, rel=1e-5)
     assert single == pytest.approx(reference, rel=1e-5)
     assert math.isfinite(together) and together > 0
+
+
+def test_completion_loss_sum_counts_completion_tokens_and_matches_the_mean(tiny_base, random_adapter_model,
+                                                                          default_pairs):
+    # Prepare: each pair's labels are its completion's tokens plus the end-of-turn token
+    pairs = [default_pairs[0], default_pairs[50], default_pairs[100]]
+    tokenizer = tiny_base.tokenizer
+    expected_tokens = sum(len(tokenizer(p.completion, add_special_tokens=False)["input_ids"]) + 1 for p in pairs)
+
+    # Execute
+    total, tokens = completion_loss_sum(random_adapter_model, tokenizer, pairs, batch_size=2)
+    parts = [completion_loss_sum(random_adapter_model, tokenizer, [p], batch_size=1) for p in pairs]
+    mean = completion_loss(random_adapter_model, tokenizer, pairs, batch_size=2)
+
+    # Assert
+    assert tokens == expected_tokens
+    assert tokens == sum(n for _, n in parts)
+    assert total == pytest.approx(sum(s for s, _ in parts), rel=1e-5)
+    assert mean == pytest.approx(total / tokens, rel=1e-6)
+    assert completion_loss_sum(random_adapter_model, tokenizer, []) == (0.0, 0)
+    assert completion_loss(random_adapter_model, tokenizer, []) == 0.0

@@ -1,22 +1,37 @@
-"""report.png from the report's numbers and metrics.jsonl."""
+"""report.png from the variants' numbers and metrics.jsonl; the curves read from metrics.jsonl."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from fed_netgpt.plots import write_plot
+from fed_netgpt.plots import mean_curve, validation_curves, write_plot
 
 
-def test_write_plot_draws_a_png_from_the_report_and_the_metrics(tmp_path: Path) -> None:
-    # Prepare
+def _metrics(tmp_path: Path) -> Path:
     rows = [{"round": r, "evaluate": {"france/eval_loss": 1.0 / r, "japan/eval_loss": 2.0 / r}} for r in (1, 2, 3)]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    result = {"base": {"fact_accuracy": 0.25}, "adapter": {"fact_accuracy": 1.0}}
-    regions = {"france": result, "japan": result}
+    rows.append({"round": 4, "evaluate": {"france/eval_loss": 0.5}})  # japan missed round 4
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def test_validation_curves_and_their_mean_over_groups(tmp_path: Path) -> None:
+    # Execute
+    curves = validation_curves(_metrics(tmp_path))
+
+    # Assert: the mean keeps only rounds every group reported
+    assert curves == {"france": [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.5)], "japan": [(1, 2.0), (2, 1.0), (3, 2 / 3)]}
+    assert mean_curve(curves) == [(1, 1.5), (2, 0.75), (3, 0.5)]
+
+
+def test_write_plot_draws_a_png_from_the_variants_and_the_curves(tmp_path: Path) -> None:
+    # Prepare
+    regions = {"france": {"fact_accuracy": 0.25}, "japan": {"fact_accuracy": 1.0}}
+    variants = {"base": {"regions": regions}, "regional": {"regions": regions}}
 
     # Execute
-    path = write_plot(tmp_path, regions)
+    path = write_plot(tmp_path / "report.png", variants, validation_curves(_metrics(tmp_path)))
 
     # Assert
     assert path == tmp_path / "report.png"

@@ -203,7 +203,8 @@ def test_aggregate_train_fedavg_is_the_example_weighted_mean_per_region(configur
     assert dict(metrics) == pytest.approx(
         {"france/train_loss": 3.5, "france/num-examples": 4.0, "japan/train_loss": 1.0, "japan/num-examples": 5.0}
     )
-    assert configured.round_metrics == {"train": dict(metrics)}
+    # bytes: every message carries one region's A (2x3) and B (3x2) in float32: 48 bytes; 3 sent, 3 received
+    assert configured.round_metrics == {"train": dict(metrics), "bytes": {"downlink": 144, "uplink": 144}}
 
 
 @pytest.mark.parametrize(
@@ -372,3 +373,55 @@ def test_make_strategy_rejects_an_unknown_name():
     # Execute / Assert
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
         make_strategy(federation)
+
+
+# ---- LoRA aggregation options ----------------------------------------------------------------
+
+
+def _configured_with(lora_aggregation: str, start: dict[str, np.ndarray]) -> RegionalStrategy:
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, lora_aggregation=lora_aggregation, rank=2)
+    strategy.configure_train(1, _merged({"france": start, "japan": start}), ConfigRecord({}),
+                             ConnectedNodesGrid(NODE_REGIONS))
+    return strategy
+
+
+def test_ffa_rejects_a_reply_that_changed_lora_a_and_averages_b_exactly(caplog):
+    # Prepare: A is the shared initialisation (ones); node 12 trained A as well
+    start = {"lora_A.weight": np.ones((2, 3), np.float32), "lora_B.weight": np.zeros((3, 2), np.float32)}
+    strategy = _configured_with("ffa", start)
+    kept = {"lora_A.weight": start["lora_A.weight"], "lora_B.weight": np.full((3, 2), 2.0, np.float32)}
+    moved = {"lora_A.weight": np.full((2, 3), 1.5, np.float32), "lora_B.weight": np.full((3, 2), 9.0, np.float32)}
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(1, [_reply(11, kept, 1, 1.0), _reply(12, moved, 3, 1.0)])
+
+    # Assert: only node 11 counts; its B·A is the region's B·A exactly
+    result = _numpy(arrays)
+    np.testing.assert_array_equal(result["france/lora_A.weight"], start["lora_A.weight"])
+    np.testing.assert_array_equal(result["france/lora_B.weight"], kept["lora_B.weight"])
+    assert "rejected the update of node 12" in caplog.text and "FFA-LoRA keeps A frozen" in caplog.text
+
+
+def test_svd_aggregation_is_the_best_rank_r_approximation_of_the_weighted_mean_product():
+    # Prepare: two france sites with different A and B (rank 2 each; their mean product has rank 3)
+    rng = np.random.default_rng(0)
+    sites = [{"lora_A.weight": rng.normal(size=(2, 3)).astype(np.float32),
+              "lora_B.weight": rng.normal(size=(3, 2)).astype(np.float32)} for _ in range(2)]
+    strategy = _configured_with("svd", _state(0.0))
+
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, [_reply(11, sites[0], 1, 1.0), _reply(12, sites[1], 3, 1.0)])
+
+    # Assert: numpy's truncated SVD of (1·B1A1 + 3·B2A2)/4, computed here independently
+    mean = sum(w * s["lora_B.weight"].astype(np.float64) @ s["lora_A.weight"] for w, s in zip((1, 3), sites)) / 4
+    u, sv, vt = np.linalg.svd(mean)
+    best = (u[:, :2] * sv[:2]) @ vt[:2]
+    result = _numpy(arrays)
+    np.testing.assert_allclose(result["france/lora_B.weight"] @ result["france/lora_A.weight"], best, atol=1e-5)
+    assert metrics["france/svd_residual"] == pytest.approx(sv[2] / np.linalg.norm(sv), rel=1e-4)
+
+
+def test_svd_needs_a_rank():
+    with pytest.raises(ValueError, match="svd with rank >= 1"):
+        RegionalStrategy(_fedavg, NODE_REGIONS, lora_aggregation="svd")

@@ -1,0 +1,55 @@
+"""Site-level personalization: Ditto (Li et al., ICML 2021) with LoRA adapters.
+
+Besides the regional adapter it trains for the federation, each site keeps a personal adapter that never leaves
+it. Each round the site takes `personalization.steps` steps on its own data with the objective
+loss + (lambda/2)·||personal - regional||², the regional adapter being the one the server just sent. Why Ditto:
+the personal adapter is a complete rank-r peft adapter (it serves alone, through the same code path as a regional
+one); the proximal pull keeps a site with a handful of prompts near its region (it keeps the region's facts) while
+a large site moves as far as its data asks; and it changes nothing in what the federation aggregates, so the
+regional adapters of a personalized run equal those of a run without it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_adapter, set_state
+from fed_netgpt.config import Config
+from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.models import BaseModel
+from fed_netgpt.training import TrainResult, train_adapter, trainable_parameters
+
+PERSONAL = "personal"
+RUN_MARK = "run.json"  # beside a site adapter: which run trained it, so a new run never inherits a stale one
+
+
+def train_personal_adapter(
+    base: BaseModel, config: Config, pairs: Sequence[PromptPair], regional: AdapterState, folder: Path,
+    run_id: str, seed: int,
+) -> TrainResult:
+    """One round of Ditto's personal update at a site; the adapter is published to `folder` (peft format)."""
+    model = attach_adapter(base, PERSONAL, config.lora, seed=config.run.seed)
+    set_state(model, PERSONAL, regional)
+    anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
+    previous = _own_adapter(folder, run_id)
+    if previous is not None:
+        set_state(model, PERSONAL, previous)
+    settings = replace(config.train, local_steps=config.personalization.steps,
+                       proximal_mu=config.personalization.ditto_lambda)
+    result = train_adapter(model, PERSONAL, base.tokenizer, pairs, settings, seed=seed, anchor=anchor)
+    publish_adapter(model, PERSONAL, folder, state=result.state)
+    (folder / RUN_MARK).write_text(json.dumps({"run_id": run_id}))
+    return result
+
+
+def _own_adapter(folder: Path, run_id: str) -> AdapterState | None:
+    """The site adapter this run trained in earlier rounds, or None (first round, or another run's leftovers)."""
+    try:
+        if json.loads((folder / RUN_MARK).read_text()).get("run_id") != run_id:
+            return None
+        return read_adapter(folder)[1]
+    except (OSError, ValueError, AdapterError):
+        return None

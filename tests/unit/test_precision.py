@@ -1,0 +1,204 @@
+"""fed_netgpt/precision.py: parsing train.bf16, the auto choice on CPU and CUDA, the benchmark cache, step_benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fed_netgpt import precision
+from fed_netgpt.adapters import attach_adapter, get_state
+from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.precision import Precision, choose_precision, cpu_has_amx, parse_bf16_setting, step_benchmark
+from fed_netgpt.training import collate
+
+CUDA = torch.device("cuda")
+
+
+def _times(bf16_seconds: float, fp32_seconds: float):
+    """A fake benchmark: seconds per step for bf16 and fp32, and the list of calls it got."""
+    calls: list[bool] = []
+
+    def benchmark(bf16: bool) -> float:
+        calls.append(bf16)
+        return bf16_seconds if bf16 else fp32_seconds
+
+    return benchmark, calls
+
+
+def _never(bf16: bool) -> float:
+    raise AssertionError("the benchmark ran although its result was cached")
+
+
+@pytest.fixture
+def gpu_with_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+
+# ---- parse_bf16_setting ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("auto", "auto"), ("AUTO", "auto"), ("true", "true"), ("True", "true"), ("false", "false"),
+     ("False", "false"), (" true ", "true"), (True, "true"), (False, "false")],
+)
+def test_parse_accepts_every_spelling(value, expected):
+    # Execute / Assert
+    assert parse_bf16_setting(value) == expected
+
+
+@pytest.mark.parametrize("value", ["yes", "", "bf16", 1, None])
+def test_parse_rejects_anything_else(value):
+    # Execute / Assert
+    with pytest.raises(ValueError, match="train.bf16 must be auto, true or false; got"):
+        parse_bf16_setting(value)
+
+
+# ---- explicit settings and CPU auto ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"), CUDA])
+def test_true_and_false_are_obeyed(device, monkeypatch):
+    # Prepare: the machine would say the opposite of each setting
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+
+    # Execute
+    on, off = choose_precision("true", device, benchmark=_never), choose_precision(False, device, benchmark=_never)
+
+    # Assert
+    assert on == Precision(True, "bf16: set by train.bf16")
+    assert off == Precision(False, "fp32: set by train.bf16")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_cpu_auto_follows_amx(amx, monkeypatch):
+    # Prepare
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
+
+    # Execute
+    chosen = choose_precision("auto", torch.device("cpu"), benchmark=_never)
+
+    # Assert
+    assert chosen.bf16 is amx
+    assert "AMX" in chosen.reason
+    assert chosen.reason.startswith("bf16" if amx else "fp32")
+
+
+def test_other_devices_use_fp32():
+    # Execute
+    chosen = choose_precision("auto", torch.device("mps"), benchmark=_never)
+
+    # Assert
+    assert not chosen.bf16
+
+
+def test_cpu_has_amx_reads_this_machine():
+    # Prepare
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo here")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), None)
+    if flags is None:
+        pytest.skip("/proc/cpuinfo has no flags line")
+
+    # Execute / Assert
+    assert cpu_has_amx() == ("amx_bf16" in flags)
+
+
+# ---- CUDA auto: capability, benchmark, cache --------------------------------------------------
+
+
+def test_cuda_without_bf16_support_is_fp32(monkeypatch, tmp_path):
+    # Prepare
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+
+    # Execute
+    chosen = choose_precision("auto", CUDA, benchmark=_never, cache_file=tmp_path / "precision.json")
+
+    # Assert
+    assert not chosen.bf16
+    assert not (tmp_path / "precision.json").exists()
+
+
+def test_cuda_without_benchmark_trusts_support(gpu_with_bf16):
+    # Execute / Assert
+    assert choose_precision("auto", CUDA).bf16
+
+
+@pytest.mark.parametrize(
+    ("bf16_seconds", "fp32_seconds", "expected"),
+    [(1.0, 2.0, True), (2.0, 1.0, False), (0.97, 1.0, False), (1.0, 0.97, False)],
+    ids=["bf16-faster", "bf16-slower", "bf16-within-5%-faster", "bf16-within-5%-slower"],
+)
+def test_cuda_benchmark_decides(bf16_seconds, fp32_seconds, expected, gpu_with_bf16, tmp_path):
+    # Prepare
+    benchmark, calls = _times(bf16_seconds, fp32_seconds)
+
+    # Execute
+    chosen = choose_precision("auto", CUDA, benchmark, cache_key="H200/smollm2/8", cache_file=tmp_path / "p.json")
+
+    # Assert
+    assert chosen.bf16 is expected
+    assert sorted(calls) == [False, True]
+    assert chosen.reason.startswith("bf16" if expected else "fp32") and "measured" in chosen.reason
+
+
+def test_cuda_benchmark_is_cached_per_key(gpu_with_bf16, tmp_path):
+    # Prepare: a first run measures and writes the cache
+    cache_file = tmp_path / "sub" / "precision.json"
+    benchmark, _ = _times(1.0, 2.0)
+    first = choose_precision("auto", CUDA, benchmark, cache_key="gpu-a", cache_file=cache_file)
+
+    # Execute
+    again = choose_precision("auto", CUDA, _never, cache_key="gpu-a", cache_file=cache_file)
+    other_benchmark, other_calls = _times(2.0, 1.0)
+    other = choose_precision("auto", CUDA, other_benchmark, cache_key="gpu-b", cache_file=cache_file)
+
+    # Assert
+    assert first.bf16 and again.bf16 and "cached" in again.reason
+    assert sorted(other_calls) == [False, True] and not other.bf16
+    assert set(json.loads(cache_file.read_text())) == {"gpu-a", "gpu-b"}
+
+
+def test_unreadable_cache_is_measured_again(gpu_with_bf16, tmp_path):
+    # Prepare
+    cache_file = tmp_path / "precision.json"
+    cache_file.write_text("not json")
+    benchmark, calls = _times(1.0, 2.0)
+
+    # Execute
+    chosen = choose_precision("auto", CUDA, benchmark, cache_key="k", cache_file=cache_file)
+
+    # Assert
+    assert chosen.bf16 and calls
+    assert "k" in json.loads(cache_file.read_text())
+
+
+# ---- step_benchmark on the tiny model ---------------------------------------------------------
+
+
+def test_step_benchmark_times_without_changing_the_model(tiny_base, default_config, adapter_name):
+    # Prepare
+    model = attach_adapter(tiny_base, adapter_name, default_config.lora)
+    pairs = [PromptPair("paris", "france", "Status of link A?", "Link A is up."),
+             PromptPair("lyon", "france", "Latency to Paris?", "About 4 ms.")]
+    batch = collate(tiny_base.tokenizer, pairs, default_config.train.max_length)
+    before, was_training = get_state(model, adapter_name), model.training
+
+    # Execute
+    benchmark = step_benchmark(model, batch, repeats=2)
+    seconds = {bf16: benchmark(bf16) for bf16 in (True, False)}
+
+    # Assert
+    assert all(isinstance(s, float) and s > 0 for s in seconds.values())
+    after = get_state(model, adapter_name)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training is was_training

@@ -1,0 +1,236 @@
+"""fed_netgpt/runs.py: which adapter serves a site, aggregation groups, and the run folder's lifecycle."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fed_netgpt.adapters import attach_adapter, save_adapter
+from fed_netgpt.config import load_config
+from fed_netgpt.runs import (
+    OWNED,
+    RunFolderError,
+    adapter_dir,
+    aggregation_group,
+    federated_variant,
+    is_adapter,
+    read_run_config,
+    run_regions,
+    serving_adapter,
+    site_adapter_dir,
+    start_run,
+)
+
+
+@pytest.fixture
+def save_into(tiny_base, default_config, adapter_name):
+    """Saves a real peft adapter (the tiny model's, fresh) into each folder it is given."""
+    model = attach_adapter(tiny_base, adapter_name, default_config.lora)
+
+    def save(*folders):
+        for folder in folders:
+            save_adapter(model, adapter_name, folder)
+
+    return save
+
+
+def _config(*overrides: str):
+    return load_config(overrides=list(overrides))
+
+
+# ---- serving_adapter -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def regional_run(tmp_path, save_into):
+    """A regional run: adapters for france and japan (none for brazil), a personal adapter at paris."""
+    folder = tmp_path / "run"
+    save_into(folder / "adapters" / "france", folder / "adapters" / "japan", folder / "site_adapters" / "paris")
+    return folder
+
+
+def test_personalized_serves_the_site_adapter_first_then_the_region(regional_run):
+    # Prepare
+    config = _config()
+
+    # Execute
+    paris = serving_adapter(regional_run, config, "france", "paris", "personalized")
+    lyon = serving_adapter(regional_run, config, "france", "lyon", "personalized")
+    default_variant = serving_adapter(regional_run, config, "france", "paris")
+    no_site = serving_adapter(regional_run, config, "japan")
+
+    # Assert
+    assert paris == regional_run / "site_adapters" / "paris"
+    assert lyon == regional_run / "adapters" / "france"
+    assert default_variant == paris  # personalized is the default (what serving uses)
+    assert no_site == regional_run / "adapters" / "japan"
+
+
+def test_regional_variant_ignores_site_adapters_and_base_serves_nothing(regional_run):
+    # Prepare
+    config = _config()
+
+    # Execute / Assert
+    assert serving_adapter(regional_run, config, "france", "paris", "regional") == regional_run / "adapters" / "france"
+    assert serving_adapter(regional_run, config, "japan", "tokyo", "regional") == regional_run / "adapters" / "japan"
+    assert serving_adapter(regional_run, config, "france", "paris", "base") is None
+    assert serving_adapter(regional_run, config, "brazil", "salvador", "base") is None  # no adapter needed
+
+
+def test_a_region_without_adapter_names_the_path_and_the_known_adapters(regional_run):
+    # Prepare: an unfinished adapter (config only) is neither served nor listed
+    config = _config()
+    (regional_run / "adapters" / "brazil").mkdir()
+    (regional_run / "adapters" / "brazil" / "adapter_config.json").write_text("{}")
+    expected = (f"region 'brazil' has no adapter {regional_run / 'adapters' / 'brazil'}; "
+                "adapters in the run: france, japan")
+
+    # Execute / Assert
+    for variant in ("personalized", "regional"):
+        with pytest.raises(RunFolderError, match=re.escape(expected)):
+            serving_adapter(regional_run, config, "brazil", "salvador", variant)
+
+
+def test_a_run_without_adapters_says_none(tmp_path):
+    # Execute / Assert
+    with pytest.raises(RunFolderError, match=re.escape("adapters in the run: none")):
+        serving_adapter(tmp_path, _config(), "france", "paris", "regional")
+
+
+def test_global_run_serves_the_global_adapter_to_every_region(tmp_path, save_into):
+    # Prepare
+    folder = tmp_path / "run"
+    save_into(folder / "adapters" / "global", folder / "site_adapters" / "paris")
+    config = _config("federation.adapters=global")
+
+    # Execute / Assert
+    assert serving_adapter(folder, config, "brazil", "salvador", "global") == folder / "adapters" / "global"
+    assert serving_adapter(folder, config, "france", "paris", "global") == folder / "adapters" / "global"
+    assert serving_adapter(folder, config, "france", "paris", "personalized") == folder / "site_adapters" / "paris"
+    assert serving_adapter(folder, config, "japan", "tokyo", "personalized") == folder / "adapters" / "global"
+
+
+def test_local_run_serves_the_sites_own_adapter_or_the_base(tmp_path, save_into):
+    # Prepare: only site adapters exist in a local run
+    folder = tmp_path / "run"
+    save_into(folder / "site_adapters" / "paris", folder / "site_adapters" / "tokyo")
+    config = _config("federation.adapters=local")
+
+    # Execute / Assert
+    assert serving_adapter(folder, config, "france", "paris", "local") == folder / "site_adapters" / "paris"
+    assert serving_adapter(folder, config, "japan", "tokyo", "local") == folder / "site_adapters" / "tokyo"
+    assert serving_adapter(folder, config, "france", "paris", "personalized") == folder / "site_adapters" / "paris"
+    assert serving_adapter(folder, config, "france", "toulouse", "local") is None  # never trained: the base
+    assert serving_adapter(folder, config, "brazil", "salvador", "personalized") is None
+    assert serving_adapter(folder, config, "france", "paris", "base") is None
+
+
+def test_adapter_folders_and_run_regions(tmp_path, save_into):
+    # Prepare
+    save_into(tmp_path / "adapters" / "japan", tmp_path / "adapters" / "france")
+    (tmp_path / "adapters" / "empty").mkdir()
+
+    # Execute / Assert
+    assert adapter_dir(tmp_path, "france") == tmp_path / "adapters" / "france"
+    assert site_adapter_dir(tmp_path, "paris") == tmp_path / "site_adapters" / "paris"
+    assert run_regions(tmp_path) == ["france", "japan"]
+    assert run_regions(tmp_path / "missing") == []
+    assert is_adapter(tmp_path / "adapters" / "france")
+    assert not is_adapter(tmp_path / "adapters" / "empty")
+
+
+# ---- aggregation_group / federated_variant ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("adapters", "group"), [("regional", "france"), ("global", "global"), ("local", "paris")],
+)
+def test_aggregation_group_and_federated_variant(adapters, group):
+    # Prepare
+    config = _config(f"federation.adapters={adapters}")
+
+    # Execute / Assert
+    assert aggregation_group(config, "paris", "france") == group
+    assert federated_variant(config) == adapters
+
+
+# ---- start_run -------------------------------------------------------------------------------------
+
+
+def _leave_earlier_run(folder):
+    """What a run leaves behind: adapters, site adapters, checkpoints and metrics."""
+    for name in OWNED:
+        (folder / name / "x").mkdir(parents=True)
+        (folder / name / "x" / "file").write_text("old")
+    (folder / "metrics.jsonl").write_text('{"round": 1}\n')
+
+
+def test_start_run_creates_the_folder_with_an_id_and_the_config(tmp_path):
+    # Prepare
+    config = _config(f"run.output_dir={tmp_path / 'run'}", "federation.num_rounds=7")
+
+    # Execute
+    folder, run_id = start_run(config)
+
+    # Assert
+    assert folder == tmp_path / "run"
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id)
+    assert json.loads((folder / "run.json").read_text()) == {"run_id": run_id}
+    assert read_run_config(folder) == config
+    assert (folder / "metrics.jsonl").read_text() == ""
+
+
+def test_a_fresh_run_clears_what_an_earlier_run_left(tmp_path):
+    # Prepare
+    config = _config(f"run.output_dir={tmp_path}")
+    _, first_id = start_run(config)
+    _leave_earlier_run(tmp_path)
+
+    # Execute
+    _, second_id = start_run(config)
+
+    # Assert
+    assert second_id != first_id
+    assert json.loads((tmp_path / "run.json").read_text()) == {"run_id": second_id}
+    for name in OWNED:
+        assert not (tmp_path / name).exists(), name
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_resumed_run_keeps_its_adapters_checkpoints_metrics_and_id(tmp_path):
+    # Prepare
+    _, first_id = start_run(_config(f"run.output_dir={tmp_path}"))
+    _leave_earlier_run(tmp_path)
+    resumed = _config(f"run.output_dir={tmp_path}", "run.resume=true")
+
+    # Execute
+    folder, second_id = start_run(resumed)
+
+    # Assert
+    assert second_id == first_id
+    for name in OWNED:
+        assert (folder / name / "x" / "file").read_text() == "old", name
+    assert (folder / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    assert read_run_config(folder).run.resume is True
+
+
+def test_resume_without_run_json_starts_fresh(tmp_path):
+    # Prepare: leftovers but no run.json: nothing to resume
+    _leave_earlier_run(tmp_path)
+
+    # Execute
+    _, run_id = start_run(_config(f"run.output_dir={tmp_path}", "run.resume=true"))
+
+    # Assert
+    assert json.loads((tmp_path / "run.json").read_text()) == {"run_id": run_id}
+    for name in OWNED:
+        assert not (tmp_path / name).exists(), name
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_read_run_config_of_a_folder_without_config(tmp_path):
+    # Execute / Assert
+    with pytest.raises(RunFolderError, match="config.yaml is missing"):
+        read_run_config(tmp_path)
