@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "smoke"
     done = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={out}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "[round 2/2]" in done.stdout
+    assert "[round 2/2 |" in done.stdout
     return out
 
 
@@ -134,7 +134,7 @@ def test_resume_continues_from_the_latest_checkpoint(run_dir: Path, tmp_path: Pa
     assert "resuming after round 2" in done.stderr
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [1, 2, 3]
-    assert "[round 3/3]" in done.stdout and "[round 1/3]" not in done.stdout
+    assert "[round 3/3 |" in done.stdout and "[round 1/3 |" not in done.stdout
     unchanged = load_file(str(resumed / "checkpoints" / "round-2" / "adapters.safetensors"))
     assert all(np.array_equal(round_2[k], unchanged[k]) for k in round_2)
     round_3 = load_file(str(resumed / "checkpoints" / "round-3" / "adapters.safetensors"))
