@@ -65,12 +65,12 @@ def test_wrong_type_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert "federation.num_rounds" in err
 
 
-def test_empty_site_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    only_test = {**GOOD, "site_id": "nice", "split": "test"}
-    data = write_lines(tmp_path / "pairs.jsonl", json.dumps(GOOD), json.dumps(only_test))
+def test_a_site_with_nothing_to_train_or_test_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    only_valid = {**GOOD, "site_id": "nice", "split": "valid"}  # a test-only site is fine: it is held out
+    data = write_lines(tmp_path / "pairs.jsonl", json.dumps(GOOD), json.dumps(only_valid))
     code, err = run_cli(capsys, "simulate", f"data.path={data}", "model.name=tiny-random")
     assert code == 2
-    assert "site 'nice' has no training pairs" in err
+    assert "site 'nice' has neither training nor test pairs" in err
 
 
 def test_missing_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,7 +85,7 @@ def test_the_command_itself_exits_2_without_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "field 'split' must be 'train' or 'test'" in done.stderr
+    assert "field 'split' must be 'train', 'valid' or 'test', got 'later'" in done.stderr
     assert "Traceback" not in done.stderr
 
 

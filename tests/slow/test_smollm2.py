@@ -11,24 +11,27 @@ from transformers import AutoModelForCausalLM
 
 from fed_netgpt.adapters import attach_adapter, load_adapter, save_adapter
 from fed_netgpt.config import load_config
-from fed_netgpt.data.sites import load_sites
-from fed_netgpt.evaluation import evaluate_base_and_adapter, generate_completions
+from fed_netgpt.data.sites import load_pairs, load_sites
+from fed_netgpt.evaluation import generate_completions, run_variant, score_variant
 from fed_netgpt.models import SMOLLM2, cache_root, load_base, smollm2_folder
 from fed_netgpt.training import train_adapter
 
 pytestmark = pytest.mark.slow
 
 
+CONFIG = load_config(overrides=["data.countries=[FR]", "data.sites_per_region=2", "train.local_steps=10"])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
-    """A France adapter trained on the pooled data of two French sites for 10 steps, saved in peft format."""
-    config = load_config(overrides=["data.countries=[FR]", "data.sites_per_region=2", "train.local_steps=10"])
+    """A France adapter trained on the pooled data of two French sites for 10 steps, saved in peft format;
+    the sites' held-out-intent rows (no location in the prompt: data.context=none)."""
     base = load_base(SMOLLM2)
-    sites = load_sites(config.data)
-    model = attach_adapter(base, "slow-france", config.lora)
-    train_adapter(model, "slow-france", base.tokenizer, [p for s in sites for p in s.train], config.train)
+    sites = load_sites(CONFIG.data)
+    model = attach_adapter(base, "slow-france", CONFIG.lora)
+    train_adapter(model, "slow-france", base.tokenizer, [p for s in sites for p in s.train], CONFIG.train)
     folder = save_adapter(model, "slow-france", tmp_path_factory.mktemp("adapter") / "france")
-    return folder, [p for s in sites for p in s.test][:8]
+    return folder, [p for s in sites for p in s.test]
 
 
 def test_the_embedded_model_is_the_real_pretrained_smollm2() -> None:
@@ -42,14 +45,17 @@ def test_the_embedded_model_is_the_real_pretrained_smollm2() -> None:
     assert "Paris" in base.tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
 
 
-def test_ten_local_steps_learn_the_sites_facts_on_held_out_intents(trained: tuple[Path, list]) -> None:
+def test_ten_local_steps_learn_the_regions_facts_on_held_out_intents(trained: tuple[Path, list]) -> None:
     folder, test = trained
     base = load_base(SMOLLM2)
-    model = load_adapter(base, "slow-check", folder)
-    result = evaluate_base_and_adapter(model, "slow-check", base.tokenizer, test, max_new_tokens=48, batch_size=8)
-    assert result["adapter"]["fact_accuracy"] >= 0.9  # recorded: 1.0 (base: ~0.3)
-    assert result["base"]["fact_accuracy"] <= 0.6
-    assert result["adapter"]["loss"] < result["base"]["loss"] / 10
+    adapted, loss = run_variant(base, CONFIG, test, [folder] * len(test))
+    plain, base_loss = run_variant(base, CONFIG, test, [None] * len(test))
+    result, before = (score_variant(test, texts, value, load_pairs(CONFIG.data))
+                      for texts, value in ((adapted, loss), (plain, base_loss)))
+    assert result["region_fact_accuracy"] >= 0.9  # France, Europe/Paris, EUR, +33 with no location in the prompt
+    assert before["region_fact_accuracy"] <= 0.2  # the base model cannot know where the user is
+    assert result["request_kept"] >= 0.9
+    assert loss < base_loss / 3
 
 
 def test_stock_peft_loads_the_adapter_and_completes_identically(trained: tuple[Path, list]) -> None:
