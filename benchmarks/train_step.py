@@ -51,7 +51,7 @@ def main() -> None:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            train_adapter(model, "bench", base.tokenizer, pairs, replace(config.train, bf16=bf16))
+            train_adapter(model, "bench", base.tokenizer, pairs, replace(config.train, bf16=str(bf16).lower()))
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - started) / args.steps)

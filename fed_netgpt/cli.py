@@ -140,13 +140,16 @@ def compare_command(args: argparse.Namespace) -> int:
     (folder / "config.yaml").write_text(to_yaml(config))
     runs, seeds = runs_for(config.compare.variants), config.compare.seeds
     results: dict[str, list[dict]] = {v: [] for v in config.compare.variants}
+    if "base" in results:
+        results["base"] = [evaluate_run(folder, config, load_pairs(config.data), base, variants=["base"])
+                           ["variants"]["base"]]
     curves: dict[str, list[tuple[int, float]]] = {}
     started = time.perf_counter()
     for seed in range(seeds):
         for number, run in enumerate(runs, start=1):
             run_cfg = run_config(config, run, seed)
             print(f"[compare] seed {seed + 1}/{seeds}, run {number}/{len(runs)}: {run} -> {run_cfg.run.output_dir} "
-                  f"({time.perf_counter() - started:.0f}s elapsed)", flush=True)
+                  f"({_elapsed(started)} elapsed)", flush=True)
             wall = _simulate_in_subprocess(run_cfg)
             run_dir = Path(run_cfg.run.output_dir)
             served = [v for v in config.compare.variants if v != "base" and SOURCES[v][0] == run]
@@ -157,15 +160,24 @@ def compare_command(args: argparse.Namespace) -> int:
                 results[variant].append({**result, "wall_seconds": wall, **_bytes_per_round(run_dir)})
                 if seed == 0:
                     curves[variant] = mean_curve(validation_curves(run_dir / "metrics.jsonl"))
-    if "base" in results:
-        results["base"] = [evaluate_run(folder, config, load_pairs(config.data), base, variants=["base"])
-                           ["variants"]["base"]]
-    report = {"variants": {v: mean_over_seeds(r) for v, r in results.items()}, "seeds": seeds,
-              "wall_seconds": time.perf_counter() - started}
-    text = write_report(folder, report, config.evaluation.examples_to_show, title="Comparison of variants")
-    write_plot(folder / "report.png", report["variants"], curves, "Validation loss by round (mean over groups)")
+        text = _write_comparison(folder, config, results, curves, seed + 1, time.perf_counter() - started)
     print(f"\n{text}\n\nReport: {folder}/report.md, report.json, report.png")
     return 0
+
+
+def _write_comparison(folder: Path, config: Config, results: dict[str, list[dict]],
+                      curves: dict[str, list[tuple[int, float]]], seeds_done: int, seconds: float) -> str:
+    """report.json, report.md and report.png of the seeds done so far (rewritten after every seed)."""
+    report = {"variants": {v: mean_over_seeds(r) for v, r in results.items() if r}, "seeds": seeds_done,
+              "wall_seconds": seconds}
+    text = write_report(folder, report, config.evaluation.examples_to_show, title="Comparison of variants")
+    write_plot(folder / "report.png", report["variants"], curves, "Validation loss by round (mean over groups)")
+    return text
+
+
+def _elapsed(started: float) -> str:
+    seconds = time.perf_counter() - started
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _simulate_in_subprocess(config: Config) -> float:

@@ -60,9 +60,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    local_steps: int = 4
-    batch_size: int = 8
-    learning_rate: float = 2e-3
+    local_steps: int = 6
+    batch_size: int = 4
+    learning_rate: float = 4e-3
     weight_decay: float = 0.0
     max_length: int = 128
     proximal_mu: float = 0.0  # FedProx term weight; 0 disables it
@@ -102,7 +102,7 @@ class CompareConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     max_new_tokens: int = 48
-    max_examples_per_region: int = 12
+    max_examples_per_region: int = 9
     batch_size: int = 16
     examples_to_show: int = 1
 

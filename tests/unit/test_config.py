@@ -58,7 +58,7 @@ def test_load_config_hand_picked_defaults():
     assert config.data.countries == ["FR", "JP", "BR"]
     assert config.data.test_intents == ["taxi", "pharmacy", "museum"]
     assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert config.train.learning_rate == pytest.approx(0.002)
+    assert config.train.learning_rate == pytest.approx(0.004)
     assert config.federation.strategy == "fedavg"
     assert config.preset == ""
 
@@ -81,7 +81,7 @@ def test_list_overrides_are_applied_with_their_types():
     assert config.train.bf16 == "false"  # YAML false, kept as the word
     assert config.data.countries == ["DE", "IT"]
     assert config.train.learning_rate == pytest.approx(0.01)
-    assert config.train.batch_size == 8  # untouched keys keep base.yaml's value
+    assert config.train.batch_size == 4  # untouched keys keep base.yaml's value
 
 
 def test_mapping_overrides_are_applied():
@@ -113,7 +113,7 @@ def test_preset_smoke_applies_its_yaml_and_later_overrides_win():
     assert config.train.local_steps == 2
     assert config.train.batch_size == 3  # the override beats smoke.yaml's 4
     assert smoke["train.batch_size"] == 4
-    assert config.train.learning_rate == pytest.approx(0.002)  # not in smoke.yaml: base.yaml's value
+    assert config.train.learning_rate == pytest.approx(0.004)  # not in smoke.yaml: base.yaml's value
 
 
 def test_config_file_sits_between_preset_and_overrides(tmp_path):
@@ -246,7 +246,7 @@ def test_scalar_defaults_flattens_only_scalars():
     flat = scalar_defaults(load_config())
 
     # Assert
-    assert flat["train.batch_size"] == 8
+    assert flat["train.batch_size"] == 4
     assert flat["preset"] == ""
     assert "lora.target_modules" not in flat  # lists cannot travel in Flower's run_config
     assert "data.regions" not in flat
