@@ -6,9 +6,14 @@ no traceback. This is the outermost layer: the only module of fed_netgpt that st
 
 from __future__ import annotations
 
+import os
+
+# Library progress bars (datasets' partitioning, weight loading) in every process and Ray worker: tqdm reads this
+# when it is imported, so it is set before anything imports it (hence E402 is off for this file in pyproject.toml).
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,7 +39,6 @@ USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFold
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (partitioning, weight loading) in every worker
     parser = _parser()
     args = parser.parse_args(argv)
     try:
