@@ -162,7 +162,7 @@ def compare_command(args: argparse.Namespace) -> int:
             for variant in served:
                 result = report["variants"][SOURCES[variant][1]]
                 results[variant].append({**result, "wall_seconds": wall, **_bytes_per_round(run_dir)})
-                if seed == 0:
+                if seed == 0 and variant != "personalized":  # the validation loss is of the federated adapters
                     curves[variant] = mean_curve(validation_curves(run_dir / "metrics.jsonl"))
         text = _write_comparison(folder, config, results, curves, seed + 1, time.perf_counter() - started)
     print(f"\n{text}\n\nReport: {folder}/report.md, report.json, report.png")

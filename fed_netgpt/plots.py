@@ -39,10 +39,11 @@ def write_plot(path: Path, variants: dict[str, dict[str, Any]], curves: dict[str
     regions = sorted({region for result in variants.values() for region in result.get("regions", {})})
     figure, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(len(names), 1)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # a variant keeps its colour in both panels
     for i, name in enumerate(names):
         values = [100 * (variants[name].get("regions", {}).get(r, {}).get("fact_accuracy") or 0.0) for r in regions]
         positions = [k - 0.4 + width * (i + 0.5) for k in range(len(regions))]
-        drawn = bars.bar(positions, values, width, label=name)
+        drawn = bars.bar(positions, values, width, label=name, color=colors[name])
         if len(names) <= 4:
             bars.bar_label(drawn, fmt="%.0f", fontsize=7)
     bars.set_xticks(range(len(regions)), regions)
@@ -52,7 +53,7 @@ def write_plot(path: Path, variants: dict[str, dict[str, Any]], curves: dict[str
     bars.legend(loc="upper left", ncols=min(len(names), 4), fontsize=8)
     for label, points in curves.items():
         if points:
-            lines.plot(*zip(*points), marker="o", label=label)
+            lines.plot(*zip(*points), marker="o", label=label, color=colors.get(label))
     lines.set_xlabel("round")
     lines.xaxis.get_major_locator().set_params(integer=True)
     lines.set_ylabel("completion loss (validation split)")

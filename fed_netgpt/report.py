@@ -41,7 +41,7 @@ def variant_table(variants: dict[str, dict[str, Any]], group: str | None = None)
             continue
         spread = result.get("std", {})
         cells = [cell(result.get(key), pct, spread.get(key)) for key, _, pct in COLUMNS]
-        lines.append(f"| {name} | {result.get('num_examples', 0)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {int(result.get('num_examples', 0))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
