@@ -32,7 +32,7 @@ from fed_netgpt.evaluation import evaluate_run, generate_completions
 from fed_netgpt.models import ModelNotFoundError, load_base
 from fed_netgpt.plots import mean_curve, validation_curves, write_plot
 from fed_netgpt.precision import choose_precision
-from fed_netgpt.report import json_safe, write_report
+from fed_netgpt.report import duration, json_safe, write_report
 from fed_netgpt.runs import RunFolderError, read_run_config, run_regions, serving_adapter
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError)
@@ -153,7 +153,7 @@ def compare_command(args: argparse.Namespace) -> int:
         for number, run in enumerate(runs, start=1):
             run_cfg = run_config(config, run, seed)
             print(f"[compare] seed {seed + 1}/{seeds}, run {number}/{len(runs)}: {run} -> {run_cfg.run.output_dir} "
-                  f"({_elapsed(started)} elapsed)", flush=True)
+                  f"({duration(time.perf_counter() - started)} elapsed)", flush=True)
             wall = _simulate_in_subprocess(run_cfg)
             run_dir = Path(run_cfg.run.output_dir)
             served = [v for v in config.compare.variants if v != "base" and SOURCES[v][0] == run]
@@ -177,11 +177,6 @@ def _write_comparison(folder: Path, config: Config, results: dict[str, list[dict
     text = write_report(folder, report, config.evaluation.examples_to_show, title="Comparison of variants")
     write_plot(folder / "report.png", report["variants"], curves, "Validation loss by round (mean over groups)")
     return text
-
-
-def _elapsed(started: float) -> str:
-    seconds = time.perf_counter() - started
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _simulate_in_subprocess(config: Config) -> float:

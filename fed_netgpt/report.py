@@ -22,6 +22,11 @@ COLUMNS = (
 )
 
 
+def duration(seconds: float) -> str:
+    """`12m05s`: how progress lines show elapsed time and ETA."""
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
 def cell(value: Any, percent: bool, spread: Any = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"

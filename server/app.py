@@ -15,7 +15,7 @@ from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.plots import validation_curves, write_plot
-from fed_netgpt.report import write_report
+from fed_netgpt.report import duration, write_report
 from fed_netgpt.runs import (
     RunFolderError,
     aggregation_group,
@@ -160,12 +160,9 @@ def _log_round(server_round: int, num_rounds: int, first: int, elapsed: float, r
         parts.append(part)
     done = server_round - first + 1
     eta = elapsed / done * (num_rounds - server_round)
-    progress = f"[round {server_round}/{num_rounds} | {_minutes(elapsed)} elapsed, ETA {_minutes(eta)}]"
+    progress = f"[round {server_round}/{num_rounds} | {duration(elapsed)} elapsed, ETA {duration(eta)}]"
     print(progress, " | ".join(parts), flush=True)
 
-
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _setup_logging() -> None:
