@@ -33,7 +33,7 @@ from fed_netgpt.models import ModelNotFoundError, load_base
 from fed_netgpt.plots import mean_curve, validation_curves, write_plot
 from fed_netgpt.precision import choose_precision
 from fed_netgpt.report import duration, json_safe, write_report
-from fed_netgpt.runs import RunFolderError, read_run_config, run_regions, serving_adapter
+from fed_netgpt.runs import RunFolderError, read_run_config, round_summaries, run_finished, run_regions, serving_adapter
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError)
 
@@ -135,7 +135,9 @@ def _flower_logs_to(path: Path) -> None:
 
 def compare_command(args: argparse.Namespace) -> int:
     """Train every asked variant (one `simulate` process each, seed by seed), then evaluate them all with one
-    base model on the same rows and write report.json, report.md and report.png to `run.output_dir`."""
+    base model on the same rows and write report.json, report.md and report.png to `run.output_dir`.
+    With `run.resume=true` a run that finished earlier with the same config is evaluated again, not retrained
+    (how `compare.seeds=3` adds a third seed to a two-seed comparison)."""
     config = prepared_config(args)
     load_sites(config.data)
     base = load_base(config.model.name, config.model.cache_dir)
@@ -154,16 +156,20 @@ def compare_command(args: argparse.Namespace) -> int:
             run_cfg = run_config(config, run, seed)
             print(f"[compare] seed {seed + 1}/{seeds}, run {number}/{len(runs)}: {run} -> {run_cfg.run.output_dir} "
                   f"({duration(time.perf_counter() - started)} elapsed)", flush=True)
-            wall = _simulate_in_subprocess(run_cfg)
             run_dir = Path(run_cfg.run.output_dir)
+            if config.run.resume and run_finished(run_dir, run_cfg):
+                print(f"[compare] {run_dir.name} finished earlier with the same config: evaluated, not retrained",
+                      flush=True)
+            else:
+                _simulate_in_subprocess(run_cfg)
             served = [v for v in config.compare.variants if v != "base" and SOURCES[v][0] == run]
             report = evaluate_run(run_dir, run_cfg, load_pairs(run_cfg.data), base,
                                   variants=[SOURCES[v][1] for v in served])
             for variant in served:
                 result = report["variants"][SOURCES[variant][1]]
-                results[variant].append({**result, "wall_seconds": wall, **_bytes_per_round(run_dir)})
+                results[variant].append({**result, **_run_costs(run_dir)})
                 if seed == 0 and variant != "personalized":  # the validation loss is of the federated adapters
-                    curves[variant] = mean_curve(validation_curves(run_dir / "metrics.jsonl"))
+                    curves[variant] = mean_curve(validation_curves(run_dir))
         text = _write_comparison(folder, config, results, curves, seed + 1, time.perf_counter() - started)
     print(f"\n{text}\n\nReport: {folder}/report.md, report.json, report.png")
     return 0
@@ -179,29 +185,30 @@ def _write_comparison(folder: Path, config: Config, results: dict[str, list[dict
     return text
 
 
-def _simulate_in_subprocess(config: Config) -> float:
+def _simulate_in_subprocess(config: Config) -> None:
     """`fed-netgpt simulate` of one variant in its own process (a fresh Ray, memory returned); its console goes to
-    <run>/simulate.log. Returns its wall time; a failed run is a clear error naming the log."""
+    <run>.log. A failed run is a clear error naming the log."""
     folder = Path(config.run.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     requested = folder.with_suffix(".yaml")
     requested.write_text(to_yaml(config))
-    started = time.perf_counter()
     with (folder.with_suffix(".log")).open("w") as log:
         done = subprocess.run([sys.executable, "-m", "fed_netgpt.cli", "simulate", "--config", str(requested)],
                               stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RunFolderError(f"the {folder.name} run failed (exit {done.returncode}); see {folder.with_suffix('.log')}")
-    return time.perf_counter() - started
 
 
-def _bytes_per_round(run_dir: Path) -> dict[str, float]:
-    """Mean adapter bytes a round moved, down to the sites and up from them (metrics.jsonl)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [row["bytes"] for row in rows if "bytes" in row]
-    if not rows:
-        return {}
-    return {f"{way}_bytes_per_round": sum(r[way] for r in rows) / len(rows) for way in ("downlink", "uplink")}
+def _run_costs(run_dir: Path) -> dict[str, float]:
+    """The federation's wall time (start to last round, model loading left out) and the mean adapter bytes a
+    round moved, down to the sites and up from them (metrics.jsonl)."""
+    rows = round_summaries(run_dir)
+    costs = {"wall_seconds": float(rows[-1]["seconds"])} if rows else {}
+    moved = [row["bytes"] for row in rows if "bytes" in row]
+    if moved:
+        costs.update({f"{way}_bytes_per_round": sum(r[way] for r in moved) / len(moved)
+                      for way in ("downlink", "uplink")})
+    return costs
 
 
 def data_build_command(args: argparse.Namespace) -> int:

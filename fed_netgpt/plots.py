@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +10,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers, edge nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fed_netgpt.runs import round_summaries  # noqa: E402
 
-def validation_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per group (region, or global/site), the per-round validation loss that metrics.jsonl recorded."""
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+
+def validation_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per group (region, or global/site), the per-round validation loss the run's metrics.jsonl recorded."""
     curves: dict[str, list[tuple[int, float]]] = {}
-    for row in rows:
+    for row in round_summaries(run_dir):
         for key, value in row.get("evaluate", {}).items():
             if key.endswith("/eval_loss"):
                 curves.setdefault(key.split("/")[0], []).append((int(row["round"]), float(value)))

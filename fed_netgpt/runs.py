@@ -139,6 +139,23 @@ def latest_checkpoint(folder: Path) -> tuple[int, dict[str, np.ndarray]] | None:
     return rounds[-1], load_file(str(folder / "checkpoints" / f"round-{rounds[-1]}" / "adapters.safetensors"))
 
 
+def round_summaries(folder: str | Path) -> list[dict[str, Any]]:
+    """The per-round summary rows of metrics.jsonl, per-site records left out ([] before the first round)."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if "round" in row and "site_id" not in row]
+
+
+def run_finished(folder: str | Path, config: Config) -> bool:
+    """Whether `folder` holds a run of exactly `config` that recorded its last round."""
+    path = Path(folder) / "config.yaml"
+    if not path.is_file() or path.read_text() != to_yaml(config):
+        return False
+    return any(row["round"] == config.federation.num_rounds for row in round_summaries(folder))
+
+
 def append_metrics(folder: Path, row: dict[str, Any]) -> None:
     with (folder / "metrics.jsonl").open("a") as out:
         out.write(json.dumps(row) + "\n")

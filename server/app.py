@@ -93,7 +93,7 @@ def report_run(folder: Path, config: Config, base: BaseModel) -> dict:
     report = evaluate_run(folder, config, load_pairs(config.data), base)
     shown = config.evaluation.examples_to_show
     text = write_report(folder, report, shown)
-    write_plot(folder / "report.png", report["variants"], validation_curves(folder / "metrics.jsonl"))
+    write_plot(folder / "report.png", report["variants"], validation_curves(folder))
     print(f"\n{text}\n")
     for name, result in report["variants"].items():
         for ex in result.get("examples", [])[:shown]:

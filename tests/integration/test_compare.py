@@ -43,6 +43,18 @@ def test_compare_trains_every_variant_and_writes_one_report(tmp_path: Path) -> N
         assert (out / name).is_file()
     assert "| regional_svd |" in (out / "report.md").read_text()
 
+    # a second seed with run.resume=true evaluates the first seed's runs again instead of retraining them
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*-seed0/adapters/*/adapter_model.safetensors")}
+    again = fed_netgpt("compare", "preset=smoke", f"run.output_dir={out}", "federation.num_rounds=1",
+                       "evaluation.max_examples_per_region=6", "compare.seeds=2", "run.resume=true",
+                       "compare.variants=[base,regional]", timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "regional-seed0 finished earlier with the same config" in again.stdout
+    assert mtimes and all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if "regional-seed0" in str(p))
+    assert (out / "runs" / "regional-seed1" / "adapters").is_dir()
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["seeds"] == 2 and resumed["variants"]["regional"]["seeds"] == 2
+
 
 HAND_WRITTEN = [  # a user's own format: facts first, request last, and one region with two sites
     {"site_id": "lyon", "region": "rhone", "prompt": p, "completion": f"[Lyon | Rhone | 69] {p}",

@@ -11,9 +11,9 @@ from fed_netgpt.plots import mean_curve, validation_curves, write_plot
 def _metrics(tmp_path: Path) -> Path:
     rows = [{"round": r, "evaluate": {"france/eval_loss": 1.0 / r, "japan/eval_loss": 2.0 / r}} for r in (1, 2, 3)]
     rows.append({"round": 4, "evaluate": {"france/eval_loss": 0.5}})  # japan missed round 4
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    return path
+    rows.append({"round": 4, "site_id": "lyon", "evaluate": {"france/eval_loss": 9.0}})  # a per-site record
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return tmp_path
 
 
 def test_validation_curves_and_their_mean_over_groups(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from fed_netgpt.runs import (
     federated_variant,
     is_adapter,
     read_run_config,
+    round_summaries,
+    run_finished,
     run_regions,
     serving_adapter,
     site_adapter_dir,
@@ -234,3 +236,21 @@ def test_read_run_config_of_a_folder_without_config(tmp_path):
     # Execute / Assert
     with pytest.raises(RunFolderError, match="config.yaml is missing"):
         read_run_config(tmp_path)
+
+
+def test_run_finished_needs_the_same_config_and_its_last_round(tmp_path):
+    # Prepare: a run of 2 rounds that recorded round 1 and a per-site record of round 2
+    config = _config(f"run.output_dir={tmp_path}", "federation.num_rounds=2")
+    start_run(config)
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1, "seconds": 3.0}\n{"round": 2, "site_id": "lyon"}\n')
+
+    # Execute / Assert
+    assert round_summaries(tmp_path) == [{"round": 1, "seconds": 3.0}]
+    assert not run_finished(tmp_path, config)  # stopped before its last round's summary
+    with (tmp_path / "metrics.jsonl").open("a") as out:
+        out.write('{"round": 2, "seconds": 6.0}\n')
+    assert run_finished(tmp_path, config)
+    assert not run_finished(tmp_path, _config(f"run.output_dir={tmp_path}", "federation.num_rounds=3"))
+    assert not run_finished(tmp_path, _config(f"run.output_dir={tmp_path}", "federation.num_rounds=2",
+                                              "train.seed=5"))  # another config: not this run
+    assert not run_finished(tmp_path / "missing", config)
