@@ -23,7 +23,7 @@ from fed_netgpt.config import Config
 from fed_netgpt.data.facts import fact_levels, fact_vocabulary, levels_of
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.data.sites import site_datasets
-from fed_netgpt.metrics import score_row, summarize
+from fed_netgpt.metrics import RowScore, add_tallies, score_row, summarize_tally, tally
 from fed_netgpt.models import BaseModel
 from fed_netgpt.prompting import chat_prompt, end_of_turn_id
 from fed_netgpt.runs import RunFolderError, federated_variant, serving_adapter
@@ -122,11 +122,11 @@ def sample_test_rows(pairs: Sequence[PromptPair], per_region: int) -> dict[str, 
 
 def run_variant(
     base: BaseModel, config: Config, pairs: Sequence[PromptPair], adapters: Sequence[Path | None],
-) -> tuple[list[str], float]:
-    """Greedy completions of `pairs`, row i served by adapter folder `adapters[i]` (None: the base model),
-    and the mean completion loss over all their completion tokens."""
+) -> tuple[list[str], dict[str, tuple[float, int]]]:
+    """Greedy completions of `pairs`, row i served by adapter folder `adapters[i]` (None: the base model), and
+    each site's summed completion loss and completion-token count."""
     completions: list[str] = [""] * len(pairs)
-    total, tokens = 0.0, 0
+    losses: dict[str, tuple[float, int]] = {}
     ev = config.evaluation
     for folder in dict.fromkeys(adapters):
         indices = [i for i, a in enumerate(adapters) if a == folder]
@@ -139,39 +139,66 @@ def run_variant(
         with off:
             texts = generate_completions(model, base.tokenizer, [(p.context, p.prompt) for p in rows],
                                          ev.max_new_tokens, ev.batch_size)
-            loss_sum, count = completion_loss_sum(model, base.tokenizer, rows, ev.batch_size, config.train.max_length)
+            for site in dict.fromkeys(p.site_id for p in rows):
+                total, tokens = losses.get(site, (0.0, 0))
+                more, count = completion_loss_sum(model, base.tokenizer, [p for p in rows if p.site_id == site],
+                                                  ev.batch_size, config.train.max_length)
+                losses[site] = (total + more, tokens + count)
         for i, text in zip(indices, texts):
             completions[i] = text
-        total, tokens = total + loss_sum, tokens + count
-    return completions, total / max(tokens, 1)
+    return completions, losses
+
+
+def site_tallies(
+    pairs: Sequence[PromptPair], completions: Sequence[str], losses: dict[str, tuple[float, int]],
+    levels: dict[str, dict[str, str]], vocabulary: set[str],
+) -> dict[str, dict[str, Any]]:
+    """Per site: its region, the `metrics.tally` of its rows and its loss sums, all additive over sites.
+
+    `levels` (`data.facts.fact_levels`) and `vocabulary` (every fact of the data: the others count as wrong
+    facts) describe the whole data set, not only `pairs`.
+    """
+    scores: dict[str, tuple[str, list[RowScore]]] = {}
+    for pair, text in zip(pairs, completions):
+        score = score_row(text, pair.completion, pair.prompt, pair.facts, levels_of(pair, levels),
+                          vocabulary - set(pair.facts))
+        scores.setdefault(pair.site_id, (pair.region, []))[1].append(score)
+    return {site: {"region": region, **tally(rows), "loss_sum": losses[site][0], "loss_tokens": losses[site][1]}
+            for site, (region, rows) in sorted(scores.items())}
+
+
+def result_from_tallies(tallies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A variant's metrics overall, per region and per site, with its worst site, from per-site tallies: the
+    same whether the rows were scored in one place or each site scored its own (federated)."""
+    def summary(group: list[dict[str, Any]]) -> dict[str, Any]:
+        loss = sum(t["loss_sum"] for t in group) / max(sum(t["loss_tokens"] for t in group), 1)
+        return {**summarize_tally(add_tallies(group)), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    regions: dict[str, list[dict[str, Any]]] = {}
+    for counts in tallies.values():
+        regions.setdefault(counts["region"], []).append(counts)
+    result = summary(list(tallies.values()))
+    result["regions"] = {region: summary(group) for region, group in sorted(regions.items())}
+    result["sites"] = {site: summary([counts]) for site, counts in sorted(tallies.items())}
+    site_accuracies = [s["fact_accuracy"] for s in result["sites"].values() if not math.isnan(s["fact_accuracy"])]
+    result["worst_site_fact_accuracy"] = min(site_accuracies) if site_accuracies else math.nan
+    return result
+
+
+def examples_of(pairs: Sequence[PromptPair], completions: Sequence[str]) -> list[dict[str, Any]]:
+    """The report's examples: every evaluated row with the completion a variant generated."""
+    return [{"site_id": p.site_id, "region": p.region, "prompt": p.prompt, "context": p.context,
+             "reference": p.completion, "completion": text, "facts": list(p.facts)}
+            for p, text in zip(pairs, completions)]
 
 
 def score_variant(
-    pairs: Sequence[PromptPair], completions: Sequence[str], loss: float, all_pairs: Sequence[PromptPair],
+    pairs: Sequence[PromptPair], completions: Sequence[str], losses: dict[str, tuple[float, int]],
+    levels: dict[str, dict[str, str]], vocabulary: set[str],
 ) -> dict[str, Any]:
-    """Every metric of one variant on `pairs`, overall, per region and per site, with its examples.
-
-    Fact levels and the vocabulary of wrong facts come from `all_pairs` (the whole data set).
-    """
-    levels, vocabulary = fact_levels(all_pairs), fact_vocabulary(all_pairs)
-    scores = [
-        score_row(text, p.completion, p.prompt, p.facts, levels_of(p, levels), vocabulary - set(p.facts))
-        for p, text in zip(pairs, completions)
-    ]
-    result: dict[str, Any] = {**summarize(scores), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    for key, name in (("region", "regions"), ("site_id", "sites")):
-        groups: dict[str, list] = {}
-        for pair, score in zip(pairs, scores):
-            groups.setdefault(getattr(pair, key), []).append(score)
-        result[name] = {group: summarize(rows) for group, rows in sorted(groups.items())}
-    site_accuracies = [s["fact_accuracy"] for s in result["sites"].values() if not math.isnan(s["fact_accuracy"])]
-    result["worst_site_fact_accuracy"] = min(site_accuracies) if site_accuracies else math.nan
-    result["examples"] = [
-        {"site_id": p.site_id, "region": p.region, "prompt": p.prompt, "context": p.context,
-         "reference": p.completion, "completion": text, "facts": list(p.facts)}
-        for p, text in zip(pairs, completions)
-    ]
-    return result
+    """Every metric of one variant on `pairs`, overall, per region and per site, with its examples."""
+    tallies = site_tallies(pairs, completions, losses, levels, vocabulary)
+    return {**result_from_tallies(tallies), "examples": examples_of(pairs, completions)}
 
 
 def run_variants(config: Config) -> list[str]:
@@ -188,6 +215,7 @@ def evaluate_run(folder: Path, config: Config, pairs: Sequence[PromptPair], base
     rows = sample_test_rows(pairs, config.evaluation.max_examples_per_region)
     if not any(rows.values()):
         raise RunFolderError(f"{folder}: the data has no test pairs to evaluate")
+    levels, vocabulary = fact_levels(pairs), fact_vocabulary(pairs)
     report: dict[str, Any] = {"variants": {}}
     for variant in variants or run_variants(config):
         result: dict[str, Any] = {}
@@ -195,8 +223,8 @@ def evaluate_run(folder: Path, config: Config, pairs: Sequence[PromptPair], base
             if not rows[group]:
                 continue
             adapters = [serving_adapter(folder, config, p.region, p.site_id, variant) for p in rows[group]]
-            completions, loss = run_variant(base, config, rows[group], adapters)
-            scored = score_variant(rows[group], completions, loss, pairs)
+            completions, losses = run_variant(base, config, rows[group], adapters)
+            scored = score_variant(rows[group], completions, losses, levels, vocabulary)
             if group == GROUPS[0]:
                 result.update(scored)
             else:

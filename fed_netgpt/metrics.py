@@ -18,7 +18,8 @@ What is measured, and why each rule exists:
   ``rouge-score`` package with an accent-folding tokenizer.
 
 :func:`summarize` micro-averages over rows (every fact weighs the same); a ratio with nothing to divide
-by is ``nan``, never a made-up 0 or 1.
+by is ``nan``, never a made-up 0 or 1. It goes through additive counts (:func:`tally`), so a federated report
+sums the sites' tallies and gets the numbers the pooled rows would give.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RowScore", "fact_present", "normalize", "rouge_l", "score_row", "summarize"]
+__all__ = ["RowScore", "add_tallies", "fact_present", "normalize", "rouge_l", "score_row", "summarize",
+           "summarize_tally", "tally"]
 
 LEVELS = ("region", "site")
 
@@ -249,8 +251,40 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
 
+TALLY_KEYS = ("num_examples", "num_fact_rows", "num_facts", "found", "wrong_facts", "region_facts",
+              "region_found", "site_facts", "site_found", "exact_match", "request_kept", "rouge_l")
+
+
+def tally(scores: Sequence[RowScore]) -> dict[str, float]:
+    """Additive sums of rows' scores (`TALLY_KEYS`). Sites' tallies added key by key summarize exactly as their
+    rows together: what a site sends for a federated report instead of its rows."""
+    with_facts = [s for s in scores if s.facts]
+    return {
+        "num_examples": len(scores),
+        "num_fact_rows": len(with_facts),
+        "num_facts": sum(s.facts for s in with_facts),
+        "found": sum(s.found for s in with_facts),
+        "wrong_facts": sum(s.wrong_facts for s in with_facts),
+        **{f"{level}_{part}": sum(getattr(s, f"{level}_{part}") for s in scores)
+           for level in LEVELS for part in ("facts", "found")},
+        "exact_match": sum(s.exact_match for s in scores),
+        "request_kept": sum(s.request_kept for s in scores),
+        "rouge_l": sum(s.rouge_l for s in scores),
+    }
+
+
+def add_tallies(tallies: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The tally of several groups of rows (sites, regions) from theirs."""
+    return {key: sum(t[key] for t in tallies) for key in TALLY_KEYS}
+
+
 def summarize(scores: Sequence[RowScore]) -> dict[str, float]:
-    """Micro-averaged metrics of many rows, for a results table.
+    """Micro-averaged metrics of many rows, for a results table (:func:`summarize_tally` of their tally)."""
+    return summarize_tally(tally(scores))
+
+
+def summarize_tally(counts: dict[str, float]) -> dict[str, float]:
+    """The metrics of a :func:`tally`.
 
     Fact metrics are micro averages (every fact weighs the same, whatever its row): ``fact_accuracy`` =
     found / facts summed over rows, ``region_fact_accuracy`` and ``site_fact_accuracy`` the same per level,
@@ -259,20 +293,17 @@ def summarize(scores: Sequence[RowScore]) -> dict[str, float]:
     rows. ``num_examples``, ``num_fact_rows`` and ``num_facts`` are counts. A ratio with a zero denominator
     is ``nan``.
     """
-    with_facts = [s for s in scores if s.facts]
-    found = sum(s.found for s in with_facts)
-    wrong = sum(s.wrong_facts for s in with_facts)
-    num_facts = sum(s.facts for s in with_facts)
+    rows, found, wrong = counts["num_examples"], counts["found"], counts["wrong_facts"]
     return {
-        "fact_accuracy": _ratio(found, num_facts),
-        "region_fact_accuracy": _ratio(sum(s.region_found for s in scores), sum(s.region_facts for s in scores)),
-        "site_fact_accuracy": _ratio(sum(s.site_found for s in scores), sum(s.site_facts for s in scores)),
+        "fact_accuracy": _ratio(found, counts["num_facts"]),
+        "region_fact_accuracy": _ratio(counts["region_found"], counts["region_facts"]),
+        "site_fact_accuracy": _ratio(counts["site_found"], counts["site_facts"]),
         "fact_precision": _ratio(found, found + wrong),
-        "wrong_facts_per_row": _ratio(wrong, len(with_facts)),
-        "exact_match": _ratio(sum(s.exact_match for s in scores), len(scores)),
-        "request_kept": _ratio(sum(s.request_kept for s in scores), len(scores)),
-        "rouge_l": _ratio(sum(s.rouge_l for s in scores), len(scores)),
-        "num_examples": len(scores),
-        "num_fact_rows": len(with_facts),
-        "num_facts": num_facts,
+        "wrong_facts_per_row": _ratio(wrong, counts["num_fact_rows"]),
+        "exact_match": _ratio(counts["exact_match"], rows),
+        "request_kept": _ratio(counts["request_kept"], rows),
+        "rouge_l": _ratio(counts["rouge_l"], rows),
+        "num_examples": rows,
+        "num_fact_rows": counts["num_fact_rows"],
+        "num_facts": counts["num_facts"],
     }

@@ -18,15 +18,29 @@ REGION, SITE = "region", "site"
 
 def fact_levels(pairs: Sequence[PromptPair]) -> dict[str, dict[str, str]]:
     """`{region: {normalized fact: "region" | "site"}}` over every split of `pairs`."""
-    sites: dict[str, set[str]] = {}
-    holders: dict[tuple[str, str], set[str]] = {}
+    return levels_from_sites(facts_by_site(pairs))
+
+
+def facts_by_site(pairs: Sequence[PromptPair]) -> dict[str, tuple[str, set[str]]]:
+    """`{site_id: (region, its distinct facts)}`: what a site tells the server for a federated report (the
+    facts of its rows, never the rows)."""
+    sites: dict[str, tuple[str, set[str]]] = {}
     for pair in pairs:
-        sites.setdefault(pair.region, set()).add(pair.site_id)
-        for fact in pair.facts:
-            holders.setdefault((pair.region, normalize(fact)), set()).add(pair.site_id)
-    levels: dict[str, dict[str, str]] = {region: {} for region in sites}
+        sites.setdefault(pair.site_id, (pair.region, set()))[1].update(pair.facts)
+    return sites
+
+
+def levels_from_sites(sites: dict[str, tuple[str, set[str]]]) -> dict[str, dict[str, str]]:
+    """:func:`fact_levels` from each site's region and facts: region-level when every site of the region has it."""
+    members: dict[str, set[str]] = {}
+    holders: dict[tuple[str, str], set[str]] = {}
+    for site_id, (region, facts) in sites.items():
+        members.setdefault(region, set()).add(site_id)
+        for fact in facts:
+            holders.setdefault((region, normalize(fact)), set()).add(site_id)
+    levels: dict[str, dict[str, str]] = {region: {} for region in members}
     for (region, fact), holding in holders.items():
-        levels[region][fact] = REGION if holding == sites[region] else SITE
+        levels[region][fact] = REGION if holding == members[region] else SITE
     return levels
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from fed_netgpt.adapters import attach_adapter, load_adapter, save_adapter
 from fed_netgpt.config import load_config
+from fed_netgpt.data.facts import fact_levels, fact_vocabulary
 from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import generate_completions, run_variant, score_variant
 from fed_netgpt.models import SMOLLM2, cache_root, load_base, smollm2_folder
@@ -48,10 +49,10 @@ def test_the_embedded_model_is_the_real_pretrained_smollm2() -> None:
 def test_twenty_local_steps_learn_the_regions_facts_on_held_out_intents(trained: tuple[Path, list]) -> None:
     folder, test = trained
     base = load_base(SMOLLM2)
-    adapted, loss = run_variant(base, CONFIG, test, [folder] * len(test))
-    plain, base_loss = run_variant(base, CONFIG, test, [None] * len(test))
-    result, before = (score_variant(test, texts, value, load_pairs(CONFIG.data))
-                      for texts, value in ((adapted, loss), (plain, base_loss)))
+    pairs = load_pairs(CONFIG.data)
+    result, before = (score_variant(test, *run_variant(base, CONFIG, test, [served] * len(test)),
+                                    fact_levels(pairs), fact_vocabulary(pairs)) for served in (folder, None))
+    loss, base_loss = result["loss"], before["loss"]
     # France, Europe/Paris, EUR, +33 with no location in the prompt; recorded 0.89: 16 of 18 rows complete, the
     # request "Where is a pharmacy open now?" comes back bare
     assert result["region_fact_accuracy"] >= 0.85

@@ -15,6 +15,7 @@ import torch
 
 from fed_netgpt.adapters import attach_adapter, get_state, load_adapter, peft_model_of, save_adapter, set_state
 from fed_netgpt.config import load_config
+from fed_netgpt.data.facts import fact_levels, fact_vocabulary
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.evaluation import (
     GROUPS,
@@ -22,10 +23,12 @@ from fed_netgpt.evaluation import (
     completion_loss,
     completion_loss_sum,
     generate_completions,
+    result_from_tallies,
     run_variant,
     run_variants,
     sample_test_rows,
     score_variant,
+    site_tallies,
 )
 from fed_netgpt.prompting import chat_prompt
 from fed_netgpt.training import collate
@@ -184,9 +187,18 @@ COMPLETIONS = [
 ]
 
 
+LOSSES = {"paris": (1.0, 1), "lyon": (6.0, 2), "tokyo": (5.0, 3)}  # summed loss, tokens: 12 / 6 = 2.0 overall
+
+
+def _score(pairs, completions, loss, all_pairs=ALL_PAIRS):
+    """score_variant with every site at mean loss `loss`, levels and vocabulary from `all_pairs`."""
+    losses = {p.site_id: (loss, 1) for p in pairs}
+    return score_variant(pairs, completions, losses, fact_levels(all_pairs), fact_vocabulary(all_pairs))
+
+
 @pytest.fixture(scope="module")
 def scored():
-    return score_variant([PARIS, LYON, TOKYO], COMPLETIONS, 2.0, ALL_PAIRS)
+    return score_variant([PARIS, LYON, TOKYO], COMPLETIONS, LOSSES, fact_levels(ALL_PAIRS), fact_vocabulary(ALL_PAIRS))
 
 
 def test_score_variant_overall_metrics_by_hand(scored):
@@ -207,8 +219,8 @@ def test_score_variant_overall_metrics_by_hand(scored):
 
 def test_score_variant_perfect_and_wrong_city_rows_alone():
     # Execute
-    perfect = score_variant([PARIS], [PARIS.completion], 0.5, ALL_PAIRS)
-    wrong_city = score_variant([LYON], [COMPLETIONS[1]], 0.5, ALL_PAIRS)
+    perfect = _score([PARIS], [PARIS.completion], 0.5)
+    wrong_city = _score([LYON], [COMPLETIONS[1]], 0.5)
 
     # Assert
     assert perfect["fact_accuracy"] == 1.0
@@ -238,6 +250,28 @@ def test_score_variant_per_region_and_per_site_by_hand(scored):
     assert scored["sites"]["paris"]["fact_accuracy"] == 1.0
     assert scored["sites"]["tokyo"]["fact_accuracy"] == pytest.approx(1 / 3)
     assert scored["worst_site_fact_accuracy"] == pytest.approx(1 / 3)
+    # loss: summed over the tokens of each group
+    assert france["loss"] == pytest.approx(7 / 3)
+    assert japan["loss"] == pytest.approx(5 / 3)
+    assert scored["sites"]["lyon"]["loss"] == pytest.approx(3.0)
+
+
+def test_site_by_site_tallies_merge_to_the_pooled_result(scored):
+    # Prepare: each site scores only its own row (federated evaluation), levels and vocabulary from the server
+    levels, vocabulary = fact_levels(ALL_PAIRS), fact_vocabulary(ALL_PAIRS)
+    tallies = {}
+    for pair, completion in zip([PARIS, LYON, TOKYO], COMPLETIONS):
+        tallies.update(site_tallies([pair], [completion], {pair.site_id: LOSSES[pair.site_id]}, levels, vocabulary))
+
+    # Execute
+    merged = result_from_tallies(tallies)
+
+    # Assert: every number equals the pooled scoring; only the examples stay at the sites
+    assert merged == {key: value for key, value in scored.items() if key != "examples"}
+    assert tallies["lyon"] == {"region": "france", "num_examples": 1, "num_fact_rows": 1, "num_facts": 3, "found": 2,
+                               "wrong_facts": 1, "region_facts": 2, "region_found": 2, "site_facts": 1,
+                               "site_found": 0, "exact_match": 0, "request_kept": 1,
+                               "rouge_l": pytest.approx(10 / 11), "loss_sum": 6.0, "loss_tokens": 2}
 
 
 def test_score_variant_examples_follow_the_contract(scored):
@@ -257,8 +291,8 @@ def test_score_variant_worst_site_skips_sites_without_facts_and_perplexity_is_ca
     bare = _pair("nowhere", "x", "Hi.", "Hi.", ())
 
     # Execute
-    only_bare = score_variant([bare], ["Hi."], 100.0, [bare, PARIS])
-    mixed = score_variant([bare, PARIS], ["Hi.", "Paris"], 1.0, [bare, PARIS])
+    only_bare = _score([bare], ["Hi."], 100.0, [bare, PARIS])
+    mixed = _score([bare, PARIS], ["Hi.", "Paris"], 1.0, [bare, PARIS])
 
     # Assert
     assert math.isnan(only_bare["fact_accuracy"])
@@ -313,7 +347,7 @@ def test_run_variant_serves_each_row_with_its_own_adapter(tiny_base, default_pai
     tokenizer = tiny_base.tokenizer
 
     # Execute
-    completions, loss = run_variant(tiny_base, config, rows, adapters)
+    completions, losses = run_variant(tiny_base, config, rows, adapters)
 
     # Assert: every row gets what its adapter alone gives on that row alone
     alone = {}
@@ -333,7 +367,9 @@ def test_run_variant_serves_each_row_with_its_own_adapter(tiny_base, default_pai
     assert completions == [alone[folder][i] for i, folder in enumerate(adapters)]
     for i in range(len(rows)):  # the three models disagree on every row, so a mix-up would show
         assert len({alone[first][i], alone[second][i], alone[None][i]}) == 3, i
-    assert loss == pytest.approx(loss_sum / tokens, rel=1e-5)
+    assert sum(s for s, _ in losses.values()) == pytest.approx(loss_sum, rel=1e-5)
+    assert sum(n for _, n in losses.values()) == tokens
+    assert set(losses) == {p.site_id for p in rows}
 
 
 def test_run_variant_base_rows_equal_a_no_op_adapter(tiny_base, default_pairs, adapter_name):
@@ -345,10 +381,11 @@ def test_run_variant_base_rows_equal_a_no_op_adapter(tiny_base, default_pairs, a
     expected_loss = completion_loss(fresh, tiny_base.tokenizer, rows)
 
     # Execute
-    completions, loss = run_variant(tiny_base, config, rows, [None] * 3)
+    completions, losses = run_variant(tiny_base, config, rows, [None] * 3)
 
     # Assert
     assert completions == expected
+    loss = sum(s for s, _ in losses.values()) / sum(n for _, n in losses.values())
     assert loss == pytest.approx(expected_loss, rel=1e-5)
 
 
