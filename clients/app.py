@@ -3,11 +3,15 @@
 The server sends the resolved config (YAML) in every message, so simulation and deployment behave the
 same. A site is picked by `site-id` in node_config (deployment) or by `partition-id` (simulation);
 `data-path` in node_config points a deployed node at its own JSONL, `adapter-dir` at the folder where it keeps
-its personal adapter (default: the run folder's site_adapters/).
+its personal adapter (default: the run folder's site_adapters/). For the final report a site scores its own test
+rows and sends back only the counts; `share-examples=true` in node_config lets its generated examples go too
+(a simulated site shares them: its rows are the server's already).
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,15 +19,16 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fed_netgpt.adapters import attach_adapter, set_state
+from fed_netgpt.adapters import adapter_name_for, attach_adapter, save_adapter, set_state
 from fed_netgpt.config import Config, from_yaml
+from fed_netgpt.data.facts import facts_by_site
 from fed_netgpt.data.sites import SiteData, load_sites
-from fed_netgpt.evaluation import completion_loss
+from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
 from fed_netgpt.models import BaseModel, load_base
-from fed_netgpt.personalization import train_personal_adapter
+from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter
 from fed_netgpt.runs import site_adapter_dir
 from fed_netgpt.training import train_adapter
-from strategies.records import CONFIG_KEY, RUN_ID_KEY, from_record, to_record
+from strategies.records import CONFIG_KEY, FINAL_REPORT_KEY, RUN_ID_KEY, from_record, tallies_to_metrics, to_record
 
 ADAPTER = "local"
 app = ClientApp()
@@ -67,11 +72,18 @@ def prepared_model(msg: Message, config: Config) -> tuple[BaseModel, torch.nn.Mo
     return base, model
 
 
+def owns_data(context: Context) -> bool:
+    """A deployed node (or one given its own `data-path`) keeps data the server does not have."""
+    return "partition-id" not in context.node_config or "data-path" in context.node_config
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    """Who this site is, and the facts its rows state (their levels are derived on the server across sites)."""
     site = local_site(message_config(msg), context)
-    info = ConfigRecord({"site-id": site.site_id, "region": site.region,
-                         "num-train": len(site.train), "num-test": len(site.test)})
+    (_, facts), = facts_by_site(site.train + site.valid + site.test).values()
+    info = ConfigRecord({"site-id": site.site_id, "region": site.region, "num-train": len(site.train),
+                         "num-test": len(site.test), "facts": sorted(facts), "owns-data": owns_data(context)})
     return Message(RecordDict({"site": info}), reply_to=msg)
 
 
@@ -101,12 +113,42 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Per-round validation loss of the received adapter on the site's validation split (never the test split)."""
+    """Per-round validation loss of the received adapter on the site's validation split (never the test split);
+    after the last round, the site's part of the final report."""
     config = message_config(msg)
     site = local_site(config, context)
+    if FINAL_REPORT_KEY in msg.content["config"]:
+        return final_report(msg, config, context, site)
     if not site.valid:  # nothing kept for validation here: zero examples leave this site out of the mean
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     base, model = prepared_model(msg, config)
     loss = completion_loss(model, base.tokenizer, site.valid, config.evaluation.batch_size, config.train.max_length)
     metrics = MetricRecord({"eval_loss": loss, "num-examples": len(site.valid)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def final_report(msg: Message, config: Config, context: Context, site: SiteData) -> Message:
+    """Score this site's own test rows with every variant the server asks for: base, the final federated adapter
+    (sent in the message) and the site's personal adapter (kept here; the federated one if it has none). Only the
+    tallies leave the site, its examples too where the node shares them."""
+    sent = msg.content["config"]
+    limit = int(sent["max-examples"]) if "max-examples" in sent else None  # type: ignore[arg-type]
+    rows = site_sample(site.test, limit, int(sent["sample-offset"]))  # type: ignore[arg-type]
+    levels = json.loads(str(sent["fact-levels"]))
+    vocabulary = set(json.loads(str(sent["fact-vocabulary"])))
+    base, model = prepared_model(msg, config)
+    with tempfile.TemporaryDirectory() as tmp:
+        federated = save_adapter(model, ADAPTER, Path(tmp) / "federated")
+        personal = this_runs_adapter(personal_folder(config, context, site.site_id), str(sent[RUN_ID_KEY]))
+        served = {"base": None, "personalized": personal or federated}
+        adapters = {v: served.get(v, federated) for v in sent["variants"]}  # type: ignore[union-attr]
+        results = evaluate_site(base, config, rows, adapters, levels, vocabulary)
+        model.delete_adapter(adapter_name_for(federated))  # a temporary folder: its adapter goes with it
+    content = RecordDict({"metrics": MetricRecord(tallies_to_metrics(
+        {variant: {k: v for k, v in counts.items() if k != "region"} for variant, (counts, _) in results.items()}))})
+    share = str(context.node_config.get("share-examples", "partition-id" in context.node_config)).lower() == "true"
+    if share:
+        content["examples"] = ConfigRecord({"json": json.dumps({v: ex for v, (_, ex) in results.items()})})
+    print(f"[report] site {site.site_id} ({site.region}): {len(rows)} test rows scored, examples "
+          f"{'shared' if share else 'kept at the site'}", flush=True)
+    return Message(content, reply_to=msg)

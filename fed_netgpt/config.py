@@ -105,6 +105,9 @@ class EvaluationConfig:
     max_examples_per_region: int = 9
     batch_size: int = 16
     examples_to_show: int = 1
+    # auto | true | false: the final report from the sites' own scoring of their own test rows (federated),
+    # or from the server's copy of the data. auto: federated as soon as one node keeps its own data (deployment)
+    federated: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ class Config:
         _check_choice("data.context", self.data.context, CONTEXTS)
         _check_choice("train.bf16", str(self.train.bf16).lower(), ("auto", "true", "false"))
         object.__setattr__(self.train, "bf16", str(self.train.bf16).lower())  # YAML's true arrives as "True"
+        _check_choice("evaluation.federated", str(self.evaluation.federated).lower(), ("auto", "true", "false"))
+        object.__setattr__(self.evaluation, "federated", str(self.evaluation.federated).lower())
         _check_choice("personalization.method", self.personalization.method, ("ditto", "none"))
         for variant in self.compare.variants:
             _check_choice("compare.variants", variant, VARIANTS)

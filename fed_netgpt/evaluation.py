@@ -87,17 +87,18 @@ def generate_completions(
     return outputs
 
 
-def balanced_sample(pairs: Sequence[PromptPair], limit: int) -> list[PromptPair]:
-    """Up to `limit` pairs (0: all), round-robin over (site, intent) cells in sorted order.
-
-    Every cell is represented before any gets a second row, so a small sample still covers every site
-    and every held-out intent (not the first N rows, which are one intent of a few sites).
-    """
-    cells: dict[tuple[str, str], list[PromptPair]] = {}
+def site_sample(pairs: Sequence[PromptPair], limit: int | None, offset: int = 0) -> list[PromptPair]:
+    """Up to `limit` of one site's test pairs (None: all), round-robin over its intents in sorted order starting
+    at the `offset`-th: every intent before any gets a second row, and a region's sites (offsets 0, 1, ...)
+    start on different intents, so even a small sample covers every site and every held-out intent."""
+    cells: dict[str, list[PromptPair]] = {}
     for pair in pairs:
-        cells.setdefault((pair.site_id, pair.intent), []).append(pair)
+        cells.setdefault(pair.intent, []).append(pair)
     queues = [list(rows) for _, rows in sorted(cells.items())]
-    limit = limit or len(pairs)
+    if queues:
+        start = offset % len(queues)
+        queues = queues[start:] + queues[:start]
+    limit = len(pairs) if limit is None else limit
     chosen: list[PromptPair] = []
     while len(chosen) < limit and any(queues):
         for queue in queues:
@@ -106,17 +107,29 @@ def balanced_sample(pairs: Sequence[PromptPair], limit: int) -> list[PromptPair]
     return chosen
 
 
+def site_shares(sites: Sequence[str], per_region: int) -> dict[str, tuple[int | None, int]]:
+    """Each site's (row limit, intent offset) when a region of `sites` gives `per_region` test rows (0: all):
+    shared out evenly, the first sites in sorted order taking the remainder. The server hands the same shares
+    to sites that score their own rows, so both ways sample the very same rows."""
+    ordered = sorted(sites)
+    if not per_region:
+        return {site: (None, k) for k, site in enumerate(ordered)}
+    quotient, remainder = divmod(per_region, len(ordered))
+    return {site: (quotient + (k < remainder), k) for k, site in enumerate(ordered)}
+
+
 def sample_test_rows(pairs: Sequence[PromptPair], per_region: int) -> dict[str, list[PromptPair]]:
     """The sampled test rows of each group (`GROUPS`), `per_region` a region and group (0: all)."""
     heldout = {site.site_id for site in site_datasets(list(pairs)) if site.heldout}
     rows: dict[str, list[PromptPair]] = {group: [] for group in GROUPS}
-    by_region: dict[tuple[str, str], list[PromptPair]] = {}
+    by_site: dict[tuple[str, str], dict[str, list[PromptPair]]] = {}
     for pair in pairs:
         if pair.split == "test":
             group = GROUPS[1] if pair.site_id in heldout else GROUPS[0]
-            by_region.setdefault((group, pair.region), []).append(pair)
-    for (group, _), region_rows in sorted(by_region.items()):
-        rows[group] += balanced_sample(region_rows, per_region)
+            by_site.setdefault((group, pair.region), {}).setdefault(pair.site_id, []).append(pair)
+    for (group, _), sites in sorted(by_site.items()):
+        for site, (limit, offset) in site_shares(list(sites), per_region).items():
+            rows[group] += site_sample(sites[site], limit, offset)
     return rows
 
 
@@ -201,6 +214,24 @@ def score_variant(
     return {**result_from_tallies(tallies), "examples": examples_of(pairs, completions)}
 
 
+def evaluate_site(
+    base: BaseModel, config: Config, rows: Sequence[PromptPair], adapters: dict[str, Path | None],
+    levels: dict[str, dict[str, str]], vocabulary: set[str],
+) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """A site's part of a federated report: per variant (served by `adapters[variant]`), the tally of its own
+    test rows and its examples. Only the tallies need to leave the site; variants served by the same adapter
+    share one generation."""
+    done: dict[Path | None, tuple[list[str], dict[str, tuple[float, int]]]] = {}
+    results = {}
+    for variant, folder in adapters.items():
+        if folder not in done:
+            done[folder] = run_variant(base, config, rows, [folder] * len(rows))
+        completions, losses = done[folder]
+        (counts,) = site_tallies(rows, completions, losses, levels, vocabulary).values()
+        results[variant] = (counts, examples_of(rows, completions))
+    return results
+
+
 def run_variants(config: Config) -> list[str]:
     """The variants a finished run folder can serve: base, its federated adapters, and personalized."""
     variants = ["base", federated_variant(config)]
@@ -210,12 +241,17 @@ def run_variants(config: Config) -> list[str]:
 
 
 def evaluate_run(folder: Path, config: Config, pairs: Sequence[PromptPair], base: BaseModel,
-                 variants: Sequence[str] | None = None) -> dict[str, Any]:
-    """report.json's content: per variant, every metric on held-out intents, and on held-out sites apart."""
+                 variants: Sequence[str] | None = None,
+                 facts: tuple[dict[str, dict[str, str]], set[str]] | None = None) -> dict[str, Any]:
+    """report.json's content: per variant, every metric on held-out intents, and on held-out sites apart.
+
+    `facts` (levels, vocabulary) describe the whole data when `pairs` is only part of it (a federated report
+    scores the held-out sites here and the training sites where they are); by default they come from `pairs`.
+    """
     rows = sample_test_rows(pairs, config.evaluation.max_examples_per_region)
     if not any(rows.values()):
         raise RunFolderError(f"{folder}: the data has no test pairs to evaluate")
-    levels, vocabulary = fact_levels(pairs), fact_vocabulary(pairs)
+    levels, vocabulary = facts or (fact_levels(pairs), fact_vocabulary(pairs))
     report: dict[str, Any] = {"variants": {}}
     for variant in variants or run_variants(config):
         result: dict[str, Any] = {}

@@ -20,6 +20,7 @@ from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publ
 from fed_netgpt.config import Config
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import BaseModel
+from fed_netgpt.runs import is_adapter
 from fed_netgpt.training import TrainResult, train_adapter, trainable_parameters
 
 PERSONAL = "personal"
@@ -47,9 +48,17 @@ def train_personal_adapter(
 
 def _own_adapter(folder: Path, run_id: str) -> AdapterState | None:
     """The site adapter this run trained in earlier rounds, or None (first round, or another run's leftovers)."""
+    mine = this_runs_adapter(folder, run_id)
     try:
-        if json.loads((folder / RUN_MARK).read_text()).get("run_id") != run_id:
-            return None
-        return read_adapter(folder)[1]
-    except (OSError, ValueError, AdapterError):
+        return None if mine is None else read_adapter(mine)[1]
+    except (OSError, AdapterError):
         return None
+
+
+def this_runs_adapter(folder: Path, run_id: str) -> Path | None:
+    """`folder` when it holds a site adapter that run `run_id` trained, else None (none yet, or a stale one)."""
+    try:
+        mark = json.loads((folder / RUN_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return folder if isinstance(mark, dict) and mark.get("run_id") == run_id and is_adapter(folder) else None

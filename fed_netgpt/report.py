@@ -73,6 +73,10 @@ def summary_text(report: dict[str, Any]) -> str:
         parts += ["", "Held-out sites (never trained; served by their region's adapter):", "",
                   variant_table(variants, "heldout_sites")]
     parts += ["", "Location-fact accuracy per region (held-out intents):", "", region_table(variants)]
+    if report.get("scored_by") == "sites":
+        missing = report.get("sites_missing", [])
+        parts += ["", f"Held-out intents scored by the sites themselves: {len(report['sites_scored'])} sites sent "
+                  f"counts, not rows" + (f"; not scored: {', '.join(missing)}" if missing else "") + "."]
     return "\n".join(parts)
 
 

@@ -25,6 +25,7 @@ from fed_netgpt.runs import (
     save_checkpoint,
     start_run,
 )
+from server.federated_report import NodeSite, federated_report, scored_by_sites
 from strategies.aggregation import merge_regions, split_regions
 from strategies.records import CONFIG_KEY, RUN_ID_KEY, from_record, to_record
 from strategies.regional import RegionalStrategy
@@ -57,7 +58,7 @@ def run_federation(grid: Grid, config: Config) -> Path:
     log.info("run folder: %s\n%s", folder, to_yaml(config))
     message_config = ConfigRecord({CONFIG_KEY: to_yaml(config), RUN_ID_KEY: run_id})
     node_sites = discover_sites(grid, config, message_config)
-    node_groups = {node: aggregation_group(config, site, region) for node, (site, region) in node_sites.items()}
+    node_groups = {node: aggregation_group(config, s.site_id, s.region) for node, s in node_sites.items()}
     base = load_base(config.model.name, config.model.cache_dir)
     regions = sorted(set(node_groups.values()))
     done, arrays = starting_point(folder, config, base, regions)
@@ -82,15 +83,20 @@ def run_federation(grid: Grid, config: Config) -> Path:
             timeout=config.federation.timeout, train_config=message_config, evaluate_config=message_config,
             evaluate_fn=end_of_round,
         ).arrays)
-    save_adapters(folder, base, config, split_regions(arrays))
-    if config.run.report:
-        report_run(folder, config, base)
+    states = split_regions(arrays)
+    save_adapters(folder, base, config, states)
+    if not config.run.report:
+        return folder
+    if scored_by_sites(config, node_sites):
+        report = federated_report(grid, config, folder, base, node_sites, node_groups, states, message_config)
+    else:
+        report = evaluate_run(folder, config, load_pairs(config.data), base)
+    publish_report(folder, config, report)
     return folder
 
 
-def report_run(folder: Path, config: Config, base: BaseModel) -> dict:
-    """Evaluate every variant the run folder serves; write report.json, report.md and report.png; print the tables."""
-    report = evaluate_run(folder, config, load_pairs(config.data), base)
+def publish_report(folder: Path, config: Config, report: dict) -> None:
+    """Write report.json, report.md and report.png; print the tables and a few examples."""
     shown = config.evaluation.examples_to_show
     text = write_report(folder, report, shown)
     write_plot(folder / "report.png", report["variants"], validation_curves(folder))
@@ -99,7 +105,6 @@ def report_run(folder: Path, config: Config, base: BaseModel) -> dict:
         for ex in result.get("examples", [])[:shown]:
             print(f"[{name}] {ex['site_id']} ({ex['region']}): {ex['prompt']!r}\n  -> {ex['completion']}")
     print(f"\nRun folder: {folder}  (report.md, report.png, adapters/, site_adapters/, metrics.jsonl)")
-    return report
 
 
 def starting_point(folder: Path, config: Config, base: BaseModel, regions: list[str]) -> tuple[int, dict]:
@@ -116,8 +121,9 @@ def starting_point(folder: Path, config: Config, base: BaseModel, regions: list[
     return done, arrays
 
 
-def discover_sites(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, tuple[str, str]]:
-    """Ask every node which site and region it serves (a query message); wait for all training sites."""
+def discover_sites(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, NodeSite]:
+    """Ask every node which site and region it serves and the facts its rows state (a query message); wait for
+    all training sites."""
     expected = len(load_sites(config.data)) if config.federation.min_nodes == 0 else config.federation.min_nodes
     started = time.monotonic()
     while len(node_ids := list(grid.get_node_ids())) < expected:
@@ -132,14 +138,15 @@ def discover_sites(grid: Grid, config: Config, message_config: ConfigRecord) -> 
         time.sleep(1.0)
     messages = [Message(RecordDict({"config": message_config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in node_ids]
-    node_sites: dict[int, tuple[str, str]] = {}
+    node_sites: dict[int, NodeSite] = {}
     for reply in grid.send_and_receive(messages, timeout=config.federation.timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("discover_sites: node %d did not answer: %s", node, reply.error.reason)
             continue
         site = reply.content["site"]
-        node_sites[node] = (str(site["site-id"]), str(site["region"]))
+        node_sites[node] = NodeSite(str(site["site-id"]), str(site["region"]), tuple(site.get("facts", [])),
+                                    bool(site.get("owns-data", False)))
         log.info("discover_sites: node %d serves site %s in region %s", node, site["site-id"], site["region"])
     if not node_sites:
         raise RuntimeError("no node answered the region query; nothing to train")

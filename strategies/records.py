@@ -17,3 +17,20 @@ def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
+
+
+FINAL_REPORT_KEY = "final-report"  # an evaluate message that asks a site for its part of the federated report
+
+
+def tallies_to_metrics(tallies: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """`{variant: tally}` (numbers only) as the flat keys of a MetricRecord, "<variant>/<field>"."""
+    return {f"{variant}/{key}": float(value) for variant, counts in tallies.items() for key, value in counts.items()}
+
+
+def tallies_from_metrics(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """The inverse of `tallies_to_metrics`."""
+    tallies: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        variant, _, field = key.partition("/")
+        tallies.setdefault(variant, {})[field] = float(value)
+    return tallies

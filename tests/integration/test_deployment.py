@@ -66,7 +66,8 @@ def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: 
         wait_for_port(link_port)
         for site in SITES:
             start(site, str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                  "--port", str(free_port()), "--node-config", f"site-id='{site}'")
+                  "--port", str(free_port()), "--node-config",
+                  f"site-id='{site}'" + (" share-examples=true" if site == "paris" else ""))
         overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=1"
         done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "lab", "--stream", "--run-config", overrides],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -88,3 +89,13 @@ def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: 
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["train"]["france/num-examples"] == 43 and row["train"]["japan/num-examples"] == 43  # 32 + 11
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["france", "japan"]
+    # the final report: each deployed site scored its own test rows and sent counts; only paris shares examples
+    report = json.loads((out / "report.json").read_text())
+    assert report["scored_by"] == "sites"
+    assert report["sites_scored"] == sorted(SITES) and report["sites_missing"] == []
+    for name in ("base", "regional", "personalized"):
+        variant = report["variants"][name]
+        assert variant["num_examples"] == 8  # smoke: 4 a region, shared out over its 2 sites
+        assert sorted(variant["sites"]) == sorted(SITES)
+        assert {ex["site_id"] for ex in variant["examples"]} == {"paris"}
+        assert variant["heldout_sites"]["num_examples"] > 0  # no node serves them: the server scores them

@@ -19,7 +19,6 @@ from fed_netgpt.data.facts import fact_levels, fact_vocabulary
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.evaluation import (
     GROUPS,
-    balanced_sample,
     completion_loss,
     completion_loss_sum,
     generate_completions,
@@ -28,6 +27,8 @@ from fed_netgpt.evaluation import (
     run_variants,
     sample_test_rows,
     score_variant,
+    site_sample,
+    site_shares,
     site_tallies,
 )
 from fed_netgpt.prompting import chat_prompt
@@ -49,7 +50,7 @@ def random_adapter_model(tiny_base, default_config, adapter_name):
     return model
 
 
-# ---- balanced_sample -------------------------------------------------------------------------------
+# ---- site_sample and site_shares --------------------------------------------------------------------
 
 
 def _cell_pair(site: str, intent: str, n: int) -> PromptPair:
@@ -57,34 +58,39 @@ def _cell_pair(site: str, intent: str, n: int) -> PromptPair:
                       intent=intent)
 
 
-# Cells (sorted): (a, taxi) x3, (a, zoo) x1, (b, museum) x2, (b, taxi) x1; listed out of order.
-CELL_PAIRS = [
-    _cell_pair("b", "taxi", 1), _cell_pair("a", "zoo", 1), _cell_pair("a", "taxi", 1), _cell_pair("b", "museum", 1),
-    _cell_pair("a", "taxi", 2), _cell_pair("b", "museum", 2), _cell_pair("a", "taxi", 3),
+# One site's test rows, listed out of order: intents (sorted) museum x1, taxi x3, zoo x2.
+SITE_PAIRS = [
+    _cell_pair("a", "zoo", 1), _cell_pair("a", "taxi", 1), _cell_pair("a", "museum", 1), _cell_pair("a", "taxi", 2),
+    _cell_pair("a", "zoo", 2), _cell_pair("a", "taxi", 3),
 ]
 
 
-def test_balanced_sample_with_one_row_per_cell_takes_every_cell_once_in_sorted_order():
+def test_site_sample_goes_round_robin_over_intents_keeping_each_intent_in_input_order():
     # Execute
-    sample = balanced_sample(CELL_PAIRS, 4)
+    two = site_sample(SITE_PAIRS, 2)
+    everything = site_sample(SITE_PAIRS, None)
+    more_than_all = site_sample(SITE_PAIRS, 100)
 
-    # Assert
-    assert [p.prompt for p in sample] == ["a-taxi1", "a-zoo1", "b-museum1", "b-taxi1"]
-
-
-def test_balanced_sample_goes_round_robin_over_cells_keeping_each_cell_in_input_order():
-    # Execute
-    six = balanced_sample(CELL_PAIRS, 6)
-    everything = balanced_sample(CELL_PAIRS, 0)  # 0: all
-    more_than_all = balanced_sample(CELL_PAIRS, 100)
-
-    # Assert: round 1 every cell, round 2 the cells with a second row, round 3 the rest
-    round_robin = ["a-taxi1", "a-zoo1", "b-museum1", "b-taxi1", "a-taxi2", "b-museum2", "a-taxi3"]
-    assert [p.prompt for p in six] == round_robin[:6]
+    # Assert: round 1 every intent, round 2 those with a second row, round 3 the rest
+    round_robin = ["a-museum1", "a-taxi1", "a-zoo1", "a-taxi2", "a-zoo2", "a-taxi3"]
+    assert [p.prompt for p in two] == round_robin[:2]
     assert [p.prompt for p in everything] == round_robin
     assert [p.prompt for p in more_than_all] == round_robin
-    assert balanced_sample([], 5) == []
-    assert balanced_sample([], 0) == []
+    assert site_sample(SITE_PAIRS, 0) == []
+    assert site_sample([], None) == site_sample([], 5) == []
+
+
+def test_site_sample_offset_starts_on_another_intent():
+    # Execute / Assert: offset 1 starts at taxi; offset 4 wraps around to taxi too (3 intents)
+    assert [p.prompt for p in site_sample(SITE_PAIRS, 3, offset=1)] == ["a-taxi1", "a-zoo1", "a-museum1"]
+    assert [p.prompt for p in site_sample(SITE_PAIRS, 3, offset=4)] == ["a-taxi1", "a-zoo1", "a-museum1"]
+
+
+def test_site_shares_split_a_region_evenly_in_sorted_site_order():
+    # Execute / Assert: the remainder goes to the first sites; 0 means every row
+    assert site_shares(["c", "a", "b"], 4) == {"a": (2, 0), "b": (1, 1), "c": (1, 2)}
+    assert site_shares(["c", "a", "b"], 2) == {"a": (1, 0), "b": (1, 1), "c": (0, 2)}
+    assert site_shares(["b", "a"], 0) == {"a": (None, 0), "b": (None, 1)}
 
 
 # ---- sample_test_rows on the default data -----------------------------------
@@ -111,7 +117,7 @@ def test_test_rows_with_nine_per_region_cover_every_training_site_and_test_inten
         region_rows = intents[start : start + 9]
         region = region_rows[0].region
         cells = [(p.site_id, p.intent) for p in region_rows]
-        assert cells == sorted(cells)  # one round of the round robin, in (site, intent) order
+        assert [site for site, _ in cells] == sorted(site for site, _ in cells)  # site by site, sorted
         assert set(cells) == {(s, i) for s in TRAINING_SITES[region] for i in TEST_INTENTS}
     assert all(p.split == "test" for group in rows.values() for p in group)  # no train/valid row leaks in
 
@@ -149,10 +155,10 @@ def test_test_rows_small_sample_still_spreads_over_sites(default_pairs):
     # Execute
     rows = sample_test_rows(default_pairs, per_region=3)
 
-    # Assert: 3 a region: the 3 first cells (site order) of each region
+    # Assert: 3 a region: one row of each site, each site on another intent (sites and intents both covered)
     assert [(p.region, p.site_id, p.intent) for p in rows["heldout_intents"][:3]] == [
-        ("brazil", "belo-horizonte", "museum"), ("brazil", "belo-horizonte", "pharmacy"),
-        ("brazil", "belo-horizonte", "taxi"),
+        ("brazil", "belo-horizonte", "museum"), ("brazil", "rio-de-janeiro", "pharmacy"),
+        ("brazil", "sao-paulo", "taxi"),
     ]
     assert [(p.site_id, p.intent) for p in rows["heldout_sites"]] == [
         ("salvador", "museum"), ("salvador", "pharmacy"), ("salvador", "taxi"),

@@ -153,3 +153,16 @@ def test_variant_table_skips_variants_without_the_group():
     assert len(table) == 3
     assert table[1] == "|---|---|" + "---|" * len(COLUMNS)
     assert table[2].startswith("| regional | 3 | 25.0% | 80.0% | – |")
+
+
+def test_a_federated_report_says_the_sites_scored_their_rows_and_which_did_not(tmp_path):
+    # Prepare
+    report = {**_report(with_heldout_sites=False), "scored_by": "sites", "sites_scored": ["paris", "tokyo"],
+              "sites_missing": ["lyon"]}
+
+    # Execute
+    text = write_report(tmp_path, report, shown=1)
+
+    # Assert
+    assert "scored by the sites themselves: 2 sites sent counts, not rows; not scored: lyon." in text
+    assert "scored by the sites" not in write_report(tmp_path, _report(with_heldout_sites=False), shown=1)
