@@ -26,11 +26,21 @@ from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter
+from fed_netgpt.privacy import SiteAccountant, longer
 from fed_netgpt.runs import site_adapter_dir
 from fed_netgpt.training import train_adapter
-from strategies.records import CONFIG_KEY, FINAL_REPORT_KEY, RUN_ID_KEY, from_record, tallies_to_metrics, to_record
+from strategies.records import (
+    CONFIG_KEY,
+    DP_HISTORIES_KEY,
+    FINAL_REPORT_KEY,
+    RUN_ID_KEY,
+    from_record,
+    tallies_to_metrics,
+    to_record,
+)
 
 ADAPTER = "local"
+PRIVACY_STATE = "privacy"  # the site's DP accountant history, in the node's state across rounds
 app = ClientApp()
 
 
@@ -77,6 +87,23 @@ def owns_data(context: Context) -> bool:
     return "partition-id" not in context.node_config or "data-path" in context.node_config
 
 
+def personalized(config: Config) -> bool:
+    return config.personalization.method == "ditto" and config.federation.adapters != "local"
+
+
+def site_accountant(config: Config, context: Context, site_id: str, sent: ConfigRecord) -> SiteAccountant | None:
+    """Under `privacy.mode=sample_dp`, this site's accountant: its history is kept in the node's state across
+    rounds, and after a restart continues from the server's record if that one is further. Its noise is planned
+    over every private step of the run (federated and personal adapter)."""
+    if config.privacy.mode != "sample_dp":
+        return None
+    steps = config.train.local_steps + (config.personalization.steps if personalized(config) else 0)
+    saved = context.state.config_records.get(PRIVACY_STATE)
+    kept = json.loads(str(saved["history"])) if saved else []
+    recorded = json.loads(str(sent.get(DP_HISTORIES_KEY, "{}"))).get(site_id, [])
+    return SiteAccountant(config.privacy, config.federation.num_rounds * steps, longer(kept, recorded))
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who this site is, and the facts its rows state (their levels are derived on the server across sites)."""
@@ -96,16 +123,21 @@ def train(msg: Message, context: Context) -> Message:
     train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
     server_round = int(sent.get("server-round", 0))
     ffa = config.federation.lora_aggregation == "ffa"
-    result = train_adapter(model, ADAPTER, base.tokenizer, site.train, train_config, seed=server_round,
-                           freeze_lora_a=ffa)
+    accountant = site_accountant(config, context, site.site_id, sent)
+    train = accountant.train if accountant else train_adapter
+    result = train(model, ADAPTER, base.tokenizer, site.train, train_config, seed=server_round, freeze_lora_a=ffa)
     metrics = {**result.metrics, "num-examples": result.num_examples}
     line = f"loss {result.metrics['train_loss']:.3f} -> {result.metrics['train_loss_last']:.3f}"
-    if config.personalization.method == "ditto" and config.federation.adapters != "local":
+    if personalized(config):
         personal = train_personal_adapter(base, config, site.train, from_record(msg.content["arrays"]),
                                           personal_folder(config, context, site.site_id), str(sent[RUN_ID_KEY]),
-                                          seed=server_round)
+                                          seed=server_round, train=train)
         metrics["personal_loss"] = personal.metrics["train_loss"]
         line += f", personal {personal.metrics['train_loss']:.3f} -> {personal.metrics['train_loss_last']:.3f}"
+    if accountant:
+        context.state[PRIVACY_STATE] = ConfigRecord({"history": json.dumps(accountant.history)})
+        metrics.update(accountant.spent())
+        line += f", epsilon {metrics['epsilon']:.2f} after {int(metrics['dp_steps'])} DP steps"
     print(f"[round {server_round}] site {site.site_id} ({site.region}): {line}, "
           f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads", flush=True)
     return Message(RecordDict({"arrays": to_record(result.state), "metrics": MetricRecord(metrics)}), reply_to=msg)

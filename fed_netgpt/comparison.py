@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fed_netgpt.config import Config
+from fed_netgpt.config import CompareConfig, Config
 
 # run name -> (overrides of federation / data / personalization, the variants that run serves)
 RUNS: dict[str, tuple[dict[str, dict[str, Any]], tuple[str, ...]]] = {
@@ -53,11 +53,13 @@ def runs_for(variants: Sequence[str]) -> list[str]:
 
 
 def run_config(config: Config, run: str, seed: int) -> Config:
-    """The config of one trained run of the comparison, in its own folder under `run.output_dir`."""
+    """The config of one trained run of the comparison, in its own folder under `run.output_dir`. The compare
+    section is left at its defaults: a run does not depend on which other runs or how many seeds surround it
+    (so `run.resume=true` recognises it when the comparison grows)."""
     overrides, _ = RUNS[run]
     sections = {name: replace(getattr(config, name), **values) for name, values in overrides.items()}
     folder = Path(config.run.output_dir) / "runs" / f"{run}-seed{seed}"
-    return replace(config, **sections, train=replace(config.train, seed=seed),
+    return replace(config, **sections, train=replace(config.train, seed=seed), compare=CompareConfig(),
                    run=replace(config.run, output_dir=str(folder), seed=seed, resume=False, report=False))
 
 

@@ -8,6 +8,7 @@ fail with a `ConfigError` that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,16 @@ class PersonalizationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    # none | sample_dp: DP-SGD at each site, one prompt pair the privacy unit (fed_netgpt/privacy.py)
+    mode: str = "none"
+    target_epsilon: float = math.inf  # inf: no target (then noise_multiplier is given)
+    delta: float = 1e-5
+    noise_multiplier: float = 0.0  # 0: not set, derived from target_epsilon over every planned step of the run
+    max_grad_norm: float = 1.0  # each pair's gradient is clipped to this L2 norm
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     seeds: int = 1  # repeat every trained variant with run.seed = train.seed = 0 .. seeds-1
@@ -132,6 +143,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
@@ -173,6 +185,29 @@ class Config:
                 raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:
             raise ConfigError("data.regions must name at least one region when data.region_by=list")
+        _check_privacy(self.privacy)
+
+
+def _check_privacy(privacy: PrivacyConfig) -> None:
+    """Ranges, and exactly one way to set the noise: a given noise_multiplier, or a target_epsilon to derive it."""
+    _check_choice("privacy.mode", privacy.mode, ("none", "sample_dp"))
+    if not 0.0 < privacy.delta < 1.0:
+        raise ConfigError(f"privacy.delta must be within (0, 1), got {privacy.delta}")
+    if not privacy.target_epsilon > 0:
+        raise ConfigError(f"privacy.target_epsilon must be > 0 (inf: no target), got {privacy.target_epsilon}")
+    if not (privacy.noise_multiplier >= 0 and math.isfinite(privacy.noise_multiplier)):
+        raise ConfigError(f"privacy.noise_multiplier must be >= 0 (0: derived from privacy.target_epsilon), "
+                          f"got {privacy.noise_multiplier}")
+    if not (privacy.max_grad_norm > 0 and math.isfinite(privacy.max_grad_norm)):
+        raise ConfigError(f"privacy.max_grad_norm must be > 0, got {privacy.max_grad_norm}")
+    if privacy.mode == "none":
+        return
+    given, targeted = privacy.noise_multiplier > 0, math.isfinite(privacy.target_epsilon)
+    if given == targeted:
+        raise ConfigError(
+            f"privacy.mode={privacy.mode} needs exactly one of privacy.noise_multiplier (> 0) and "
+            f"privacy.target_epsilon (finite); got noise_multiplier={privacy.noise_multiplier}, "
+            f"target_epsilon={privacy.target_epsilon}" + (" (set the other to 0 / inf)" if given else ""))
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")

@@ -12,7 +12,7 @@ regional adapters of a personalized run equal those of a run without it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,9 +29,10 @@ RUN_MARK = "run.json"  # beside a site adapter: which run trained it, so a new r
 
 def train_personal_adapter(
     base: BaseModel, config: Config, pairs: Sequence[PromptPair], regional: AdapterState, folder: Path,
-    run_id: str, seed: int,
+    run_id: str, seed: int, train: Callable[..., TrainResult] = train_adapter,
 ) -> TrainResult:
-    """One round of Ditto's personal update at a site; the adapter is published to `folder` (peft format)."""
+    """One round of Ditto's personal update at a site; the adapter is published to `folder` (peft format).
+    `train` is `training.train_adapter`, or a site's `privacy.SiteAccountant.train` under DP."""
     model = attach_adapter(base, PERSONAL, config.lora, seed=config.run.seed)
     set_state(model, PERSONAL, regional)
     anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
@@ -40,7 +41,7 @@ def train_personal_adapter(
         set_state(model, PERSONAL, previous)
     settings = replace(config.train, local_steps=config.personalization.steps,
                        proximal_mu=config.personalization.ditto_lambda)
-    result = train_adapter(model, PERSONAL, base.tokenizer, pairs, settings, seed=seed, anchor=anchor)
+    result = train(model, PERSONAL, base.tokenizer, pairs, settings, seed=seed, anchor=anchor)
     publish_adapter(model, PERSONAL, folder, state=result.state)
     (folder / RUN_MARK).write_text(json.dumps({"run_id": run_id}))
     return result

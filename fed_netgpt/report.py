@@ -73,6 +73,12 @@ def summary_text(report: dict[str, Any]) -> str:
         parts += ["", "Held-out sites (never trained; served by their region's adapter):", "",
                   variant_table(variants, "heldout_sites")]
     parts += ["", "Location-fact accuracy per region (held-out intents):", "", region_table(variants)]
+    privacy = report.get("privacy")
+    if privacy:
+        parts += ["", f"Differential privacy ({privacy['mode']}): epsilon {cell(privacy['epsilon_max'], False)} at "
+                  f"delta {privacy['delta']:g} (the worst site) for {privacy['unit']}; it covers "
+                  f"{privacy['covers']}." + (f" Budget spent before the end: {', '.join(privacy['budget_spent'])}."
+                                               if privacy["budget_spent"] else "")]
     if report.get("scored_by") == "sites":
         missing = report.get("sites_missing", [])
         parts += ["", f"Held-out intents scored by the sites themselves: {len(report['sites_scored'])} sites sent "

@@ -148,6 +148,15 @@ def round_summaries(folder: str | Path) -> list[dict[str, Any]]:
     return [row for row in rows if "round" in row and "site_id" not in row]
 
 
+def site_records(folder: str | Path) -> list[dict[str, Any]]:
+    """The per-site records of metrics.jsonl (a site's metrics or error, each round it was asked to train)."""
+    path = Path(folder) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if "site_id" in row]
+
+
 def run_finished(folder: str | Path, config: Config) -> bool:
     """Whether `folder` holds a run of exactly `config` that recorded its last round."""
     path = Path(folder) / "config.yaml"

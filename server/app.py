@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.plots import validation_curves, write_plot
+from fed_netgpt.privacy import privacy_report, recorded_histories
 from fed_netgpt.report import duration, write_report
 from fed_netgpt.runs import (
     RunFolderError,
@@ -23,11 +25,12 @@ from fed_netgpt.runs import (
     latest_checkpoint,
     save_adapters,
     save_checkpoint,
+    site_records,
     start_run,
 )
 from server.federated_report import NodeSite, federated_report, scored_by_sites
 from strategies.aggregation import merge_regions, split_regions
-from strategies.records import CONFIG_KEY, RUN_ID_KEY, from_record, to_record
+from strategies.records import CONFIG_KEY, DP_HISTORIES_KEY, RUN_ID_KEY, from_record, to_record
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
 
@@ -57,6 +60,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
     folder, run_id = start_run(config)
     log.info("run folder: %s\n%s", folder, to_yaml(config))
     message_config = ConfigRecord({CONFIG_KEY: to_yaml(config), RUN_ID_KEY: run_id})
+    if config.privacy.mode != "none":  # a resumed run tells each site how much it has spent already
+        message_config[DP_HISTORIES_KEY] = json.dumps(recorded_histories(site_records(folder)))
     node_sites = discover_sites(grid, config, message_config)
     node_groups = {node: aggregation_group(config, s.site_id, s.region) for node, s in node_sites.items()}
     base = load_base(config.model.name, config.model.cache_dir)
@@ -73,6 +78,9 @@ def run_federation(grid: Grid, config: Config) -> Path:
         save_checkpoint(folder, server_round, from_record(round_arrays))
         row = {"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}
         append_metrics(folder, row)
+        for node, record in strategy.site_replies.items():
+            site = node_sites[node]
+            append_metrics(folder, {"round": server_round, "site_id": site.site_id, "region": site.region, **record})
         _log_round(server_round, config.federation.num_rounds, done + 1, time.perf_counter() - started, regions,
                    strategy.round_metrics)
         return None
@@ -91,6 +99,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
         report = federated_report(grid, config, folder, base, node_sites, node_groups, states, message_config)
     else:
         report = evaluate_run(folder, config, load_pairs(config.data), base)
+    if config.privacy.mode != "none":
+        report["privacy"] = privacy_report(config.privacy, site_records(folder))
     publish_report(folder, config, report)
     return folder
 

@@ -71,6 +71,7 @@ class RegionalStrategy(Strategy):
         self.strategies = {region: make_strategy() for region in self.regions}
         self.current: dict[str, dict[str, Any]] = {}
         self.round_metrics: dict[str, dict[str, float]] = {}
+        self.site_replies: dict[int, dict[str, Any]] = {}  # node -> its last training reply's metrics or error
         self.downlink_bytes = 0
 
     def summary(self) -> None:
@@ -108,6 +109,8 @@ class RegionalStrategy(Strategy):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.site_replies = {msg.metadata.src_node_id: _reply_record(msg) for msg in replies}
         grouped = self._by_region(replies)
         new_states, metrics = {}, {}
         for region in self.regions:
@@ -172,6 +175,14 @@ class RegionalStrategy(Strategy):
 def array_bytes(msg: Message) -> int:
     """Bytes of adapter weights a message carries (what a round costs the sites' links, framing aside)."""
     return sum(array.numpy().nbytes for record in msg.content.array_records.values() for array in record.values())
+
+
+def _reply_record(msg: Message) -> dict[str, Any]:
+    """What a site's training reply says about it, for its line in metrics.jsonl: its metrics, or its error."""
+    if msg.has_error():
+        return {"error": msg.error.reason}
+    records = list(msg.content.metric_records.values())[:1]
+    return {key: float(value) for record in records for key, value in record.items() if isinstance(value, (int, float))}
 
 
 def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:

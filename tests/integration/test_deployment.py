@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fed_netgpt.runs import round_summaries
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SITES = {"paris": "france", "marseille": "france", "tokyo": "japan", "yokohama": "japan"}
@@ -86,7 +88,7 @@ def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: 
     assert (out / "report.json").is_file(), server_log[-4000:]
     for site, region in SITES.items():
         assert f"serves site {site} in region {region}" in server_log
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    row = round_summaries(out)[0]
     assert row["train"]["france/num-examples"] == 43 and row["train"]["japan/num-examples"] == 43  # 32 + 11
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["france", "japan"]
     # the final report: each deployed site scored its own test rows and sent counts; only paris shares examples

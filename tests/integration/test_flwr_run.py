@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from fed_netgpt.runs import round_summaries
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +54,5 @@ def test_flwr_run_with_run_config_overrides(tmp_path: Path) -> None:
         for pid in superlink_pids(flwr_home):
             os.kill(pid, signal.SIGTERM)
     assert (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["round"] for row in rows] == [1]  # the --run-config override reached the ServerApp
+    assert [row["round"] for row in round_summaries(out)] == [1]  # the --run-config override reached the ServerApp
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["france", "japan"]

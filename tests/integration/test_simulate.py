@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fed_netgpt.runs import round_summaries, site_records
+
 pytestmark = pytest.mark.integration
 REGIONS = ("france", "japan")
 TRAINING_SITES = ["marseille", "paris", "tokyo", "yokohama"]  # smoke: 2 a region train, the third is held out
@@ -44,7 +46,7 @@ def test_run_folder_has_the_contracted_layout(run_dir: Path) -> None:
 
 
 def test_metrics_has_one_line_per_round_with_every_region(run_dir: Path) -> None:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = round_summaries(run_dir)
     assert [row["round"] for row in rows] == [1, 2]
     for row in rows:
         for region in REGIONS:
@@ -54,6 +56,11 @@ def test_metrics_has_one_line_per_round_with_every_region(run_dir: Path) -> None
             assert np.isfinite(row["evaluate"][f"{region}/eval_loss"])
             assert row["evaluate"][f"{region}/num-examples"] == 4  # validation split: 2 sites x 2 pairs
         assert row["bytes"]["uplink"] == row["bytes"]["downlink"] > 0  # 4 sites, one adapter each way
+    # and a line per site and round, with what that site reported
+    sites = site_records(run_dir)
+    assert sorted((r["round"], r["site_id"]) for r in sites) == [(n, s) for n in (1, 2) for s in TRAINING_SITES]
+    paris = next(r for r in sites if r["site_id"] == "paris")
+    assert paris["region"] == "france" and paris["num-examples"] == 32 and np.isfinite(paris["train_loss"])
 
 
 def test_regions_train_different_adapters_that_moved_from_the_start(run_dir: Path) -> None:
@@ -132,8 +139,7 @@ def test_resume_continues_from_the_latest_checkpoint(run_dir: Path, tmp_path: Pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     assert "resuming after round 2" in done.stderr
-    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert [row["round"] for row in round_summaries(resumed)] == [1, 2, 3]
     assert "[round 3/3 |" in done.stdout and "[round 1/3 |" not in done.stdout
     unchanged = load_file(str(resumed / "checkpoints" / "round-2" / "adapters.safetensors"))
     assert all(np.array_equal(round_2[k], unchanged[k]) for k in round_2)
@@ -150,5 +156,5 @@ def test_global_mode_trains_one_adapter_that_every_region_is_evaluated_with(tmp_
     report = json.loads((out / "report.json").read_text())
     assert list(report["variants"]) == ["base", "global", "personalized"]
     assert sorted(report["variants"]["global"]["regions"]) == list(REGIONS)
-    row = json.loads((out / "metrics.jsonl").read_text())
+    (row,) = round_summaries(out)
     assert row["train"]["global/num-examples"] == 86  # all 4 sites (2 x (32 + 11) pairs) in one aggregate

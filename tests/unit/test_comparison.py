@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,9 @@ def test_run_config_puts_each_run_in_its_folder_with_its_seed(user_config, seed)
     assert config.run.resume is False
     assert config.run.report is False
     assert config.federation.num_rounds == 5 and config.lora.r == 4  # everything else as the user set it
+    # the same run whatever surrounds it: more seeds or other variants leave its config (and resume) unchanged
+    grown = replace(user_config, compare=replace(user_config.compare, seeds=7, variants=["base", "regional"]))
+    assert run_config(grown, "regional", seed) == config
 
 
 @pytest.mark.parametrize(

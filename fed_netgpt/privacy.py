@@ -1,0 +1,261 @@
+"""Sample-level differential privacy at a site (`privacy.mode=sample_dp`): DP-SGD on the LoRA weights, with
+Opacus, where the privacy unit is one prompt pair (one sequence).
+
+What each piece is for:
+
+- **Poisson sampling.** Each step takes every pair of the site independently with probability
+  q = batch_size / n: the sampling that the RDP accountant's amplification assumes (a shuffled fixed-size batch
+  is not). An empty draw still takes a step (noise only) and is still counted.
+- **A loss per sequence.** Each pair's loss is the mean over its own completion tokens and the step sums them; a
+  token mean over the whole batch would make one pair's weight depend on the others' lengths.
+- **Opacus computes and privatises the gradients.** `GradSampleModule` gives per-pair gradients of the trainable
+  LoRA weights only (the frozen base gets no hooks); `DPOptimizer` clips each to `max_grad_norm`, sums them, adds
+  N(0, (noise_multiplier x max_grad_norm)^2) and divides by the expected batch size. Hook mode, not ghost
+  clipping: LoRA's per-pair gradients are r x width per layer (a few MB a batch), so ghost clipping has little
+  memory to save here.
+- **A proximal pull survives.** FedProx's and Ditto's term depends on no data, so its gradient is added to the
+  privatised gradient (post-processing costs no privacy); Opacus alone would overwrite `p.grad` and drop it.
+- **Cumulative accounting.** The RDP accountant's history [(noise_multiplier, q, steps), ...] is the site's
+  state across rounds, so epsilon covers the whole run; a round that would take it past `target_epsilon` is
+  refused before any step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fed_netgpt.adapters import get_state
+from fed_netgpt.config import PrivacyConfig, TrainConfig
+from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.training import TrainResult, autocast, collate, precision_for, proximal_term, trainable_parameters
+
+History = list[tuple[float, float, int]]  # the RDP accountant's [(noise_multiplier, sample_rate, steps)]
+
+
+class BudgetSpent(RuntimeError):
+    """A round would take the site past `privacy.target_epsilon`: the site does not train."""
+
+
+@dataclass(frozen=True)
+class PrivacySpent:
+    """Where a site stands: enough to recompute epsilon with any RDP accountant."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    dp_steps: int
+
+    def metrics(self) -> dict[str, float]:
+        return {"epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate, "dp_steps": float(self.dp_steps)}
+
+
+def sample_rate(batch_size: int, num_pairs: int) -> float:
+    """q: the chance that a step includes a given pair (the expected batch is `batch_size` pairs)."""
+    return min(1.0, batch_size / num_pairs)
+
+
+def noise_multiplier_for(privacy: PrivacyConfig, rate: float, planned_steps: int) -> float:
+    """`privacy.noise_multiplier` when set, else the smallest one that keeps epsilon within `target_epsilon`
+    after `planned_steps` steps at sample rate `rate` (Opacus's binary search over its RDP accountant)."""
+    if privacy.noise_multiplier > 0:
+        return privacy.noise_multiplier
+    return float(get_noise_multiplier(target_epsilon=privacy.target_epsilon, target_delta=privacy.delta,
+                                      sample_rate=rate, steps=planned_steps, accountant="rdp"))
+
+
+def epsilon_of(history: History, delta: float) -> float:
+    """Epsilon after the steps of `history` (RDP accountant, converted at `delta`); 0 before any step."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [tuple(entry) for entry in history]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def with_steps(history: History, noise: float, rate: float, steps: int) -> History:
+    """`history` after `steps` more steps at (noise, rate), merged as Opacus's accountant merges them."""
+    history = [tuple(entry) for entry in history]  # type: ignore[misc]
+    if history and history[-1][:2] == (noise, rate):
+        return history[:-1] + [(noise, rate, history[-1][2] + steps)]
+    return history + [(noise, rate, steps)]
+
+
+def check_budget(privacy: PrivacyConfig, history: History, noise: float, rate: float, steps: int) -> None:
+    """Refuse a round whose steps would take epsilon past `target_epsilon` (none set: `inf`, never refused)."""
+    if math.isinf(privacy.target_epsilon):
+        return
+    after = epsilon_of(with_steps(history, noise, rate, steps), privacy.delta)
+    if after > privacy.target_epsilon * (1 + 1e-9):
+        spent = epsilon_of(history, privacy.delta)
+        raise BudgetSpent(f"privacy budget spent: epsilon is {spent:.3f}; {steps} more steps would make it "
+                          f"{after:.3f} > privacy.target_epsilon={privacy.target_epsilon}")
+
+
+def poisson_batch(num_pairs: int, rate: float, rng: random.Random) -> list[int]:
+    """The indices of one Poisson-sampled batch: each pair in with probability `rate`, independently."""
+    return [i for i in range(num_pairs) if rng.random() < rate]
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean cross-entropy over its own completion tokens (labels != -100), shape [batch]."""
+    targets = labels[:, 1:]
+    tokens = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                               ignore_index=-100, reduction="none")
+    mask = (targets != -100).float()
+    return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def train_adapter_private(
+    model: PeftModel,
+    adapter_name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PromptPair],
+    config: TrainConfig,
+    privacy: PrivacyConfig,
+    history: History,
+    planned_steps: int,
+    *,
+    anchor: dict[str, torch.Tensor] | None = None,
+    freeze_lora_a: bool = False,
+) -> tuple[TrainResult, History]:
+    """`training.train_adapter` under DP-SGD: `config.local_steps` Poisson-sampled steps on `pairs`.
+
+    `history` is the site's accountant history before this round; the one returned includes it. Raises
+    `BudgetSpent` (and changes nothing) when the round would exceed `privacy.target_epsilon`. The batches and
+    the noise come from the operating system's randomness, never from a seed: whoever knew the seed (the
+    server sends it) could regenerate the noise and subtract it.
+    """
+    if not pairs:
+        raise ValueError("train_adapter_private needs at least one training pair")
+    rate = sample_rate(config.batch_size, len(pairs))
+    noise = noise_multiplier_for(privacy, rate, planned_steps)
+    check_budget(privacy, history, noise, rate, config.local_steps)
+    model.set_adapter(adapter_name)
+    device = next(model.parameters()).device
+    params = trainable_parameters(model, freeze_lora_a)
+    if config.proximal_mu > 0 and anchor is None:
+        anchor = {n: p.detach().clone() for n, p in params.items()}
+    anchor = anchor if config.proximal_mu > 0 else None
+    accountant = RDPAccountant()
+    accountant.history = [tuple(entry) for entry in history]
+    optimizer = DPOptimizer(
+        torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay),
+        noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm, expected_batch_size=config.batch_size,
+        loss_reduction="mean", generator=torch.Generator().manual_seed(secrets.randbits(63)),
+    )
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
+    per_pair = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    rng = random.SystemRandom()
+    model.train()
+    losses, started, precision = [], time.perf_counter(), None
+    try:
+        for _ in range(config.local_steps):
+            chosen = [pairs[i] for i in poisson_batch(len(pairs), rate, rng)]
+            if chosen:
+                batch = {k: v.to(device) for k, v in collate(tokenizer, chosen, config.max_length).items()}
+                precision = precision or precision_for(config, model, batch)
+                with autocast(precision.bf16, device):
+                    logits = per_pair(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                per_sequence = sequence_losses(logits, batch["labels"])
+                with warnings.catch_warnings():  # Opacus' hooks on the first LoRA layer, whose input is frozen
+                    warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                    per_sequence.sum().backward()
+                losses.append(float(per_sequence.mean().detach()))
+            else:  # nobody drawn: the step is noise alone, and it is counted
+                for p in optimizer.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            if optimizer.pre_step():
+                if anchor is not None:  # data-independent: added after privatisation
+                    with torch.enable_grad():
+                        pull = torch.autograd.grad((config.proximal_mu / 2) * proximal_term(model, anchor),
+                                                   list(params.values()), allow_unused=True)
+                    for p, g in zip(params.values(), pull):
+                        if g is not None:
+                            p.grad = p.grad + g
+                optimizer.original_optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        per_pair._close()
+        model.eval()
+    spent = PrivacySpent(epsilon_of(accountant.history, privacy.delta), privacy.delta, noise, rate,
+                         sum(steps for _, _, steps in accountant.history))
+    metrics = {
+        "train_loss": sum(losses) / len(losses) if losses else math.nan,
+        "train_loss_last": losses[-1] if losses else math.nan,
+        "train_seconds": time.perf_counter() - started,
+        "steps": float(config.local_steps),
+        "bf16": float(bool(precision and precision.bf16)),
+        **spent.metrics(),
+    }
+    result = TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)
+    return result, [tuple(entry) for entry in accountant.history]  # type: ignore[misc]
+
+
+class SiteAccountant:
+    """One site's DP-SGD across a run: every private training of the site (its federated adapter, its personal
+    adapter) draws on the same accountant, so epsilon covers all that the site's data shaped."""
+
+    def __init__(self, privacy: PrivacyConfig, planned_steps: int, history: History) -> None:
+        self.privacy, self.planned_steps = privacy, planned_steps
+        self.history: History = [tuple(entry) for entry in history]  # type: ignore[misc]
+
+    def train(self, model: PeftModel, adapter_name: str, tokenizer: PreTrainedTokenizerBase,
+              pairs: Sequence[PromptPair], config: TrainConfig, seed: int = 0, *,
+              anchor: dict[str, torch.Tensor] | None = None, freeze_lora_a: bool = False) -> TrainResult:
+        """`training.train_adapter`'s signature, under DP-SGD (`seed` is not used: DP randomness must not be
+        predictable); the history grows with every step taken."""
+        result, self.history = train_adapter_private(model, adapter_name, tokenizer, pairs, config, self.privacy,
+                                                     self.history, self.planned_steps, anchor=anchor,
+                                                     freeze_lora_a=freeze_lora_a)
+        return result
+
+    def spent(self) -> dict[str, float]:
+        """epsilon, delta and the cumulative step count so far."""
+        return {"epsilon": epsilon_of(self.history, self.privacy.delta), "delta": self.privacy.delta,
+                "dp_steps": float(sum(steps for _, _, steps in self.history))}
+
+
+def recorded_histories(site_records: Sequence[dict]) -> dict[str, History]:
+    """Each site's accountant history as metrics.jsonl recorded it (its noise and sample rate are fixed for a
+    run, so its last record's cumulative steps say it all): what a resumed run hands back to the sites, whose
+    in-memory state did not survive the restart."""
+    latest = {r["site_id"]: r for r in site_records if "dp_steps" in r}
+    return {site: [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["dp_steps"]))]
+            for site, r in latest.items()}
+
+
+def longer(first: History, second: History) -> History:
+    """The history with more steps: a site keeps counting from whichever record of its spending is further."""
+    return max(first, second, key=lambda history: sum(steps for _, _, steps in history))
+
+
+def privacy_report(privacy: PrivacyConfig, site_records: Sequence[dict]) -> dict:
+    """report.json's `privacy`: what is protected, and each site's epsilon at its last private step."""
+    latest = {r["site_id"]: r for r in site_records if "epsilon" in r}
+    spent = sorted({r["site_id"] for r in site_records if "privacy budget spent" in str(r.get("error", ""))})
+    sites = {site: {key: r[key] for key in ("epsilon", "noise_multiplier", "sample_rate", "dp_steps") if key in r}
+             for site, r in sorted(latest.items())}
+    return {
+        "mode": privacy.mode,
+        "unit": "one prompt pair of a site (one training sequence)",
+        "covers": "everything the site's data trained: the updates it sent and its personal adapter",
+        "delta": privacy.delta, "max_grad_norm": privacy.max_grad_norm, "target_epsilon": privacy.target_epsilon,
+        "epsilon_max": max((s["epsilon"] for s in sites.values()), default=math.nan),
+        "sites": sites, "budget_spent": spent,
+    }
