@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from fed_netgpt.data.facts import fact_levels, fact_vocabulary, levels_of
-from fed_netgpt.data.schema import PromptPair
+from pathlib import Path
+
+from fed_netgpt.data.facts import fact_levels, fact_vocabulary, facts_by_site, levels_from_sites, levels_of
+from fed_netgpt.data.schema import PromptPair, read_jsonl
 
 
 def _row(site: str, region: str, facts: tuple[str, ...], split: str = "train") -> PromptPair:
@@ -122,3 +124,20 @@ def test_fact_vocabulary_of_the_default_data(default_pairs):
     # Assert: 12 cities, and per country 1 name, 1 currency, 1 calling code; 1 + 1 + 2 time zones
     assert len(vocabulary) == 12 + 3 * 3 + 4
     assert {"São Paulo", "America/Bahia", "America/Sao_Paulo", "Asia/Tokyo", "Europe/Paris", "+55"} <= vocabulary
+
+
+def test_the_hand_written_us_cities_file_splits_its_facts_by_region():
+    # Prepare: docs/data/us-cities.jsonl, another completion format (request first, facts in brackets)
+    pairs = read_jsonl(Path(__file__).resolve().parents[2] / "docs" / "data" / "us-cities.jsonl")
+
+    # Execute
+    levels = fact_levels(pairs)
+    sites = facts_by_site(pairs)
+
+    # Assert: the state and its time zone are shared by all four sites of a region; city and area code are not
+    assert levels["texas"] == {"texas": "region", "central time": "region", "austin": "site", "512": "site",
+                               "houston": "site", "713": "site", "dallas": "site", "214": "site",
+                               "fort worth": "site", "817": "site"}
+    assert levels["california"]["pacific time"] == "region" and levels["california"]["415"] == "site"
+    assert sites["oakland"] == ("california", {"Oakland", "California", "510", "Pacific Time"})
+    assert levels_from_sites(sites) == levels

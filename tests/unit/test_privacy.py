@@ -360,8 +360,8 @@ def test_private_training_learns_and_reports_what_it_spent(tiny_base, adapter_na
         assert not np.array_equal(result.state[key], start[key]), key
     assert all(np.any(v != 0) for k, v in result.state.items() if ".lora_B." in k)
     _assert_same_state(result.state, get_state(model, adapter_name))
-    # it learned from the data, not just noise (measured over runs: 10.95 -> ~10.25)
-    assert loss_after < loss_before - 0.3, (loss_before, loss_after)
+    # it learned from the data (measured over 8 runs: 10.953 -> 10.22..10.25; noise alone: -> 10.69..10.92)
+    assert loss_after < loss_before - 0.5, (loss_before, loss_after)
     # accounting: the old entry kept, this round appended
     assert history == [(1.0, 0.1, 5)]
     assert new_history == [(1.0, 0.1, 5), (0.5, 0.5, 10)]
