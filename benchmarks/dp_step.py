@@ -40,7 +40,9 @@ def main() -> None:
                                     "privacy.noise_multiplier=1.0", *args.overrides])
     base = random_base(args.model) if args.random_init else load_base(config.model.name)
     base.model.to(args.device)
-    pairs = load_sites(config.data)[0].train[: args.batch]
+    pairs = max(load_sites(config.data), key=lambda site: len(site.train)).train[: args.batch]
+    if len(pairs) < args.batch:
+        parser.error(f"the biggest site has {len(pairs)} training pairs; --batch must be at most that")
     model = attach_adapter(base, "bench", config.lora)
     cuda = args.device == "cuda"
 

@@ -157,7 +157,7 @@ def train_adapter_private(
     optimizer = DPOptimizer(
         torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay),
         noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm, expected_batch_size=config.batch_size,
-        loss_reduction="mean", generator=torch.Generator().manual_seed(secrets.randbits(63)),
+        loss_reduction="mean", generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
     )
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
     per_pair = GradSampleModule(model, batch_first=True, loss_reduction="sum")
