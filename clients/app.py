@@ -125,17 +125,21 @@ def train(msg: Message, context: Context) -> Message:
     ffa = config.federation.lora_aggregation == "ffa"
     accountant = site_accountant(config, context, site.site_id, sent)
     train = accountant.train if accountant else train_adapter
-    result = train(model, ADAPTER, base.tokenizer, site.train, train_config, seed=server_round, freeze_lora_a=ffa)
-    metrics = {**result.metrics, "num-examples": result.num_examples}
-    line = f"loss {result.metrics['train_loss']:.3f} -> {result.metrics['train_loss_last']:.3f}"
-    if personalized(config):
-        personal = train_personal_adapter(base, config, site.train, from_record(msg.content["arrays"]),
-                                          personal_folder(config, context, site.site_id), str(sent[RUN_ID_KEY]),
-                                          seed=server_round, train=train)
-        metrics["personal_loss"] = personal.metrics["train_loss"]
-        line += f", personal {personal.metrics['train_loss']:.3f} -> {personal.metrics['train_loss_last']:.3f}"
+    try:
+        result = train(model, ADAPTER, base.tokenizer, site.train, train_config, seed=server_round,
+                       freeze_lora_a=ffa)
+        metrics = {**result.metrics, "num-examples": result.num_examples}
+        line = f"loss {result.metrics['train_loss']:.3f} -> {result.metrics['train_loss_last']:.3f}"
+        if personalized(config):
+            personal = train_personal_adapter(base, config, site.train, from_record(msg.content["arrays"]),
+                                              personal_folder(config, context, site.site_id),
+                                              str(sent[RUN_ID_KEY]), seed=server_round, train=train)
+            metrics["personal_loss"] = personal.metrics["train_loss"]
+            line += f", personal {personal.metrics['train_loss']:.3f} -> {personal.metrics['train_loss_last']:.3f}"
+    finally:  # every private step taken is kept, even when a later one was refused
+        if accountant:
+            context.state[PRIVACY_STATE] = ConfigRecord({"history": json.dumps(accountant.history)})
     if accountant:
-        context.state[PRIVACY_STATE] = ConfigRecord({"history": json.dumps(accountant.history)})
         metrics.update(accountant.spent())
         line += f", epsilon {metrics['epsilon']:.2f} after {int(metrics['dp_steps'])} DP steps"
     print(f"[round {server_round}] site {site.site_id} ({site.region}): {line}, "

@@ -75,8 +75,12 @@ def noise_multiplier_for(privacy: PrivacyConfig, rate: float, planned_steps: int
     after `planned_steps` steps at sample rate `rate` (Opacus's binary search over its RDP accountant)."""
     if privacy.noise_multiplier > 0:
         return privacy.noise_multiplier
-    return float(get_noise_multiplier(target_epsilon=privacy.target_epsilon, target_delta=privacy.delta,
-                                      sample_rate=rate, steps=planned_steps, accountant="rdp"))
+    try:
+        return float(get_noise_multiplier(target_epsilon=privacy.target_epsilon, target_delta=privacy.delta,
+                                          sample_rate=rate, steps=planned_steps, accountant="rdp"))
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise BudgetSpent(f"privacy.target_epsilon={privacy.target_epsilon} cannot be reached at sample rate "
+                          f"{rate:.3g} over {planned_steps} steps ({err})") from None
 
 
 def epsilon_of(history: History, delta: float) -> float:
@@ -156,7 +160,7 @@ def train_adapter_private(
     accountant.history = [tuple(entry) for entry in history]
     optimizer = DPOptimizer(
         torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay),
-        noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm, expected_batch_size=config.batch_size,
+        noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm, expected_batch_size=round(rate * len(pairs)),
         loss_reduction="mean", generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
     )
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))

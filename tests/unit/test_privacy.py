@@ -632,3 +632,12 @@ def test_valid_privacy_settings_load(overrides, expected):
     # Assert
     assert (privacy.mode, privacy.target_epsilon, privacy.noise_multiplier, privacy.delta,
             privacy.max_grad_norm) == expected
+
+
+def test_a_target_no_noise_can_reach_is_refused_with_the_setting_named():
+    # Prepare: epsilon 1e-4 with every pair in each of 10,000 steps
+    unreachable = PrivacyConfig(mode="sample_dp", target_epsilon=1e-4)
+
+    # Execute / Assert
+    with pytest.raises(BudgetSpent, match=r"privacy\.target_epsilon=0\.0001 cannot be reached"):
+        noise_multiplier_for(unreachable, 1.0, 10_000)
