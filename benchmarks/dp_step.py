@@ -10,12 +10,11 @@ hits both alike; prints median step times, their ratio, and on a GPU the peak me
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from train_step import random_base  # benchmarks/ is the running script's folder
+from train_step import random_base, step_parser  # benchmarks/ is the running script's folder
 
 from fed_netgpt.adapters import attach_adapter
 from fed_netgpt.config import load_config
@@ -26,14 +25,8 @@ from fed_netgpt.training import train_adapter
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = step_parser()
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--random-init", action="store_true", help="architecture of --model FOLDER, random weights")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}",
                                     f"train.batch_size={args.batch}", "privacy.mode=sample_dp",

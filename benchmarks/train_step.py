@@ -30,7 +30,8 @@ def random_base(folder: str) -> BaseModel:
                      name=folder)
 
 
-def main() -> None:
+def step_parser() -> argparse.ArgumentParser:
+    """The arguments every step benchmark takes (model, steps per round, rounds, device, random weights)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=4, help="steps per timed round")
@@ -38,7 +39,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--random-init", action="store_true", help="architecture of --model FOLDER, random weights")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = step_parser().parse_args()
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}", *args.overrides])
     base = random_base(args.model) if args.random_init else load_base(config.model.name)
     base.model.to(args.device)

@@ -83,18 +83,23 @@ def noise_multiplier_for(privacy: PrivacyConfig, rate: float, planned_steps: int
                           f"{rate:.3g} over {planned_steps} steps ({err})") from None
 
 
+def as_history(entries: Sequence[Sequence[float]]) -> History:
+    """A history as (noise_multiplier, sample_rate, steps) tuples: JSON gives back lists, Opacus keeps tuples."""
+    return [(float(noise), float(rate), int(steps)) for noise, rate, steps in entries]
+
+
 def epsilon_of(history: History, delta: float) -> float:
     """Epsilon after the steps of `history` (RDP accountant, converted at `delta`); 0 before any step."""
     if not history:
         return 0.0
     accountant = RDPAccountant()
-    accountant.history = [tuple(entry) for entry in history]
+    accountant.history = as_history(history)
     return float(accountant.get_epsilon(delta=delta))
 
 
 def with_steps(history: History, noise: float, rate: float, steps: int) -> History:
     """`history` after `steps` more steps at (noise, rate), merged as Opacus's accountant merges them."""
-    history = [tuple(entry) for entry in history]  # type: ignore[misc]
+    history = as_history(history)
     if history and history[-1][:2] == (noise, rate):
         return history[:-1] + [(noise, rate, history[-1][2] + steps)]
     return history + [(noise, rate, steps)]
@@ -157,7 +162,7 @@ def train_adapter_private(
         anchor = {n: p.detach().clone() for n, p in params.items()}
     anchor = anchor if config.proximal_mu > 0 else None
     accountant = RDPAccountant()
-    accountant.history = [tuple(entry) for entry in history]
+    accountant.history = as_history(history)
     optimizer = DPOptimizer(
         torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay),
         noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm, expected_batch_size=round(rate * len(pairs)),
@@ -208,7 +213,7 @@ def train_adapter_private(
         **spent.metrics(),
     }
     result = TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)
-    return result, [tuple(entry) for entry in accountant.history]  # type: ignore[misc]
+    return result, as_history(accountant.history)
 
 
 class SiteAccountant:
@@ -217,7 +222,7 @@ class SiteAccountant:
 
     def __init__(self, privacy: PrivacyConfig, planned_steps: int, history: History) -> None:
         self.privacy, self.planned_steps = privacy, planned_steps
-        self.history: History = [tuple(entry) for entry in history]  # type: ignore[misc]
+        self.history = as_history(history)
 
     def train(self, model: PeftModel, adapter_name: str, tokenizer: PreTrainedTokenizerBase,
               pairs: Sequence[PromptPair], config: TrainConfig, seed: int = 0, *,

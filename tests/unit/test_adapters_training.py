@@ -27,6 +27,7 @@ from fed_netgpt.models import cache_root, tiny_random_folder
 from fed_netgpt.precision import choose_precision
 from fed_netgpt.prompting import chat_prompt
 from fed_netgpt.training import batches, collate, train_adapter
+from tests.states import l2_distance
 
 # 2 layers x (q, k, v, o) x (A, B); hidden 64, 4 heads of 16, 2 key/value heads -> k, v project to 32.
 EXPECTED_SHAPES = {
@@ -36,9 +37,6 @@ EXPECTED_SHAPES = {
     for ab, shape in (("A", (8, 64)), ("B", (out, 8)))
 }
 
-
-def _l2(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in a))
 
 
 def _snapshot(model, name: str) -> dict[str, np.ndarray]:
@@ -238,7 +236,7 @@ def test_train_adapter_three_steps_changes_only_the_active_adapter(
 
     # Assert
     after = get_state(model, adapter_name)
-    assert _l2(before, after) > 0
+    assert l2_distance(before, after) > 0
     assert all(np.abs(v).sum() > 0 for k, v in after.items() if ".lora_B." in k)  # B left zero
     for key, value in after.items():
         np.testing.assert_array_equal(result.state[key], value)
@@ -306,7 +304,7 @@ def test_proximal_term_keeps_weights_closer_to_the_start(
     # Assert
     assert math.isfinite(pulled.metrics["train_loss"])
     assert math.isfinite(free.metrics["train_loss"])
-    assert 0 < _l2(start, pulled.state) < 0.8 * _l2(start, free.state)
+    assert 0 < l2_distance(start, pulled.state) < 0.8 * l2_distance(start, free.state)
 
 
 def test_ffa_training_leaves_lora_a_at_its_start_and_moves_b(tiny_base, default_config, adapter_name,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -13,20 +12,13 @@ from fed_netgpt.config import load_config
 from fed_netgpt.evaluation import completion_loss
 from fed_netgpt.personalization import RUN_MARK, train_personal_adapter
 from fed_netgpt.runs import is_adapter
+from tests.states import assert_same_state, l2_distance
 
 # fp32 (exact and reproducible), small batches, a rate that moves the tiny model in a few steps.
 FAST = ["model.name=tiny-random", "train.bf16=false", "train.batch_size=4", "train.learning_rate=0.01",
         "personalization.steps=3"]
 
 
-def _l2(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in a))
-
-
-def _assert_same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        np.testing.assert_array_equal(value, b[key], err_msg=key)
 
 
 @pytest.fixture
@@ -55,8 +47,8 @@ def test_publishes_a_peft_adapter_and_the_run_mark(tiny_base, regional, site_pai
     assert json.loads((folder / RUN_MARK).read_text()) == {"run_id": "run-1"}
     adapter_config, saved = read_adapter(folder)
     assert adapter_config["r"] == 8 and adapter_config["peft_type"] == "LORA"
-    _assert_same_state(saved, result.state)
-    assert _l2(regional, result.state) > 0  # it trained
+    assert_same_state(saved, result.state)
+    assert l2_distance(regional, result.state) > 0  # it trained
     assert result.num_examples == 8
     assert result.metrics["steps"] == 3.0  # personalization.steps, not train.local_steps (4)
     assert sorted(p.name for p in folder.parent.iterdir()) == ["paris"]  # no staging folder left behind
@@ -71,7 +63,7 @@ def test_a_large_ditto_lambda_keeps_the_personal_adapter_near_the_regional(tiny_
     for lam in (0.0, 100.0):
         config = load_config(overrides=[*FAST, "personalization.steps=6", f"personalization.ditto_lambda={lam}"])
         result = train_personal_adapter(tiny_base, config, site_pairs, regional, tmp_path / f"l{lam:g}", "r", seed=0)
-        distances[lam] = _l2(regional, result.state)
+        distances[lam] = l2_distance(regional, result.state)
 
     # Assert (measured: 2.80 free, 0.31 pulled)
     assert 0 < distances[100.0] < 0.3 * distances[0.0]
@@ -93,10 +85,10 @@ def test_same_run_continues_from_its_adapter_another_run_restarts_from_the_regio
     unreadable_mark = train_personal_adapter(tiny_base, config, site_pairs, regional, folder, "run-2", seed=0)
 
     # Assert: a first call is reproducible; the second of the same run started from the first's result
-    _assert_same_state(first.state, fresh.state)
-    assert _l2(continued.state, fresh.state) > 1e-3
-    _assert_same_state(other_run.state, fresh.state)  # a stale adapter of another run is not inherited
-    _assert_same_state(unreadable_mark.state, fresh.state)
+    assert_same_state(first.state, fresh.state)
+    assert l2_distance(continued.state, fresh.state) > 1e-3
+    assert_same_state(other_run.state, fresh.state)  # a stale adapter of another run is not inherited
+    assert_same_state(unreadable_mark.state, fresh.state)
     assert json.loads((folder / RUN_MARK).read_text()) == {"run_id": "run-2"}
 
 

@@ -31,6 +31,7 @@ from fed_netgpt.privacy import (
     train_adapter_private,
     with_steps,
 )
+from tests.states import assert_same_state, l2_distance
 
 # Opacus's RDPAccountant.DEFAULT_ALPHAS, written out: the orders epsilon_of must use.
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -40,14 +41,6 @@ DP = ["model.name=tiny-random", "train.bf16=false", "privacy.mode=sample_dp"]
 PING = PromptPair(site_id="a", region="r", prompt="ping", completion="pong pong pong")
 
 
-def _l2(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in a))
-
-
-def _assert_same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        np.testing.assert_array_equal(value, b[key], err_msg=key)
 
 
 def _opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -359,7 +352,7 @@ def test_private_training_learns_and_reports_what_it_spent(tiny_base, adapter_na
     for key in start:
         assert not np.array_equal(result.state[key], start[key]), key
     assert all(np.any(v != 0) for k, v in result.state.items() if ".lora_B." in k)
-    _assert_same_state(result.state, get_state(model, adapter_name))
+    assert_same_state(result.state, get_state(model, adapter_name))
     # it learned from the data (measured over 8 runs: 10.953 -> 10.22..10.25; noise alone: -> 10.69..10.92)
     assert loss_after < loss_before - 0.5, (loss_before, loss_after)
     # accounting: the old entry kept, this round appended
@@ -397,16 +390,20 @@ def test_the_round_merges_into_a_history_of_the_same_noise_and_rate(tiny_base, a
     assert result.metrics["epsilon"] == pytest.approx(_opacus_epsilon([(0.5, 0.5, 6)], DELTA), rel=1e-9)
 
 
-def test_empty_poisson_draws_still_step_and_count(tiny_base, adapter_name, no_draws):
-    # Prepare: q = 1/1000; every draw is empty (the fixture)
+def _three_steps_at_a_tiny_rate(tiny_base, adapter_name):
+    """3 DP steps at q = 1/1000 (batch 1 of 1000 pairs); returns the result, the history and the start state."""
     config = load_config(overrides=[*DP, "privacy.noise_multiplier=1.0"])
     train = dataclasses.replace(config.train, local_steps=3, batch_size=1, learning_rate=1e-2)
     model = attach_adapter(tiny_base, adapter_name, config.lora)
     start = get_state(model, adapter_name)
-
-    # Execute
     result, history = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 1000, train,
                                             config.privacy, [], planned_steps=3)
+    return result, history, start
+
+
+def test_empty_poisson_draws_still_step_and_count(tiny_base, adapter_name, no_draws):
+    # Prepare / Execute: q = 1/1000; every draw is empty (the fixture)
+    result, history, start = _three_steps_at_a_tiny_rate(tiny_base, adapter_name)
 
     # Assert: three noise-only steps taken, and each counted at the true sample rate
     assert result.metrics["dp_steps"] == 3.0
@@ -414,26 +411,19 @@ def test_empty_poisson_draws_still_step_and_count(tiny_base, adapter_name, no_dr
     assert history == [(1.0, 0.001, 3)]
     assert result.metrics["epsilon"] == pytest.approx(_opacus_epsilon([(1.0, 0.001, 3)], DELTA), rel=1e-9)
     assert math.isnan(result.metrics["train_loss"])  # no pair was ever drawn
-    assert _l2(result.state, start) > 0
+    assert l2_distance(result.state, start) > 0
     for key in start:
         assert not np.array_equal(result.state[key], start[key]), key
 
 
 def test_the_real_draw_at_a_tiny_rate_counts_every_step(tiny_base, adapter_name):
-    # Prepare: q = 1/1000 without the fixture: most draws hold 0 or 1 pair
-    config = load_config(overrides=[*DP, "privacy.noise_multiplier=1.0"])
-    train = dataclasses.replace(config.train, local_steps=3, batch_size=1, learning_rate=1e-2)
-    model = attach_adapter(tiny_base, adapter_name, config.lora)
-    start = get_state(model, adapter_name)
-
-    # Execute
-    result, history = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 1000, train,
-                                            config.privacy, [], planned_steps=3)
+    # Prepare / Execute: q = 1/1000 without the fixture: most draws hold 0 or 1 pair
+    result, history, start = _three_steps_at_a_tiny_rate(tiny_base, adapter_name)
 
     # Assert
     assert result.metrics["dp_steps"] == 3.0
     assert history == [(1.0, 0.001, 3)]
-    assert _l2(result.state, start) > 0
+    assert l2_distance(result.state, start) > 0
 
 
 def test_the_noise_is_fresh_not_reproducible_from_a_seed(tiny_base, adapter_name, no_draws):
@@ -454,8 +444,8 @@ def test_the_noise_is_fresh_not_reproducible_from_a_seed(tiny_base, adapter_name
         states.append(result.state)
 
     # Assert: whoever knows the seeds cannot regenerate (and subtract) the noise
-    assert _l2(states[0], start) > 0 and _l2(states[1], start) > 0
-    assert _l2(states[0], states[1]) > 0
+    assert l2_distance(states[0], start) > 0 and l2_distance(states[1], start) > 0
+    assert l2_distance(states[0], states[1]) > 0
 
 
 def test_freeze_lora_a_leaves_a_at_its_start_under_dp(tiny_base, adapter_name, no_draws):
@@ -504,7 +494,7 @@ def test_budget_across_rounds_then_refusal_changes_nothing(tiny_base, adapter_na
     assert epsilons[0] < epsilons[1] < epsilons[2] <= 2.0
     assert epsilons[2] >= 0.97 * 2.0
     assert epsilons == pytest.approx([_opacus_epsilon([(sigma, 0.25, 4 * k)], DELTA) for k in (1, 2, 3)])
-    _assert_same_state(get_state(model, adapter_name), before)  # the refused round took no step
+    assert_same_state(get_state(model, adapter_name), before)  # the refused round took no step
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
@@ -522,7 +512,7 @@ def test_a_proximal_term_survives_dp(tiny_base, adapter_name):
         train = dataclasses.replace(config.train, local_steps=5, batch_size=4, learning_rate=3e-2, proximal_mu=mu)
         result, _ = train_adapter_private(model, name, tiny_base.tokenizer, pairs, train, config.privacy, [],
                                           planned_steps=5)
-        distances[mu] = _l2(result.state, start)
+        distances[mu] = l2_distance(result.state, start)
 
     # Assert (measured: 6.6 free, 1.7 pulled)
     assert 0 < distances[10.0] < 0.5 * distances[0.0], distances
