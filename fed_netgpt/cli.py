@@ -24,16 +24,25 @@ from pathlib import Path
 import torch
 
 from fed_netgpt.adapters import AdapterError, adapter_name_for, load_adapter
-from fed_netgpt.comparison import SOURCES, mean_over_seeds, run_config, runs_for
+from fed_netgpt.comparison import jobs_for, mean_over_seeds, privacy_utility, run_config
 from fed_netgpt.config import Config, ConfigError, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run, generate_completions
 from fed_netgpt.models import ModelNotFoundError, load_base
-from fed_netgpt.plots import mean_curve, validation_curves, write_plot
+from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
 from fed_netgpt.precision import choose_precision
+from fed_netgpt.privacy import privacy_report
 from fed_netgpt.report import duration, json_safe, write_report
-from fed_netgpt.runs import RunFolderError, read_run_config, round_summaries, run_finished, run_regions, serving_adapter
+from fed_netgpt.runs import (
+    RunFolderError,
+    read_run_config,
+    round_summaries,
+    run_finished,
+    run_regions,
+    serving_adapter,
+    site_records,
+)
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError)
 
@@ -144,32 +153,30 @@ def compare_command(args: argparse.Namespace) -> int:
     folder = Path(config.run.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(to_yaml(config))
-    runs, seeds = runs_for(config.compare.variants), config.compare.seeds
-    results: dict[str, list[dict]] = {v: [] for v in config.compare.variants}
-    if "base" in results:
-        results["base"] = [evaluate_run(folder, config, load_pairs(config.data), base, variants=["base"])
-                           ["variants"]["base"]]
+    jobs, seeds = jobs_for(config.compare), config.compare.seeds
+    results: dict[str, list[dict]] = {name: [] for job in jobs for name, _ in job.served}
+    if "base" in config.compare.variants:
+        results = {"base": [evaluate_run(folder, config, load_pairs(config.data), base, variants=["base"])
+                            ["variants"]["base"]], **results}
     curves: dict[str, list[tuple[int, float]]] = {}
     started = time.perf_counter()
     for seed in range(seeds):
-        for number, run in enumerate(runs, start=1):
-            run_cfg = run_config(config, run, seed)
-            print(f"[compare] seed {seed + 1}/{seeds}, run {number}/{len(runs)}: {run} -> {run_cfg.run.output_dir} "
-                  f"({duration(time.perf_counter() - started)} elapsed)", flush=True)
+        for number, job in enumerate(jobs, start=1):
+            run_cfg = run_config(config, job.run, seed, job.epsilon)
+            print(f"[compare] seed {seed + 1}/{seeds}, run {number}/{len(jobs)}: {job.name} -> "
+                  f"{run_cfg.run.output_dir} ({duration(time.perf_counter() - started)} elapsed)", flush=True)
             run_dir = Path(run_cfg.run.output_dir)
             if config.run.resume and run_finished(run_dir, run_cfg):
                 print(f"[compare] {run_dir.name} finished earlier with the same config: evaluated, not retrained",
                       flush=True)
             else:
                 _simulate_in_subprocess(run_cfg)
-            served = [v for v in config.compare.variants if v != "base" and SOURCES[v][0] == run]
             report = evaluate_run(run_dir, run_cfg, load_pairs(run_cfg.data), base,
-                                  variants=[SOURCES[v][1] for v in served])
-            for variant in served:
-                result = report["variants"][SOURCES[variant][1]]
-                results[variant].append({**result, **_run_costs(run_dir)})
-                if seed == 0 and variant != "personalized":  # the validation loss is of the federated adapters
-                    curves[variant] = mean_curve(validation_curves(run_dir))
+                                  variants=[inside for _, inside in job.served])
+            for name, inside in job.served:
+                results[name].append({**report["variants"][inside], **_run_costs(run_dir, run_cfg)})
+                if seed == 0 and inside != "personalized":  # the validation loss is of the federated adapters
+                    curves[name] = mean_curve(validation_curves(run_dir))
         text = _write_comparison(folder, config, results, curves, seed + 1, time.perf_counter() - started)
     print(f"\n{text}\n\nReport: {folder}/report.md, report.json, report.png")
     return 0
@@ -178,10 +185,14 @@ def compare_command(args: argparse.Namespace) -> int:
 def _write_comparison(folder: Path, config: Config, results: dict[str, list[dict]],
                       curves: dict[str, list[tuple[int, float]]], seeds_done: int, seconds: float) -> str:
     """report.json, report.md and report.png of the seeds done so far (rewritten after every seed)."""
-    report = {"variants": {v: mean_over_seeds(r) for v, r in results.items() if r}, "seeds": seeds_done,
-              "wall_seconds": seconds}
+    variants = {v: mean_over_seeds(r) for v, r in results.items() if r}
+    report = {"variants": variants, "seeds": seeds_done, "wall_seconds": seconds}
+    trade_off = privacy_utility(variants, config.compare.epsilons)
+    if trade_off:
+        report["privacy_utility"] = trade_off
+        write_privacy_plot(folder / "privacy-utility.png", trade_off, variants.get("base"))
     text = write_report(folder, report, config.evaluation.examples_to_show, title="Comparison of variants")
-    write_plot(folder / "report.png", report["variants"], curves, "Validation loss by round (mean over groups)")
+    write_plot(folder / "report.png", variants, curves, "Validation loss by round (mean over groups)")
     return text
 
 
@@ -199,15 +210,18 @@ def _simulate_in_subprocess(config: Config) -> None:
         raise RunFolderError(f"the {folder.name} run failed (exit {done.returncode}); see {folder.with_suffix('.log')}")
 
 
-def _run_costs(run_dir: Path) -> dict[str, float]:
-    """The federation's wall time (start to last round, model loading left out) and the mean adapter bytes a
-    round moved, down to the sites and up from them (metrics.jsonl)."""
+def _run_costs(run_dir: Path, config: Config) -> dict[str, float]:
+    """The federation's wall time (start to last round, model loading left out), the mean adapter bytes a
+    round moved, down to the sites and up from them, and under DP the epsilon the worst site reached
+    (metrics.jsonl)."""
     rows = round_summaries(run_dir)
     costs = {"wall_seconds": float(rows[-1]["seconds"])} if rows else {}
     moved = [row["bytes"] for row in rows if "bytes" in row]
     if moved:
         costs.update({f"{way}_bytes_per_round": sum(r[way] for r in moved) / len(moved)
                       for way in ("downlink", "uplink")})
+    if config.privacy.mode != "none":
+        costs["epsilon_max"] = privacy_report(config.privacy, site_records(run_dir))["epsilon_max"]
     return costs
 
 

@@ -14,13 +14,17 @@
 regional and personalized come from one run: Ditto's personal adapters change nothing the federation averages.
 Trained variants repeat over `compare.seeds` seeds (run.seed = train.seed = k, the data fixed), reported as
 mean ± std.
+
+The privacy-utility variants (`local_dp`, `regional_dp`, `personalized_dp`, `regional_ffa_dp`) are `local`,
+`regional`, `personalized` and `regional_ffa` trained under DP-SGD at each site (`privacy.mode=sample_dp`) once
+per epsilon in `compare.epsilons`, named `<variant>@<epsilon>`; at `inf` they are the non-private run itself.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +51,69 @@ SOURCES = {
 }
 
 
-def runs_for(variants: Sequence[str]) -> list[str]:
-    """The runs that train the asked variants, each once."""
-    return list(dict.fromkeys(SOURCES[v][0] for v in variants if v != "base"))
+# privacy-utility variant -> the variant it is under DP-SGD
+DP_VARIANTS = {"local_dp": "local", "regional_dp": "regional", "personalized_dp": "personalized",
+               "regional_ffa_dp": "regional_ffa"}
 
 
-def run_config(config: Config, run: str, seed: int) -> Config:
+@dataclass(frozen=True)
+class Job:
+    """One trained run of a comparison: which of `RUNS`, its privacy budget (inf: not private) and what it
+    serves: (name in the comparison, variant in the run's own report)."""
+
+    run: str
+    epsilon: float
+    served: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        """`regional`, `regional-eps8`: the run's folder under runs/, without the seed."""
+        return self.run if math.isinf(self.epsilon) else f"{self.run}-eps{self.epsilon:g}"
+
+
+def dp_name(variant: str, epsilon: float) -> str:
+    """`regional_dp@8`: a privacy-utility variant at one epsilon."""
+    return f"{variant}@{epsilon:g}"
+
+
+def jobs_for(compare: CompareConfig) -> list[Job]:
+    """The runs that train the asked variants, each once, in the order first asked: a variant at an epsilon
+    shares its run with the other variants that run serves (regional and personalized come from one run), and
+    at inf with the non-private variant."""
+    served: dict[tuple[str, float], list[tuple[str, str]]] = {}
+    for variant in compare.variants:
+        if variant in DP_VARIANTS:
+            run, inside = SOURCES[DP_VARIANTS[variant]]
+            for epsilon in compare.epsilons:
+                served.setdefault((run, float(epsilon)), []).append((dp_name(variant, epsilon), inside))
+        elif variant != "base":
+            run, inside = SOURCES[variant]
+            served.setdefault((run, math.inf), []).append((variant, inside))
+    return [Job(run, epsilon, tuple(names)) for (run, epsilon), names in served.items()]
+
+
+def run_config(config: Config, run: str, seed: int, epsilon: float = math.inf) -> Config:
     """The config of one trained run of the comparison, in its own folder under `run.output_dir`. The compare
     section is left at its defaults: a run does not depend on which other runs or how many seeds surround it
-    (so `run.resume=true` recognises it when the comparison grows)."""
+    (so `run.resume=true` recognises it when the comparison grows). A finite `epsilon` trains under DP-SGD at
+    every site with the noise derived to end the run at that epsilon."""
     overrides, _ = RUNS[run]
-    sections = {name: replace(getattr(config, name), **values) for name, values in overrides.items()}
-    folder = Path(config.run.output_dir) / "runs" / f"{run}-seed{seed}"
+    sections = {section: replace(getattr(config, section), **values) for section, values in overrides.items()}
+    if math.isfinite(epsilon):
+        sections["privacy"] = replace(config.privacy, mode="sample_dp", target_epsilon=epsilon, noise_multiplier=0.0)
+    folder = Path(config.run.output_dir) / "runs" / f"{Job(run, epsilon, ()).name}-seed{seed}"
     return replace(config, **sections, train=replace(config.train, seed=seed), compare=CompareConfig(),
                    run=replace(config.run, output_dir=str(folder), seed=seed, resume=False, report=False))
+
+
+def privacy_utility(variants: dict[str, dict[str, Any]], epsilons: Sequence[float]) -> dict[str, dict[str, Any]]:
+    """Per privacy-utility variant, its result at each epsilon (label -> result), in `epsilons`' order."""
+    table: dict[str, dict[str, Any]] = {}
+    for variant in DP_VARIANTS:
+        row = {f"{e:g}": variants[dp_name(variant, e)] for e in epsilons if dp_name(variant, e) in variants}
+        if row:
+            table[variant] = row
+    return table
 
 
 def mean_over_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

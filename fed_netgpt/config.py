@@ -106,8 +106,10 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     seeds: int = 1  # repeat every trained variant with run.seed = train.seed = 0 .. seeds-1
+    # the privacy-utility variants (local_dp, regional_dp, ...) train once per epsilon; inf: without DP
+    epsilons: list[float] = field(default_factory=lambda: [math.inf, 8.0, 4.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,7 @@ class Config:
         _check_choice("evaluation.federated", str(self.evaluation.federated).lower(), ("auto", "true", "false"))
         object.__setattr__(self.evaluation, "federated", str(self.evaluation.federated).lower())
         _check_choice("personalization.method", self.personalization.method, ("ditto", "none"))
-        for variant in self.compare.variants:
-            _check_choice("compare.variants", variant, VARIANTS)
+        _check_compare(self.compare, self.privacy)
         for key, value in _positive_fields(self).items():
             if value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
@@ -210,10 +211,26 @@ def _check_privacy(privacy: PrivacyConfig) -> None:
             f"target_epsilon={privacy.target_epsilon}" + (" (set the other to 0 / inf)" if given else ""))
 
 
+def _check_compare(compare: CompareConfig, privacy: PrivacyConfig) -> None:
+    for variant in compare.variants:
+        _check_choice("compare.variants", variant, VARIANTS)
+    for epsilon in compare.epsilons:
+        if not (isinstance(epsilon, (int, float)) and epsilon > 0):
+            raise ConfigError(f"compare.epsilons must be > 0 (inf: without DP), got {epsilon!r}")
+    if len(set(compare.epsilons)) != len(compare.epsilons):
+        raise ConfigError(f"compare.epsilons names an epsilon twice: {compare.epsilons}")
+    dp_variants = [v for v in compare.variants if v.endswith("_dp")]
+    if dp_variants and privacy.mode != "none":
+        raise ConfigError(f"compare.variants {', '.join(dp_variants)} set the privacy of their runs from "
+                          f"compare.epsilons; leave privacy.mode=none (got {privacy.mode})")
+
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 CONTEXTS = ("none", "city", "coordinates")
 # What `fed-netgpt compare` can train and evaluate side by side (fed_netgpt/comparison.py says what each is).
-VARIANTS = ("base", "local", "global", "global_city", "regional", "personalized", "regional_ffa", "regional_svd")
+DEFAULT_VARIANTS = ("base", "local", "global", "global_city", "regional", "personalized", "regional_ffa",
+                    "regional_svd")
+VARIANTS = (*DEFAULT_VARIANTS, "local_dp", "regional_dp", "personalized_dp", "regional_ffa_dp")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

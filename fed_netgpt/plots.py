@@ -65,3 +65,26 @@ def write_plot(path: Path, variants: dict[str, dict[str, Any]], curves: dict[str
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def write_privacy_plot(path: Path, trade_off: dict[str, dict[str, dict[str, Any]]],
+                       base: dict[str, Any] | None = None) -> Path:
+    """privacy-utility.png: location-fact accuracy (held-out intents) against epsilon, a line per variant, the
+    epsilons in the order compared (the base model's accuracy, which spends no privacy, as a dashed line)."""
+    labels = list(dict.fromkeys(label for row in trade_off.values() for label in row))
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for i, (variant, row) in enumerate(trade_off.items()):
+        points = [(labels.index(label), 100 * (result.get("fact_accuracy") or 0.0)) for label, result in row.items()]
+        axis.plot(*zip(*points), marker="o", label=variant, color=f"C{i % 10}")
+    if base is not None:
+        axis.axhline(100 * (base.get("fact_accuracy") or 0.0), color="grey", linestyle="--", label="base")
+    axis.set_xticks(range(len(labels)), ["∞" if label == "inf" else label for label in labels])
+    axis.set_xlabel("epsilon (DP-SGD at each site, one prompt pair protected)")
+    axis.set_ylim(0, 105)
+    axis.set_ylabel("location-fact accuracy (%)")
+    axis.set_title("Privacy-utility: held-out intents")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -61,6 +61,26 @@ def region_table(variants: dict[str, dict[str, Any]], group: str | None = None) 
     return "\n".join(lines)
 
 
+def privacy_utility_table(trade_off: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Rows: privacy-utility variants; columns: epsilons."""
+    labels = list(dict.fromkeys(label for row in trade_off.values() for label in row))
+    lines = ["| variant | " + " | ".join(f"ε={label}" for label in labels) + " |", "|---|" + "---|" * len(labels)]
+    for variant, row in trade_off.items():
+        cells = []
+        for label in labels:
+            result = row.get(label)
+            if result is None:
+                cells.append("–")
+                continue
+            text = " / ".join(cell(result.get(key), True) for key in
+                              ("fact_accuracy", "site_fact_accuracy", "worst_site_fact_accuracy"))
+            reached = result.get("epsilon_max")
+            cells.append(text + (f" ({reached:.2f})" if isinstance(reached, float) and math.isfinite(reached)
+                                 else ""))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _sub(result: dict[str, Any], group: str | None) -> dict[str, Any]:
     return result.get(group, {}) if group else result
 
@@ -73,6 +93,10 @@ def summary_text(report: dict[str, Any]) -> str:
         parts += ["", "Held-out sites (never trained; served by their region's adapter):", "",
                   variant_table(variants, "heldout_sites")]
     parts += ["", "Location-fact accuracy per region (held-out intents):", "", region_table(variants)]
+    if report.get("privacy_utility"):
+        parts += ["", "Privacy-utility: fact accuracy on held-out intents / site-level facts / worst site, by "
+                  "epsilon (DP-SGD at each site; the epsilon the worst site reached in brackets):", "",
+                  privacy_utility_table(report["privacy_utility"])]
     privacy = report.get("privacy")
     if privacy:
         parts += ["", f"Differential privacy ({privacy['mode']}): epsilon {cell(privacy['epsilon_max'], False)} at "

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fed_netgpt.comparison import RUNS, SOURCES, mean_over_seeds, run_config, runs_for
-from fed_netgpt.config import VARIANTS, load_config
+from fed_netgpt.comparison import RUNS, SOURCES, Job, jobs_for, mean_over_seeds, privacy_utility, run_config
+from fed_netgpt.config import DEFAULT_VARIANTS, VARIANTS, CompareConfig, ConfigError, load_config
 
-# ---- runs_for --------------------------------------------------------------------------------------
+# ---- jobs_for --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -21,19 +21,57 @@ from fed_netgpt.config import VARIANTS, load_config
         (["regional", "personalized"], ["regional"]),
         (["personalized", "base", "regional"], ["regional"]),
         (["global_city", "global"], ["global_city", "global"]),
-        (list(VARIANTS), ["local", "global", "global_city", "regional", "regional_ffa", "regional_svd"]),
+        (list(DEFAULT_VARIANTS), ["local", "global", "global_city", "regional", "regional_ffa", "regional_svd"]),
     ],
 )
-def test_runs_for_trains_each_run_once(variants, runs):
-    # Execute / Assert
-    assert runs_for(variants) == runs
+def test_jobs_for_trains_each_run_once(variants, runs):
+    # Execute
+    jobs = jobs_for(CompareConfig(variants=variants))
+
+    # Assert
+    assert [job.name for job in jobs] == runs
+    assert all(job.epsilon == math.inf for job in jobs)
+
+
+def test_jobs_for_trains_dp_variants_once_per_epsilon_sharing_runs():
+    # Prepare: regional and personalized come from one run; at inf the DP variants are the non-private run
+    compare = CompareConfig(variants=["base", "regional", "regional_dp", "personalized_dp", "local_dp"],
+                            epsilons=[math.inf, 8.0, 0.5])
+
+    # Execute
+    jobs = jobs_for(compare)
+
+    # Assert
+    assert [job.name for job in jobs] == ["regional", "regional-eps8", "regional-eps0.5", "local", "local-eps8",
+                                          "local-eps0.5"]
+    assert jobs[0].served == (("regional", "regional"), ("regional_dp@inf", "regional"),
+                              ("personalized_dp@inf", "personalized"))
+    assert jobs[1] == Job("regional", 8.0, (("regional_dp@8", "regional"), ("personalized_dp@8", "personalized")))
+    assert jobs[5].served == (("local_dp@0.5", "local"),)
 
 
 def test_every_compare_variant_but_base_has_a_source_run_that_serves_it():
     # Execute / Assert
-    assert set(SOURCES) == set(VARIANTS) - {"base"}
+    assert set(SOURCES) == set(DEFAULT_VARIANTS) - {"base"}
     for variant, (run, served) in SOURCES.items():
         assert served in RUNS[run][1], variant
+    assert all(v in jobs_for(CompareConfig(variants=[v]))[0].served[0][0] for v in VARIANTS if v != "base")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["compare.epsilons=[8,0]"], "compare.epsilons must be > 0"),
+        (["compare.epsilons=[8,8]"], "names an epsilon twice"),
+        (["compare.variants=[regional_dp]", "privacy.mode=sample_dp", "privacy.noise_multiplier=1"],
+         "leave privacy.mode=none"),
+        (["compare.variants=[regional_private]"], "compare.variants must be one of"),
+    ],
+)
+def test_compare_config_refuses(overrides, message):
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
 
 
 # ---- run_config ------------------------------------------------------------------------------------
@@ -86,6 +124,19 @@ def test_run_config_applies_each_runs_overrides(user_config, run, adapters, aggr
     assert config.personalization.method == method
     assert config.data.context == context
     assert config.run.output_dir.endswith(f"runs/{run}-seed1")
+    assert config.privacy.mode == "none"
+
+
+def test_run_config_at_a_finite_epsilon_trains_under_dp_sgd_in_its_own_folder(user_config):
+    # Execute
+    config = run_config(user_config, "regional", 1, epsilon=4.0)
+
+    # Assert: the noise is derived from the target; everything else as the non-private run
+    assert config.privacy.mode == "sample_dp"
+    assert config.privacy.target_epsilon == 4.0 and config.privacy.noise_multiplier == 0.0
+    assert config.run.output_dir.endswith("runs/regional-eps4-seed1")
+    plain = run_config(user_config, "regional", 1)
+    assert replace(config, privacy=plain.privacy, run=plain.run) == plain
 
 
 # ---- mean_over_seeds -------------------------------------------------------------------------------
@@ -154,3 +205,19 @@ def test_mean_over_seeds_keeps_the_first_seeds_value_of_a_key_missing_elsewhere(
     # Assert
     assert merged["fact_accuracy"] == pytest.approx(0.3)
     assert merged["heldout_sites"] == {"fact_accuracy": 0.6}
+
+
+def test_privacy_utility_rows_per_dp_variant_in_epsilon_order():
+    # Prepare
+    variants = {"base": {"fact_accuracy": 0.0}, "regional": {"fact_accuracy": 0.9},
+                "regional_dp@inf": {"fact_accuracy": 0.9}, "regional_dp@8": {"fact_accuracy": 0.5},
+                "regional_dp@1": {"fact_accuracy": 0.1}, "local_dp@8": {"fact_accuracy": 0.2}}
+
+    # Execute
+    table = privacy_utility(variants, [math.inf, 8.0, 4.0, 1.0])
+
+    # Assert: a missing epsilon is left out, the plain variants are not rows
+    assert list(table) == ["local_dp", "regional_dp"]
+    assert list(table["regional_dp"]) == ["inf", "8", "1"]
+    assert table["regional_dp"]["8"]["fact_accuracy"] == 0.5
+    assert table["local_dp"] == {"8": {"fact_accuracy": 0.2}}
