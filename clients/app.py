@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
 from fed_netgpt.adapters import adapter_name_for, attach_adapter, save_adapter, set_state
 from fed_netgpt.config import Config, from_yaml
@@ -29,6 +30,7 @@ from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter
 from fed_netgpt.privacy import SiteAccountant, longer
 from fed_netgpt.runs import site_adapter_dir
 from fed_netgpt.training import train_adapter
+from strategies.client_dp import CLIPPING_NORM, UNIT_WEIGHT
 from strategies.records import (
     CONFIG_KEY,
     DP_HISTORIES_KEY,
@@ -114,7 +116,15 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": info}), reply_to=msg)
 
 
-@app.train()
+def clip_for_client_dp(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+    """Flower's `fixedclipping_mod` (the site's update clipped before it leaves) on the train messages of a
+    client_dp run, which carry the clipping norm; the other runs' messages pass untouched."""
+    if CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[clip_for_client_dp])
 def train(msg: Message, context: Context) -> Message:
     config = message_config(msg)
     site = local_site(config, context)
@@ -139,12 +149,15 @@ def train(msg: Message, context: Context) -> Message:
     finally:  # every private step taken is kept, even when a later one was refused
         if accountant:
             context.state[PRIVACY_STATE] = ConfigRecord({"history": json.dumps(accountant.history)})
+    if config.privacy.mode == "client_dp":
+        metrics[UNIT_WEIGHT] = 1.0
     if accountant:
         metrics.update(accountant.spent())
         line += f", epsilon {metrics['epsilon']:.2f} after {int(metrics['dp_steps'])} DP steps"
     print(f"[round {server_round}] site {site.site_id} ({site.region}): {line}, "
           f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads", flush=True)
-    return Message(RecordDict({"arrays": to_record(result.state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    state = {key: result.state[key] for key in msg.content["arrays"]}  # in the order received (fixedclipping_mod)
+    return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

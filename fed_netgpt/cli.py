@@ -221,7 +221,7 @@ def _run_costs(run_dir: Path, config: Config) -> dict[str, float]:
         costs.update({f"{way}_bytes_per_round": sum(r[way] for r in moved) / len(moved)
                       for way in ("downlink", "uplink")})
     if config.privacy.mode != "none":
-        costs["epsilon_max"] = privacy_report(config.privacy, site_records(run_dir))["epsilon_max"]
+        costs["epsilon_max"] = privacy_report(config.privacy, site_records(run_dir), rows)["epsilon_max"]
     return costs
 
 

@@ -97,11 +97,12 @@ class PersonalizationConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     # none | sample_dp: DP-SGD at each site, one prompt pair the privacy unit (fed_netgpt/privacy.py)
+    # | client_dp: each site's update clipped, the region's mean noised, a site's whole data the unit
     mode: str = "none"
     target_epsilon: float = math.inf  # inf: no target (then noise_multiplier is given)
     delta: float = 1e-5
     noise_multiplier: float = 0.0  # 0: not set, derived from target_epsilon over every planned step of the run
-    max_grad_norm: float = 1.0  # each pair's gradient is clipped to this L2 norm
+    max_grad_norm: float = 1.0  # L2 clipping: sample_dp each pair's gradient, client_dp each site's update
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,6 @@ class Config:
             value = select(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must be within [0, 1], got {value}")
-        if self.federation.strategy == "fedprox" and self.train.proximal_mu <= 0:
-            raise ConfigError("federation.strategy=fedprox needs train.proximal_mu > 0")
-        if self.federation.lora_aggregation == "svd" and self.federation.strategy not in ("fedavg", "fedprox"):
-            raise ConfigError("federation.lora_aggregation=svd averages the products B·A itself: it works with "
-                              f"federation.strategy fedavg or fedprox, not {self.federation.strategy}")
         if self.data.min_pairs_per_site > self.data.max_pairs_per_site:
             raise ConfigError(f"data.min_pairs_per_site ({self.data.min_pairs_per_site}) must be <= "
                               f"data.max_pairs_per_site ({self.data.max_pairs_per_site})")
@@ -187,11 +183,12 @@ class Config:
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:
             raise ConfigError("data.regions must name at least one region when data.region_by=list")
         _check_privacy(self.privacy)
+        _check_combinations(self)
 
 
 def _check_privacy(privacy: PrivacyConfig) -> None:
     """Ranges, and exactly one way to set the noise: a given noise_multiplier, or a target_epsilon to derive it."""
-    _check_choice("privacy.mode", privacy.mode, ("none", "sample_dp"))
+    _check_choice("privacy.mode", privacy.mode, ("none", "sample_dp", "client_dp"))
     if not 0.0 < privacy.delta < 1.0:
         raise ConfigError(f"privacy.delta must be within (0, 1), got {privacy.delta}")
     if not privacy.target_epsilon > 0:
@@ -209,6 +206,29 @@ def _check_privacy(privacy: PrivacyConfig) -> None:
             f"privacy.mode={privacy.mode} needs exactly one of privacy.noise_multiplier (> 0) and "
             f"privacy.target_epsilon (finite); got noise_multiplier={privacy.noise_multiplier}, "
             f"target_epsilon={privacy.target_epsilon}" + (" (set the other to 0 / inf)" if given else ""))
+
+
+def _check_combinations(config: Config) -> None:
+    """Options that each work alone but not together: strategy x LoRA aggregation x privacy."""
+    federation, privacy = config.federation, config.privacy
+    averaging = federation.strategy in ("fedavg", "fedprox")
+    if federation.strategy == "fedprox" and config.train.proximal_mu <= 0:
+        raise ConfigError("federation.strategy=fedprox needs train.proximal_mu > 0")
+    if federation.lora_aggregation == "svd" and not averaging:
+        raise ConfigError("federation.lora_aggregation=svd averages the products B·A itself: it works with "
+                          f"federation.strategy fedavg or fedprox, not {federation.strategy}")
+    if privacy.mode != "client_dp":
+        return
+    if not averaging:
+        raise ConfigError("privacy.mode=client_dp calibrates its noise to a plain mean of clipped updates: it "
+                          f"works with federation.strategy fedavg or fedprox, not {federation.strategy}")
+    if federation.lora_aggregation == "svd":
+        raise ConfigError("privacy.mode=client_dp noises the mean of the sites' A and B; "
+                          "federation.lora_aggregation=svd would replace it by an SVD of the raw updates: use "
+                          "factors or ffa")
+    if federation.adapters == "local":
+        raise ConfigError("privacy.mode=client_dp protects what the federation averages; federation.adapters=local "
+                          "averages nothing (use privacy.mode=sample_dp to protect each site's own training)")
 
 
 def _check_compare(compare: CompareConfig, privacy: PrivacyConfig) -> None:

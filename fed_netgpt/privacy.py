@@ -254,8 +254,11 @@ def longer(first: History, second: History) -> History:
     return max(first, second, key=lambda history: sum(steps for _, _, steps in history))
 
 
-def privacy_report(privacy: PrivacyConfig, site_records: Sequence[dict]) -> dict:
-    """report.json's `privacy`: what is protected, and each site's epsilon at its last private step."""
+def privacy_report(privacy: PrivacyConfig, site_records: Sequence[dict], rounds: Sequence[dict] = ()) -> dict:
+    """report.json's `privacy`: what is protected, and each site's (sample_dp) or region's (client_dp, from the
+    round summaries) epsilon at its last release."""
+    if privacy.mode == "client_dp":
+        return _client_privacy_report(privacy, rounds)
     latest = {r["site_id"]: r for r in site_records if "epsilon" in r}
     spent = sorted({r["site_id"] for r in site_records if "privacy budget spent" in str(r.get("error", ""))})
     sites = {site: {key: r[key] for key in ("epsilon", "noise_multiplier", "sample_rate", "dp_steps") if key in r}
@@ -267,4 +270,22 @@ def privacy_report(privacy: PrivacyConfig, site_records: Sequence[dict]) -> dict
         "delta": privacy.delta, "max_grad_norm": privacy.max_grad_norm, "target_epsilon": privacy.target_epsilon,
         "epsilon_max": max((s["epsilon"] for s in sites.values()), default=math.nan),
         "sites": sites, "budget_spent": spent,
+    }
+
+
+def _client_privacy_report(privacy: PrivacyConfig, rounds: Sequence[dict]) -> dict:
+    regions: dict[str, dict[str, float]] = {}
+    for row in rounds:
+        for key, value in row.get("train", {}).items():
+            region, _, name = key.rpartition("/")
+            if name.startswith("client_"):
+                regions.setdefault(region, {})[name.removeprefix("client_")] = value
+    return {
+        "mode": privacy.mode,
+        "unit": "one site's whole data (everything it sends in the run)",
+        "covers": "the federated adapters the server releases; a site's personal adapter never leaves it and is "
+                  "not covered",
+        "delta": privacy.delta, "max_grad_norm": privacy.max_grad_norm, "target_epsilon": privacy.target_epsilon,
+        "epsilon_max": max((r["epsilon"] for r in regions.values() if "epsilon" in r), default=math.nan),
+        "regions": dict(sorted(regions.items())), "budget_spent": [],
     }

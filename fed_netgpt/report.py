@@ -99,8 +99,9 @@ def summary_text(report: dict[str, Any]) -> str:
                   privacy_utility_table(report["privacy_utility"])]
     privacy = report.get("privacy")
     if privacy:
+        worst = "the worst region" if "regions" in privacy else "the worst site"
         parts += ["", f"Differential privacy ({privacy['mode']}): epsilon {cell(privacy['epsilon_max'], False)} at "
-                  f"delta {privacy['delta']:g} (the worst site) for {privacy['unit']}; it covers "
+                  f"delta {privacy['delta']:g} ({worst}) for {privacy['unit']}; it covers "
                   f"{privacy['covers']}." + (f" Budget spent before the end: {', '.join(privacy['budget_spent'])}."
                                                if privacy["budget_spent"] else "")]
     if report.get("scored_by") == "sites":

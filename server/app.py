@@ -23,6 +23,7 @@ from fed_netgpt.runs import (
     aggregation_group,
     append_metrics,
     latest_checkpoint,
+    round_summaries,
     save_adapters,
     save_checkpoint,
     site_records,
@@ -60,14 +61,14 @@ def run_federation(grid: Grid, config: Config) -> Path:
     folder, run_id = start_run(config)
     log.info("run folder: %s\n%s", folder, to_yaml(config))
     message_config = ConfigRecord({CONFIG_KEY: to_yaml(config), RUN_ID_KEY: run_id})
-    if config.privacy.mode != "none":  # a resumed run tells each site how much it has spent already
+    if config.privacy.mode == "sample_dp":  # a resumed run tells each site how much it has spent already
         message_config[DP_HISTORIES_KEY] = json.dumps(recorded_histories(site_records(folder)))
     node_sites = discover_sites(grid, config, message_config)
     node_groups = {node: aggregation_group(config, s.site_id, s.region) for node, s in node_sites.items()}
     base = load_base(config.model.name, config.model.cache_dir)
     regions = sorted(set(node_groups.values()))
     done, arrays = starting_point(folder, config, base, regions)
-    strategy = RegionalStrategy(lambda: make_strategy(config.federation, config.train.proximal_mu), node_groups,
+    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), node_groups,
                                 config.federation.lora_aggregation, config.lora.r)
     started = time.perf_counter()
 
@@ -100,7 +101,7 @@ def run_federation(grid: Grid, config: Config) -> Path:
     else:
         report = evaluate_run(folder, config, load_pairs(config.data), base)
     if config.privacy.mode != "none":
-        report["privacy"] = privacy_report(config.privacy, site_records(folder))
+        report["privacy"] = privacy_report(config.privacy, site_records(folder), round_summaries(folder))
     publish_report(folder, config, report)
     return folder
 

@@ -10,6 +10,8 @@ LoRA aggregation (`lora_aggregation`): `factors` keeps the inner strategy's resu
 apart (not the mean of the updates B·A); `ffa` is the same averaging over sites that froze A at the shared
 initialisation (replies that changed A are rejected), which makes it the exact mean of B·A; `svd` replaces the
 inner result by the example-weighted mean of B·A re-factorised to rank r (`svd_average`), logging the residual.
+A region's strategy may be wrapped for client-level DP (strategies/client_dp.py); its epsilon so far is then in
+the round's metrics as `<region>/client_epsilon`.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ class RegionGrid:
 
 
 class RegionalStrategy(Strategy):
-    """One `make_strategy()` instance per region; `node_regions` maps each node id to its region."""
+    """One `make_strategy(number of the region's nodes)` instance per region; `node_regions` maps each node id to
+    its region."""
 
-    def __init__(self, make_strategy: Callable[[], Strategy], node_regions: dict[int, str],
+    def __init__(self, make_strategy: Callable[[int], Strategy], node_regions: dict[int, str],
                  lora_aggregation: str = "factors", rank: int = 0) -> None:
         if not node_regions:
             raise ValueError("RegionalStrategy needs at least one node with a region")
@@ -68,7 +71,8 @@ class RegionalStrategy(Strategy):
         self.rank = rank
         self.node_regions = dict(node_regions)
         self.regions = sorted(set(node_regions.values()))
-        self.strategies = {region: make_strategy() for region in self.regions}
+        self.strategies = {region: make_strategy(sum(r == region for r in self.node_regions.values()))
+                           for region in self.regions}
         self.current: dict[str, dict[str, Any]] = {}
         self.round_metrics: dict[str, dict[str, float]] = {}
         self.site_replies: dict[int, dict[str, Any]] = {}  # node -> its last training reply's metrics or error
@@ -126,6 +130,7 @@ class RegionalStrategy(Strategy):
                 region_metrics["svd_residual"] = residual
             else:
                 new_states[region] = from_record(arrays)
+            region_metrics.update(_client_privacy(self.strategies[region]))
             metrics.update(_prefixed(region, region_metrics))
         replies_bytes = sum(array_bytes(msg) for msgs in grouped.values() for msg in msgs if not msg.has_error())
         self.round_metrics = {"train": metrics, "bytes": {"downlink": self.downlink_bytes, "uplink": replies_bytes}}
@@ -183,6 +188,16 @@ def _reply_record(msg: Message) -> dict[str, Any]:
         return {"error": msg.error.reason}
     records = list(msg.content.metric_records.values())[:1]
     return {key: float(value) for record in records for key, value in record.items() if isinstance(value, (int, float))}
+
+
+def _client_privacy(strategy: Strategy) -> dict[str, float]:
+    """A DP-wrapped region's spending so far, with what recomputing it takes (none for other strategies)."""
+    spent = getattr(strategy, "privacy_spent", lambda: None)()
+    if spent is None:
+        return {}
+    return {"client_epsilon": spent.epsilon, "client_delta": spent.delta, "client_releases": spent.num_releases,
+            "client_noise_multiplier": strategy.noise_multiplier,  # type: ignore[attr-defined]
+            "client_sites_sampled": strategy.num_sampled_clients}  # type: ignore[attr-defined]
 
 
 def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:

@@ -1,5 +1,5 @@
-"""`privacy.mode=sample_dp` through the real simulation: epsilon per site, recomputable, within budget across a
-resume."""
+"""Both privacy modes through the real simulation: epsilon per site (sample_dp) or per region (client_dp),
+recomputable from the run's own records, within budget across a resume."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from dp_accounting import dp_event, rdp
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
-from fed_netgpt.runs import site_records
+from fed_netgpt.runs import round_summaries, site_records
 from tests.integration.test_simulate import TRAINING_SITES, fed_netgpt
 
 pytestmark = pytest.mark.integration
@@ -58,3 +59,32 @@ def test_sample_dp_reports_recomputable_epsilon_within_its_budget_across_a_resum
     report = json.loads((out / "report.json").read_text())
     assert report["privacy"]["budget_spent"] == TRAINING_SITES
     assert report["privacy"]["epsilon_max"] <= TARGET
+
+
+def test_client_dp_reports_each_regions_epsilon_recomputable_and_continues_it_across_a_resume(tmp_path: Path) -> None:
+    # Prepare / Execute: one round at a given noise, then a resumed second round in a fresh process
+    out = tmp_path / "client-dp"
+    args = ("simulate", "preset=smoke", f"run.output_dir={out}", "privacy.mode=client_dp",
+            "privacy.noise_multiplier=1.5", "privacy.max_grad_norm=0.5")
+    first = fed_netgpt(*args, "federation.num_rounds=1", "run.report=false")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = fed_netgpt(*args, "federation.num_rounds=2", "run.resume=true")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    # Assert: each round's per-region epsilon is dp-accounting's for its releases so far (the resumed run went on
+    # counting), with every site weighted alike
+    rounds = round_summaries(out)
+    assert [row["round"] for row in rounds] == [1, 2]
+    for row in rounds:
+        for region in ("france", "japan"):
+            train = row["train"]
+            accountant = rdp.RdpAccountant()
+            accountant.compose(dp_event.GaussianDpEvent(train[f"{region}/client_noise_multiplier"]),
+                               int(train[f"{region}/client_releases"]))
+            assert train[f"{region}/client_releases"] == row["round"]
+            assert train[f"{region}/client_epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+            assert train[f"{region}/client_sites_sampled"] == 2 and train[f"{region}/unit-weight"] == 1.0
+    report = json.loads((out / "report.json").read_text())["privacy"]
+    assert report["mode"] == "client_dp" and sorted(report["regions"]) == ["france", "japan"]
+    assert report["epsilon_max"] == pytest.approx(rounds[-1]["train"]["france/client_epsilon"])
+    assert "Differential privacy (client_dp): epsilon" in second.stdout and "the worst region" in second.stdout

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_netgpt.config import FederationConfig
+from fed_netgpt.config import Config, FederationConfig, TrainConfig
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
 
@@ -89,8 +89,13 @@ def _reply(node: int, state: dict[str, np.ndarray], num_examples: int, loss: flo
     return Message(content, reply_to=_instruction(node))
 
 
-def _fedavg() -> FedAvg:
-    return make_strategy(FederationConfig())
+def _config(train: TrainConfig | None = None, **federation) -> Config:
+    """A Config with these federation settings; FederationConfig itself does not validate (Config does)."""
+    return Config(federation=FederationConfig(**federation), train=train or TrainConfig())
+
+
+def _fedavg(num_sites: int) -> FedAvg:
+    return make_strategy(_config(), num_sites)
 
 
 @pytest.fixture
@@ -316,8 +321,8 @@ def test_aggregate_evaluate_prefixes_example_weighted_metrics(configured):
 
 def test_regional_fedavgm_runs_per_region_and_keeps_regions_apart():
     # Prepare: server lr 1, momentum 0 -> FedAvgM's first step equals the plain average
-    config = FederationConfig(strategy="fedavgm", server_learning_rate=1.0, server_momentum=0.0)
-    strategy = RegionalStrategy(lambda: make_strategy(config), NODE_REGIONS)
+    config = _config(strategy="fedavgm", server_learning_rate=1.0, server_momentum=0.0)
+    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
     strategy.configure_train(
         1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)
     )
@@ -342,7 +347,7 @@ def test_regional_fedavgm_runs_per_region_and_keeps_regions_apart():
 )
 def test_make_strategy_returns_the_named_flower_strategy(name, cls):
     # Execute
-    strategy = make_strategy(FederationConfig(strategy=name, fraction_train=0.5), proximal_mu=0.3)
+    strategy = make_strategy(_config(TrainConfig(proximal_mu=0.3), strategy=name, fraction_train=0.5), 4)
 
     # Assert
     assert type(strategy) is cls
@@ -352,11 +357,11 @@ def test_make_strategy_returns_the_named_flower_strategy(name, cls):
 
 def test_make_strategy_passes_the_server_hyperparameters():
     # Execute
-    prox = make_strategy(FederationConfig(strategy="fedprox"), proximal_mu=0.3)
-    adam = make_strategy(FederationConfig(strategy="fedadam", eta=0.05, tau=0.002))
-    yogi = make_strategy(FederationConfig(strategy="fedyogi", eta=0.03, tau=0.004))
-    avgm = make_strategy(FederationConfig(strategy="fedavgm", server_learning_rate=0.5, server_momentum=0.7))
-    no_eval = make_strategy(FederationConfig(fraction_evaluate=0.0))
+    prox = make_strategy(_config(TrainConfig(proximal_mu=0.3), strategy="fedprox"), 3)
+    adam = make_strategy(_config(strategy="fedadam", eta=0.05, tau=0.002), 3)
+    yogi = make_strategy(_config(strategy="fedyogi", eta=0.03, tau=0.004), 3)
+    avgm = make_strategy(_config(strategy="fedavgm", server_learning_rate=0.5, server_momentum=0.7), 3)
+    no_eval = make_strategy(_config(fraction_evaluate=0.0), 3)
 
     # Assert
     assert prox.proximal_mu == pytest.approx(0.3)
@@ -367,12 +372,13 @@ def test_make_strategy_passes_the_server_hyperparameters():
 
 
 def test_make_strategy_rejects_an_unknown_name():
-    # Prepare: FederationConfig itself does not validate (Config does)
-    federation = FederationConfig(strategy="fedsgd")
+    # Prepare: a config that skipped validation
+    config = _config()
+    object.__setattr__(config.federation, "strategy", "fedsgd")
 
     # Execute / Assert
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
-        make_strategy(federation)
+        make_strategy(config, 3)
 
 
 # ---- LoRA aggregation options ----------------------------------------------------------------
