@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fed_netgpt.plots import mean_curve, validation_curves, write_plot
+from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
 
 
 def _metrics(tmp_path: Path) -> Path:
@@ -37,3 +37,16 @@ def test_write_plot_draws_a_png_from_the_variants_and_the_curves(tmp_path: Path)
     assert path == tmp_path / "report.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000  # two panels with bars and lines, not an empty canvas
+
+
+def test_write_privacy_plot_draws_a_line_per_variant_over_the_epsilons(tmp_path: Path) -> None:
+    # Prepare
+    trade_off = {"regional_dp": {"inf": {"fact_accuracy": 0.9}, "8": {"fact_accuracy": 0.4}},
+                 "local_dp": {"8": {"fact_accuracy": 0.2}, "1": {"fact_accuracy": None}}}
+
+    # Execute
+    path = write_privacy_plot(tmp_path / "privacy-utility.png", trade_off, {"fact_accuracy": 0.0})
+
+    # Assert
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000

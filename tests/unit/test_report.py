@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fed_netgpt.report import COLUMNS, cell, json_safe, variant_table, write_report
+from fed_netgpt.report import COLUMNS, cell, json_safe, privacy_utility_table, variant_table, write_report
 
 # ---- cell ------------------------------------------------------------------------------------------
 
@@ -166,3 +166,38 @@ def test_a_federated_report_says_the_sites_scored_their_rows_and_which_did_not(t
     # Assert
     assert "scored by the sites themselves: 2 sites sent counts, not rows; not scored: lyon." in text
     assert "scored by the sites" not in write_report(tmp_path, _report(with_heldout_sites=False), shown=1)
+
+
+def test_privacy_utility_table_rows_per_variant_columns_per_epsilon_with_the_epsilon_reached():
+    # Prepare: regional at three epsilons, local at one (the others missing)
+    trade_off = {
+        "regional_dp": {"inf": {"fact_accuracy": 0.9, "site_fact_accuracy": 0.5, "worst_site_fact_accuracy": 0.7},
+                        "8": {"fact_accuracy": 0.4, "site_fact_accuracy": 0.1, "worst_site_fact_accuracy": 0.2,
+                              "epsilon_max": 7.996},
+                        "1": {"fact_accuracy": 0.0, "site_fact_accuracy": 0.0, "worst_site_fact_accuracy": 0.0,
+                              "epsilon_max": 0.999}},
+        "local_dp": {"8": {"fact_accuracy": 0.25, "site_fact_accuracy": math.nan, "worst_site_fact_accuracy": 0.0,
+                           "epsilon_max": 8.0}},
+    }
+
+    # Execute
+    lines = privacy_utility_table(trade_off).splitlines()
+
+    # Assert
+    assert lines[0] == "| variant | ε=inf | ε=8 | ε=1 |"
+    assert lines[2] == ("| regional_dp | 90.0% / 50.0% / 70.0% | 40.0% / 10.0% / 20.0% (8.00) | "
+                        "0.0% / 0.0% / 0.0% (1.00) |")
+    assert lines[3] == "| local_dp | – | 25.0% / – / 0.0% (8.00) | – |"
+
+
+def test_a_comparison_with_privacy_utility_variants_prints_their_table(tmp_path):
+    # Prepare
+    result = {"fact_accuracy": 0.5, "num_examples": 9, "regions": {}}
+    report = {"variants": {"regional_dp@8": result},
+              "privacy_utility": {"regional_dp": {"8": {**result, "epsilon_max": 8.0}}}}
+
+    # Execute
+    text = write_report(tmp_path, report, shown=0)
+
+    # Assert
+    assert "Privacy-utility" in text and "| regional_dp | 50.0% / – / – (8.00) |" in text
