@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +27,33 @@ from fed_netgpt.metrics import RowScore, add_tallies, score_row, summarize_tally
 from fed_netgpt.models import BaseModel
 from fed_netgpt.prompting import chat_prompt, end_of_turn_id
 from fed_netgpt.runs import RunFolderError, federated_variant, serving_adapter
-from fed_netgpt.training import collate
+from fed_netgpt.training import collate, token_losses
 
 GROUPS = ("heldout_intents", "heldout_sites")  # test rows of training sites | test rows of held-out sites
 
 
 @torch.no_grad()
+def batch_token_losses(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
+    batch_size: int = 16, max_length: int = 128,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batch by batch, each completion token's cross-entropy and where completion tokens are ([rows, seq])."""
+    device = next(model.parameters()).device
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate(tokenizer, pairs[start : start + batch_size], max_length).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        yield token_losses(logits, batch["labels"])
+
+
 def completion_loss_sum(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
     batch_size: int = 16, max_length: int = 128,
 ) -> tuple[float, int]:
     """Summed cross-entropy over completion tokens (the tokens training puts its loss on), and their count."""
-    device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate(tokenizer, pairs[start : start + batch_size], max_length).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"
-        )
-        total += float(losses)
-        tokens += int((targets != -100).sum())
+    for losses, counted in batch_token_losses(model, tokenizer, pairs, batch_size, max_length):
+        total += float(losses[counted].sum())
+        tokens += int(counted.sum())
     return total, tokens
 
 

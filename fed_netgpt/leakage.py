@@ -19,8 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.privacy import sequence_losses
-from fed_netgpt.training import collate
+from fed_netgpt.evaluation import batch_token_losses
 
 PLACES = ("garage", "gym", "studio", "storage unit", "office", "workshop", "cellar", "clinic", "library annex",
           "bike room", "rooftop", "boathouse", "greenhouse", "archive", "print shop", "bakery")
@@ -52,17 +51,13 @@ def split_members(pairs: Sequence[PromptPair], seed: int) -> tuple[list[PromptPa
     return order[:half], order[half:]
 
 
-@torch.no_grad()
 def pair_losses(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
                 batch_size: int = 16, max_length: int = 128) -> list[float]:
     """Each pair's mean cross-entropy over its own completion tokens (what the attacker thresholds)."""
-    device = next(model.parameters()).device
     model.eval()
     losses: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate(tokenizer, pairs[start : start + batch_size], max_length).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses += sequence_losses(logits, batch["labels"]).tolist()
+    for tokens, counted in batch_token_losses(model, tokenizer, pairs, batch_size, max_length):
+        losses += ((tokens * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)).tolist()
     return losses
 
 

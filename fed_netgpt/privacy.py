@@ -41,7 +41,15 @@ from transformers import PreTrainedTokenizerBase
 from fed_netgpt.adapters import get_state
 from fed_netgpt.config import PrivacyConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.training import TrainResult, autocast, collate, precision_for, proximal_term, trainable_parameters
+from fed_netgpt.training import (
+    TrainResult,
+    autocast,
+    collate,
+    precision_for,
+    proximal_term,
+    token_losses,
+    trainable_parameters,
+)
 
 History = list[tuple[float, float, int]]  # the RDP accountant's [(noise_multiplier, sample_rate, steps)]
 
@@ -123,10 +131,8 @@ def poisson_batch(num_pairs: int, rate: float, rng: random.Random) -> list[int]:
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each row's mean cross-entropy over its own completion tokens (labels != -100), shape [batch]."""
-    targets = labels[:, 1:]
-    tokens = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                               ignore_index=-100, reduction="none")
-    mask = (targets != -100).float()
+    tokens, counted = token_losses(logits, labels)
+    mask = counted.float()
     return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 

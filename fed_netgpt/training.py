@@ -47,6 +47,16 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's cross-entropy for the next token, and where it counts (labels != -100), both [batch, seq].
+    The labels are shifted instead of the logits: a contiguous [rows x vocab] view, no copy of the logits (at
+    SmolLM2's 49,152-token vocabulary, slicing and transposing them cost 4x the time on the CPU)."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                               ignore_index=-100, reduction="none")
+    return losses.view(labels.shape), (targets != -100)
+
+
 def batches(pairs: Sequence[PromptPair], batch_size: int, seed: int) -> Iterator[list[PromptPair]]:
     """Endless shuffled batches: each epoch visits every pair once."""
     rng = random.Random(seed)
