@@ -26,7 +26,7 @@ from fed_netgpt.evaluation import completion_loss, generate_completions
 from fed_netgpt.models import cache_root, tiny_random_folder
 from fed_netgpt.precision import choose_precision
 from fed_netgpt.prompting import chat_prompt
-from fed_netgpt.training import batches, collate, train_adapter
+from fed_netgpt.training import batches, collate, token_losses, train_adapter
 from tests.states import l2_distance
 
 # 2 layers x (q, k, v, o) x (A, B); hidden 64, 4 heads of 16, 2 key/value heads -> k, v project to 32.
@@ -416,3 +416,20 @@ def test_load_adapter_of_another_shape_names_the_folder(tiny_base, default_confi
     # Execute / Assert
     with pytest.raises(AdapterError, match=f"{folder}: tensor .* has shape"):
         load_adapter(tiny_base, adapter_name + "_cut", folder)
+
+
+def test_token_losses_score_each_next_token_where_the_labels_count():
+    # Prepare: 2 rows of 4 positions over a 5-token vocabulary; row 0 counts positions 2..3, row 1 only 3
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[-100, -100, 3, 1], [-100, -100, -100, 4]])
+
+    # Execute
+    losses, counted = token_losses(logits, labels)
+
+    # Assert: position t predicts token t + 1; the last position predicts nothing
+    expected = torch.zeros(2, 4)
+    for row, col in [(0, 1), (0, 2), (1, 2)]:
+        expected[row, col] = -torch.log_softmax(logits[row, col], dim=-1)[labels[row, col + 1]]
+    assert counted.tolist() == [[False, True, True, False], [False, False, True, False]]
+    torch.testing.assert_close(losses * counted, expected)
