@@ -23,6 +23,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from fed_netgpt.adapters import describe_mismatch
@@ -94,7 +95,12 @@ class RegionalStrategy(Strategy):
             nodes = [node for node, r in self.node_regions.items() if r == region]
             region_config = ConfigRecord({**dict(config), "region": region})
             configure = getattr(strategy, method)
-            messages += configure(server_round, ArrayRecord(regions[region]), region_config, RegionGrid(grid, nodes))
+            try:
+                messages += configure(server_round, ArrayRecord(regions[region]), region_config,
+                                      RegionGrid(grid, nodes))
+            except (PrivacyBudgetExhausted, ValueError) as err:  # client_dp: over budget, or sites missing
+                log.warning("%s: region %s sits out round %d and keeps its adapter: %s", method, region,
+                            server_round, err)
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

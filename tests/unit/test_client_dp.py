@@ -138,3 +138,24 @@ def test_client_dp_refuses_what_breaks_its_noise_calibration(overrides, message)
 def test_client_dp_noise_derivation_is_monotone_in_the_target():
     noises = [client_noise_multiplier(_privacy(target_epsilon=e), 3) for e in (1.0, 4.0, 8.0, 64.0)]
     assert noises == sorted(noises, reverse=True) and all(math.isfinite(n) for n in noises)
+
+
+def test_a_region_over_its_budget_sits_out_the_round_and_keeps_its_adapter(caplog):
+    # Prepare: the noise planned for one round at epsilon 2; a second round would exceed it
+    config = Config(federation=FederationConfig(num_rounds=1), privacy=_privacy(target_epsilon=2.0))
+    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
+    start = _merged({"france": _state(0.0), "japan": _state(0.0)})
+    first = list(strategy.configure_train(1, start, ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)))
+    arrays, metrics = strategy.aggregate_train(1, [_reply(msg, 0.1, 1) for msg in first])
+
+    # Execute
+    with caplog.at_level("WARNING"):
+        second = list(strategy.configure_train(2, arrays, ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)))
+        kept, _ = strategy.aggregate_train(2, [])
+
+    # Assert: round 1 spent the budget without passing it; round 2 trains nowhere and changes nothing
+    assert 1.9 < metrics["france/client_epsilon"] <= 2.0
+    assert second == []
+    assert "region france sits out round 2" in caplog.text and "exceed max_epsilon" in caplog.text
+    for key, value in _numpy(arrays).items():
+        np.testing.assert_array_equal(_numpy(kept)[key], value)
