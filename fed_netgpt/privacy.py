@@ -105,6 +105,12 @@ def epsilon_of(history: History, delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
+def privacy_spent(history: History, delta: float) -> PrivacySpent:
+    """Where a history stands: its epsilon at `delta`, its steps, and the noise and rate of its latest steps."""
+    noise, rate, _ = history[-1] if history else (0.0, 0.0, 0)
+    return PrivacySpent(epsilon_of(history, delta), delta, noise, rate, sum(steps for _, _, steps in history))
+
+
 def with_steps(history: History, noise: float, rate: float, steps: int) -> History:
     """`history` after `steps` more steps at (noise, rate), merged as Opacus's accountant merges them."""
     history = as_history(history)
@@ -208,8 +214,7 @@ def train_adapter_private(
     finally:
         per_pair._close()
         model.eval()
-    spent = PrivacySpent(epsilon_of(accountant.history, privacy.delta), privacy.delta, noise, rate,
-                         sum(steps for _, _, steps in accountant.history))
+    spent = privacy_spent(as_history(accountant.history), privacy.delta)
     metrics = {
         "train_loss": sum(losses) / len(losses) if losses else math.nan,
         "train_loss_last": losses[-1] if losses else math.nan,
@@ -241,9 +246,8 @@ class SiteAccountant:
         return result
 
     def spent(self) -> dict[str, float]:
-        """epsilon, delta and the cumulative step count so far."""
-        return {"epsilon": epsilon_of(self.history, self.privacy.delta), "delta": self.privacy.delta,
-                "dp_steps": float(sum(steps for _, _, steps in self.history))}
+        """epsilon, delta, the cumulative step count so far, and the latest steps' noise and sample rate."""
+        return privacy_spent(self.history, self.privacy.delta).metrics()
 
 
 def recorded_histories(site_records: Sequence[dict]) -> dict[str, History]:
