@@ -67,8 +67,12 @@ class Job:
 
     @property
     def name(self) -> str:
-        """`regional`, `regional-eps8`: the run's folder under runs/, without the seed."""
-        return self.run if math.isinf(self.epsilon) else f"{self.run}-eps{self.epsilon:g}"
+        return run_name(self.run, self.epsilon)
+
+
+def run_name(run: str, epsilon: float) -> str:
+    """`regional`, `regional-eps8`: a run's folder under runs/, without the seed."""
+    return run if math.isinf(epsilon) else f"{run}-eps{epsilon:g}"
 
 
 def dp_name(variant: str, epsilon: float) -> str:
@@ -101,7 +105,7 @@ def run_config(config: Config, run: str, seed: int, epsilon: float = math.inf) -
     sections = {section: replace(getattr(config, section), **values) for section, values in overrides.items()}
     if math.isfinite(epsilon):
         sections["privacy"] = replace(config.privacy, mode="sample_dp", target_epsilon=epsilon, noise_multiplier=0.0)
-    folder = Path(config.run.output_dir) / "runs" / f"{Job(run, epsilon, ()).name}-seed{seed}"
+    folder = Path(config.run.output_dir) / "runs" / f"{run_name(run, epsilon)}-seed{seed}"
     return replace(config, **sections, train=replace(config.train, seed=seed), compare=CompareConfig(),
                    run=replace(config.run, output_dir=str(folder), seed=seed, resume=False, report=False))
 

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers, edge nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fed_netgpt.report import epsilon_labels  # noqa: E402
 from fed_netgpt.runs import round_summaries  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def write_privacy_plot(path: Path, trade_off: dict[str, dict[str, dict[str, Any]
                        base: dict[str, Any] | None = None) -> Path:
     """privacy-utility.png: location-fact accuracy (held-out intents) against epsilon, a line per variant, the
     epsilons in the order compared (the base model's accuracy, which spends no privacy, as a dashed line)."""
-    labels = list(dict.fromkeys(label for row in trade_off.values() for label in row))
+    labels = epsilon_labels(trade_off)
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for i, (variant, row) in enumerate(trade_off.items()):
         points = [(labels.index(label), 100 * (result.get("fact_accuracy") or 0.0)) for label, result in row.items()]

@@ -214,7 +214,8 @@ def train_adapter_private(
     finally:
         per_pair._close()
         model.eval()
-    spent = privacy_spent(as_history(accountant.history), privacy.delta)
+    history = as_history(accountant.history)
+    spent = privacy_spent(history, privacy.delta)
     metrics = {
         "train_loss": sum(losses) / len(losses) if losses else math.nan,
         "train_loss_last": losses[-1] if losses else math.nan,
@@ -224,7 +225,7 @@ def train_adapter_private(
         **spent.metrics(),
     }
     result = TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)
-    return result, as_history(accountant.history)
+    return result, history
 
 
 class SiteAccountant:

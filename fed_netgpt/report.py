@@ -61,9 +61,14 @@ def region_table(variants: dict[str, dict[str, Any]], group: str | None = None) 
     return "\n".join(lines)
 
 
+def epsilon_labels(trade_off: dict[str, dict[str, Any]]) -> list[str]:
+    """The epsilons of a privacy-utility table, in the order compared."""
+    return list(dict.fromkeys(label for row in trade_off.values() for label in row))
+
+
 def privacy_utility_table(trade_off: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Rows: privacy-utility variants; columns: epsilons."""
-    labels = list(dict.fromkeys(label for row in trade_off.values() for label in row))
+    labels = epsilon_labels(trade_off)
     lines = ["| variant | " + " | ".join(f"ε={label}" for label in labels) + " |", "|---|" + "---|" * len(labels)]
     for variant, row in trade_off.items():
         cells = []
