@@ -44,9 +44,11 @@ class DataConfig:
     region_by: str = "country"  # country | continent | list
     countries: list[str] = field(default_factory=lambda: ["FR", "JP", "BR"])
     continents: list[str] = field(default_factory=lambda: ["EU", "AS", "SA"])
+    num_regions: int = 0  # > 0: the countries (continents) with the most cities, instead of the lists above
     regions: dict[str, list[str]] = field(default_factory=dict)  # region_by=list: region -> city names
     context: str = "none"  # none | city | coordinates: what the edge tells its model about where it is
     sites_per_region: int = 3  # sites that train (Flower nodes)
+    num_sites: int = 0  # > 0: training sites over all regions, spread evenly; replaces sites_per_region
     heldout_sites_per_region: int = 1  # more sites that never train: cold start with the region's adapter
     min_population: int = 100_000
     max_pairs_per_site: int = 32  # training pairs of a region's biggest site
@@ -176,8 +178,8 @@ class Config:
         if self.data.min_pairs_per_site > self.data.max_pairs_per_site:
             raise ConfigError(f"data.min_pairs_per_site ({self.data.min_pairs_per_site}) must be <= "
                               f"data.max_pairs_per_site ({self.data.max_pairs_per_site})")
-        for key in ("data.heldout_sites_per_region", "data.valid_pairs_per_site", "data.size_skew",
-                    "personalization.ditto_lambda"):
+        for key in ("data.heldout_sites_per_region", "data.num_sites", "data.num_regions", "data.valid_pairs_per_site",
+                    "data.size_skew", "personalization.ditto_lambda"):
             if select(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:

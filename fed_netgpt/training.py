@@ -10,12 +10,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fed_netgpt.adapters import AdapterState, get_state
-from fed_netgpt.config import TrainConfig
+from fed_netgpt.config import LoraConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.grouped_lora import grouped_adapters
 from fed_netgpt.models import cache_root
 from fed_netgpt.precision import Precision, choose_precision, step_benchmark
 from fed_netgpt.prompting import encode_pair
@@ -52,7 +54,8 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     The labels are shifted instead of the logits: a contiguous [rows x vocab] view, no copy of the logits (at
     SmolLM2's 49,152-token vocabulary, slicing and transposing them cost 4x the time on the CPU)."""
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                ignore_index=-100, reduction="none")
     return losses.view(labels.shape), (targets != -100)
 
@@ -88,6 +91,7 @@ def trainable_parameters(model: PeftModel, freeze_lora_a: bool = False) -> dict[
 
 
 _CHOSEN: dict[tuple[str, str], Precision] = {}
+_LOGGED: set[str] = set()
 
 
 def precision_for(config: TrainConfig, model: PeftModel, batch: dict[str, torch.Tensor]) -> Precision:
@@ -138,7 +142,8 @@ def train_adapter(
         batch = {k: v.to(device) for k, v in collate(tokenizer, next(stream), config.max_length).items()}
         precision = precision or precision_for(config, model, batch)
         with autocast(precision.bf16, device):
-            loss = model(**batch).loss
+            row_sums, row_counts = row_loss_sums(model.get_base_model(), batch)
+        loss = row_sums.sum() / row_counts.sum().clamp(min=1)
         objective = loss + (config.proximal_mu / 2) * proximal_term(model, anchor) if anchor else loss
         objective.backward()
         optimizer.step()
@@ -154,3 +159,100 @@ def train_adapter(
         "bf16": float(bool(precision and precision.bf16)),
     }
     return TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)
+
+
+LOGITS_CHUNK_BYTES = 1 << 30  # fp32 logits held at once by `row_loss_sums` (SmolLM2: ~40 rows of 128 tokens)
+
+
+def row_loss_sums(model: PreTrainedModel, batch: dict[str, torch.Tensor],
+                  chunk_bytes: int = LOGITS_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token loss and its number of counted tokens (as a float), both [rows].
+
+    The fp32 logits over the vocabulary are the biggest tensor of a LoRA step (32 sites x 8 rows x 256 tokens
+    x 49,152 entries are 13 GB): they are computed a chunk of rows at a time, each chunk recomputed in the
+    backward pass instead of kept, so only the final hidden states stay in memory.
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
+    head, labels = model.get_output_embeddings(), batch["labels"]
+    rows, width = labels.shape
+    chunk = max(1, chunk_bytes // max(1, width * head.out_features * 4))
+
+    def sums(h: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        losses, counted = token_losses(head(h), lab)
+        return (losses * counted).sum(dim=1), counted.sum(dim=1).to(losses.dtype)  # a float count: exact division
+
+    if chunk >= rows:
+        return sums(hidden, labels)
+    parts = [torch.utils.checkpoint.checkpoint(sums, hidden[i : i + chunk], labels[i : i + chunk],
+                                               use_reentrant=False) for i in range(0, rows, chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def per_site_mean(row_sums: torch.Tensor, row_counts: torch.Tensor, index: torch.Tensor,
+                  num_sites: int) -> torch.Tensor:
+    """Each site's mean token loss over its own rows ([num_sites]); a site with no counted token gets 0."""
+    sums = torch.zeros(num_sites, dtype=row_sums.dtype, device=row_sums.device).index_add(0, index, row_sums)
+    counts = torch.zeros(num_sites, dtype=row_sums.dtype, device=row_sums.device).index_add(
+        0, index, row_counts)
+    return sums / counts.clamp(min=1)
+
+
+def train_grouped(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sites: Sequence[Sequence[PromptPair]],
+    starts: Sequence[AdapterState],
+    lora: LoraConfig,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    *,
+    freeze_lora_a: bool = False,
+) -> list[TrainResult]:
+    """Train K sites' adapters together, one forward/backward a step over the shared frozen `model`, each row with
+    its own site's adapter; site k ends where `train_adapter(..., seed=seeds[k])` from `starts[k]` would.
+
+    That equality holds because each site's loss is the mean over its own tokens and the objective their sum (a
+    batch-wide mean would scale each site by its share of tokens), every site steps every step (AdamW's moments
+    and bias correction stay per site), and nothing is clipped across sites. FedProx's term is per site too.
+    """
+    if not sites or len(sites) != len(starts) or len(sites) != len(seeds) or not all(sites):
+        raise ValueError("train_grouped needs one non-empty pair list, start state and seed per site")
+    device = next(model.parameters()).device
+    precision = choose_precision(config.bf16, device)
+    if precision.reason not in _LOGGED:
+        _LOGGED.add(precision.reason)
+        log.info("grouped training precision: %s", precision.reason)
+    streams = [batches(pairs, config.batch_size, seed=config.seed + seed) for pairs, seed in zip(sites, seeds)]
+    with grouped_adapters(model, lora, len(sites)) as group:
+        group.load(starts)
+        params = group.parameters(freeze_lora_a)
+        anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        model.train()
+        losses, started = [], time.perf_counter()
+        for _ in range(config.local_steps):
+            chosen = [next(stream) for stream in streams]
+            index = torch.tensor([k for k, rows in enumerate(chosen) for _ in rows], device=device)
+            batch = {k: v.to(device) for k, v in collate(tokenizer, [p for rows in chosen for p in rows],
+                                                         config.max_length).items()}
+            group.select(index)
+            with autocast(precision.bf16, device):
+                row_sums, row_counts = row_loss_sums(model, batch)
+            site_loss = per_site_mean(row_sums, row_counts, index, len(sites))
+            objective = site_loss.sum()
+            if anchor:
+                distance = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor)]).sum()
+                objective = objective + (config.proximal_mu / 2) * distance
+            objective.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(site_loss.detach().cpu())
+        model.eval()
+        elapsed = time.perf_counter() - started
+        states = [group.state(k) for k in range(len(sites))]
+    per_site = torch.stack(losses).T  # [sites, steps]
+    return [TrainResult(state=states[k], num_examples=len(sites[k]), metrics={
+        "train_loss": float(per_site[k].mean()), "train_loss_last": float(per_site[k, -1]),
+        "train_seconds": elapsed / len(sites), "steps": float(config.local_steps), "bf16": float(precision.bf16),
+        "group_size": float(len(sites))}) for k in range(len(sites))]

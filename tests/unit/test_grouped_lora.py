@@ -1,0 +1,191 @@
+"""fed_netgpt/grouped_lora.py and training.train_grouped: many adapters in one pass equal each adapter alone."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fed_netgpt.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.grouped_lora import grouped_adapters
+from fed_netgpt.models import BaseModel, cache_root, tiny_random_folder
+from fed_netgpt.training import collate, row_loss_sums, train_adapter, train_grouped
+
+
+@pytest.fixture(scope="module")
+def base64() -> BaseModel:
+    """A float64 copy of the tiny random LLaMA, apart from the session's shared base."""
+    folder = tiny_random_folder(cache_root())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).requires_grad_(False).eval()
+    return BaseModel(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), name="tiny-random-fp64")
+
+
+@pytest.fixture(scope="module")
+def site_pairs(default_pairs):
+    """Three sites of different data; the last has fewer pairs (3) than a batch (4) holds."""
+    train = [p for p in default_pairs if p.split == "train"]
+    return [[p for p in train if p.site_id == s] for s in ("paris", "tokyo")] + [
+        [p for p in train if p.site_id == "lyon"][:3]]
+
+
+def _random_state(like: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """A start with B != 0, so both factors get gradients from the first step."""
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0.0, 0.05, v.shape) for k, v in like.items()}
+
+
+def _one_by_one(base, lora, train, sites, starts, seeds, name, freeze_lora_a=False):
+    model = attach_adapter(base, name, lora)
+    states = []
+    for pairs, start, seed in zip(sites, starts, seeds):
+        set_state(model, name, start)
+        train_adapter(model, name, base.tokenizer, pairs, train, seed=seed, freeze_lora_a=freeze_lora_a)
+        states.append({k: v.detach().numpy().copy()  # float64, not get_state's float32
+                       for k, v in get_peft_model_state_dict(model, adapter_name=name).items()})
+    return model, states
+
+
+@pytest.mark.parametrize("case", ["adamw", "fedprox", "ffa", "weight-decay"])
+def test_grouped_training_equals_each_site_trained_alone_in_float64(base64, site_pairs, default_config, case):
+    # Prepare: three sites from different random starts, 3 AdamW steps of 4 rows each (the small site: 3 rows)
+    lora = default_config.lora
+    train = replace(default_config.train, batch_size=4, local_steps=3, bf16="false", learning_rate=1e-2,
+                    proximal_mu=1.0 if case == "fedprox" else 0.0,
+                    weight_decay=0.1 if case == "weight-decay" else 0.0)
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    starts = [_random_state(like, seed) for seed in (1, 2, 3)]
+    seeds = [5, 6, 7]
+    ffa = case == "ffa"
+    # Execute
+    model, alone = _one_by_one(base64, lora, train, site_pairs, starts, seeds, f"alone-{case}", ffa)
+    together = train_grouped(base64.model, base64.tokenizer, site_pairs, starts, lora, train, seeds,
+                             freeze_lora_a=ffa)
+    # Assert: every site's adapter is the one it gets alone (most weights agree to 1e-14; LLaMA's RMSNorm runs in
+    # float32 even in a float64 model, and Adam's g / (sqrt(v) + eps) magnifies that rounding where a gradient is
+    # near zero, up to 1e-10; float32 master weights would miss by 6e-8)
+    for k, result in enumerate(together):
+        assert result.state.keys() == alone[k].keys()
+        for key in alone[k]:
+            np.testing.assert_allclose(result.state[key], alone[k][key], rtol=0, atol=1e-9, err_msg=key)
+        moved = max(np.abs(alone[k][key] - starts[k][key]).max() for key in starts[k] if ".lora_B." in key)
+        assert moved > 1e-3
+        if ffa:
+            assert all(np.array_equal(result.state[key], starts[k][key]) for key in starts[k] if ".lora_A." in key)
+    assert [r.num_examples for r in together] == [len(p) for p in site_pairs]
+    # the peft model on the same base is back as it was: its adapter still answers
+    assert type(model.get_base_model().model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert hasattr(model.get_base_model().model.layers[0].self_attn.q_proj, "lora_A")
+
+
+def test_a_batch_wide_mean_would_not_equal_per_site_training(base64, site_pairs, default_config):
+    """The per-site mean is what makes grouped training exact: a batch-wide token mean gives other gradients."""
+    # Prepare: one grouped batch of two sites whose rows carry different numbers of completion tokens
+    lora = default_config.lora
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    pairs = site_pairs[0][:2] + site_pairs[2][:1]
+    batch = collate(base64.tokenizer, pairs, 128)
+    index = torch.tensor([0, 0, 1])
+    with grouped_adapters(base64.model, lora, 2) as group:
+        group.load([_random_state(like, 1), _random_state(like, 2)])
+        group.select(index)
+        # Execute: gradient of site 1's factors under each objective
+        grads = []
+        for per_site in (True, False):
+            sums, counts = row_loss_sums(base64.model, batch)
+            if per_site:
+                loss = sum(sums[index == k].sum() / counts[index == k].sum() for k in (0, 1))
+            else:
+                loss = sums.sum() / counts.sum()
+            layer = next(iter(group.layers.values()))
+            (grad,) = torch.autograd.grad(loss, layer.lora_B)
+            grads.append(grad[1])
+    # Assert: the batch-wide mean scales site 1 by its share of the tokens (to the float32 rounding of RMSNorm)
+    share = counts[2].item() / counts.sum().item()
+    torch.testing.assert_close(grads[1], grads[0] * share, rtol=1e-6, atol=1e-7 * float(grads[1].abs().max()))
+    assert share < 0.6
+
+
+def test_mixed_rows_use_their_own_adapter_and_a_slice_is_a_normal_peft_adapter(base64, site_pairs, default_config):
+    # Prepare: three adapters, rows in mixed order (the gathering path), and the same adapters in peft
+    lora = default_config.lora
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    states = [_random_state(like, seed) for seed in (11, 12, 13)]
+    pairs = [site_pairs[0][0], site_pairs[1][0], site_pairs[0][1], site_pairs[2][0]]
+    order = [2, 0, 1, 2]
+    batch = collate(base64.tokenizer, pairs, 128)
+    # Execute
+    with grouped_adapters(base64.model, lora, 3) as group:
+        group.load(states)
+        group.select(torch.tensor(order))
+        assert not group.selection.blocks
+        with torch.no_grad():
+            mixed = base64.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        exported = [group.state(k) for k in range(3)]
+    model = attach_adapter(base64, "slice", lora)
+    alone = []
+    for row, k in enumerate(order):
+        set_state(model, "slice", exported[k])
+        with torch.no_grad():
+            alone.append(model(input_ids=batch["input_ids"][row : row + 1],
+                               attention_mask=batch["attention_mask"][row : row + 1]).logits[0])
+    # Assert: each row's logits are its own adapter's, and the exported slices are the states loaded
+    mask = batch["attention_mask"].bool()
+    for row in range(len(order)):
+        torch.testing.assert_close(mixed[row][mask[row]], alone[row][mask[row]], rtol=1e-10, atol=1e-10)
+    for k in range(3):
+        assert all(np.array_equal(exported[k][key], states[k][key]) for key in states[k])
+
+
+def test_equal_blocks_take_the_reshaping_path_with_the_same_result(base64, site_pairs, default_config):
+    # Prepare: two adapters, two rows each, in adapter order
+    lora = default_config.lora
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    batch = collate(base64.tokenizer, site_pairs[0][:2] + site_pairs[1][:2], 128)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with grouped_adapters(base64.model, lora, 2) as group, torch.no_grad():
+        group.load([_random_state(like, 21), _random_state(like, 22)])
+        # Execute
+        group.select(torch.tensor([0, 0, 1, 1]))
+        blocks = group.selection.blocks
+        by_blocks = base64.model(**inputs).logits
+        group.selection.blocks = False
+        gathered = base64.model(**inputs).logits
+    # Assert
+    assert blocks
+    torch.testing.assert_close(by_blocks, gathered, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_logits_give_the_same_losses_and_gradients(base64, site_pairs, default_config):
+    # Prepare: one adapter, 4 rows; a chunk budget of one row's logits forces 4 chunks
+    lora = default_config.lora
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    batch = collate(base64.tokenizer, site_pairs[0][:4], 128)
+    one_row = batch["labels"].shape[1] * base64.model.get_output_embeddings().out_features * 4
+    results = []
+    with grouped_adapters(base64.model, lora, 1) as group:
+        group.load([_random_state(like, 31)])
+        group.select(torch.zeros(4, dtype=torch.long))
+        layer = next(iter(group.layers.values()))
+        for budget in (1 << 40, one_row):
+            # Execute
+            sums, counts = row_loss_sums(base64.model, batch, chunk_bytes=budget)
+            (grad,) = torch.autograd.grad(sums.sum() / counts.sum(), layer.lora_A)
+            results.append((sums.detach(), counts, grad))
+    # Assert
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-10, atol=1e-14)
+
+
+def test_grouped_adapters_refuse_a_state_that_does_not_fit(base64, default_config):
+    like = get_state(attach_adapter(base64, "shape", default_config.lora), "shape")
+    key = next(k for k in like if ".lora_A." in k)
+    with grouped_adapters(base64.model, default_config.lora, 2) as group:
+        with pytest.raises(ValueError, match="adapter 1: .*lora_A.weight is missing"):
+            group.load([like, {k: v for k, v in like.items() if k != key}])
+        with pytest.raises(ValueError, match="2 grouped adapters, 1 states given"):
+            group.load([like])
