@@ -56,11 +56,47 @@ def timed(fn, device: str, repeats: int) -> float:  # type: ignore[no-untyped-de
     return statistics.median(seconds)
 
 
+def measure(args, base: BaseModel, model, config: Config, all_sites: list, start: dict):  # type: ignore[no-untyped-def]
+    """The per-site loop's tokens/s, then each K's grouped run against it; returns the last K's pairs and K."""
+    cuda = args.device == "cuda"
+
+    def loop() -> None:
+        for k, site in enumerate(all_sites[: args.loop_sites]):
+            train_adapter(model, "bench", base.tokenizer, site.train, config.train, seed=k)
+
+    loop_rate = tokens_trained(base, config, all_sites[: args.loop_sites]) / timed(loop, args.device, args.rounds)
+    print(f"  per-site loop ({args.loop_sites} sites one by one, peft): {loop_rate:,.0f} tokens/s")
+    params = sum(p.numel() for n, p in base.model.named_parameters() if ".lora_" not in n)
+    for k in args.sites:
+        sites = all_sites[:k]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        pairs = [s.train for s in sites]
+        try:
+            seconds = timed(functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k,
+                                              config.lora, config.train, list(range(k))), args.device, args.rounds)
+        except torch.OutOfMemoryError:
+            print(f"  grouped K={k}: out of memory")
+            break
+        rate = tokens_trained(base, config, sites) / seconds
+        line = (f"  grouped K={k:4d}: {rate:12,.0f} tokens/s  {rate / loop_rate:6.1f}x the loop  "
+                f"{seconds / args.steps * 1000:7.0f} ms/step")
+        if cuda:
+            mfu = rate * 4 * params / (args.peak_tflops * 1e12)
+            line += f"  peak {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB  MFU {mfu:5.1%}"
+        print(line, flush=True)
+    return pairs, k
+
+
 def main() -> None:
     parser = step_parser()
     parser.add_argument("--sites", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--loop-sites", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--base-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="frozen base weights: float32 (bf16 autocast where chosen) and/or stored in bfloat16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (regional)")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of the largest K's run")
     args = parser.parse_args()
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}",
                                     *args.overrides])
@@ -73,36 +109,24 @@ def main() -> None:
                                    num_regions=min(10, max(args.sites)), min_pairs_per_site=rows))
     start = get_state(attach_adapter(base, "bench", config.lora), "bench")
     model = attach_adapter(base, "bench", config.lora)
-
-    def loop() -> None:
-        for k, site in enumerate(all_sites[: args.loop_sites]):
-            train_adapter(model, "bench", base.tokenizer, site.train, config.train, seed=k)
-
-    loop_s = timed(loop, args.device, args.rounds)
-    loop_rate = tokens_trained(base, config, all_sites[: args.loop_sites]) / loop_s
+    if args.compile:
+        for layer in base.model.get_decoder().layers:
+            layer.compile(dynamic=True)
     device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     weights = "random weights" if args.random_init else "pretrained weights"
     print(f"{args.model} ({weights}, {params / 1e6:.1f}M parameters) LoRA r={config.lora.r} on "
           f"{','.join(config.lora.target_modules)}, {rows} rows a site, {args.steps} steps, on {device}")
-    print(f"per-site loop ({args.loop_sites} sites one by one, peft): {loop_rate:,.0f} tokens/s")
-    for k in args.sites:
-        sites = all_sites[:k]
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        pairs = [s.train for s in sites]
-        try:
-            seconds = timed(functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k,
-                                              config.lora, config.train, list(range(k))), args.device, args.rounds)
-        except torch.OutOfMemoryError:
-            print(f"grouped K={k}: out of memory")
-            break
-        rate = tokens_trained(base, config, sites) / seconds
-        line = (f"grouped K={k:4d}: {rate:12,.0f} tokens/s  {rate / loop_rate:6.1f}x the loop  "
-                f"{seconds / args.steps * 1000:7.0f} ms/step")
-        if cuda:
-            mfu = rate * 4 * params / (args.peak_tflops * 1e12)
-            line += f"  peak {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB  MFU {mfu:5.1%}"
-        print(line, flush=True)
+    for dtype in args.base_dtypes:
+        for name, param in base.model.named_parameters():  # the frozen base only: LoRA weights stay float32
+            if ".lora_" not in name:
+                param.data = param.data.to(getattr(torch, dtype))
+        print(f"base weights in {dtype}:")
+        pairs, k = measure(args, base, model, config, all_sites, start)
+    if args.profile:
+        with torch.profiler.profile() as profiler:
+            train_grouped(base.model, base.tokenizer, pairs, [start] * k, config.lora, config.train, list(range(k)))
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=sort, row_limit=25))
 
 
 if __name__ == "__main__":
