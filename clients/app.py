@@ -157,7 +157,8 @@ def train(msg: Message, context: Context) -> Message:
     print(f"[round {server_round}] site {site.site_id} ({site.region}): {line}, "
           f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads", flush=True)
     state = {key: result.state[key] for key in msg.content["arrays"]}  # in the order received (fixedclipping_mod)
-    return Message(RecordDict({"arrays": to_record(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply = to_record(state, config.federation.wire_dtype)
+    return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -80,6 +80,7 @@ class FederationConfig:
     adapters: str = "regional"  # regional: one per region | global: one for all sites | local: each site alone
     lora_aggregation: str = "factors"  # factors: A and B averaged apart | ffa: A frozen | svd: mean of B·A, rank r
     fraction_train: float = 1.0
+    wire_dtype: str = "float32"  # float32 | float16: adapters on the wire both ways (NumPy has no bfloat16)
     fraction_evaluate: float = 1.0
     server_learning_rate: float = 1.0  # fedavgm
     server_momentum: float = 0.9  # fedavgm
@@ -159,6 +160,7 @@ class Config:
         _check_choice("federation.strategy", self.federation.strategy, STRATEGIES)
         _check_choice("federation.adapters", self.federation.adapters, ("regional", "global", "local"))
         _check_choice("federation.lora_aggregation", self.federation.lora_aggregation, ("factors", "ffa", "svd"))
+        _check_choice("federation.wire_dtype", self.federation.wire_dtype, ("float32", "float16"))
         _check_choice("data.region_by", self.data.region_by, ("country", "continent", "list"))
         _check_choice("data.context", self.data.context, CONTEXTS)
         _check_choice("train.bf16", str(self.train.bf16).lower(), ("auto", "true", "false"))
@@ -228,6 +230,9 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError("privacy.mode=client_dp noises the mean of the sites' A and B; "
                           "federation.lora_aggregation=svd would replace it by an SVD of the raw updates: use "
                           "factors or ffa")
+    if federation.wire_dtype != "float32":
+        raise ConfigError("privacy.mode=client_dp clips each site's update on the arrays it sends; use "
+                          f"federation.wire_dtype=float32, not {federation.wire_dtype}")
     if federation.adapters == "local":
         raise ConfigError("privacy.mode=client_dp protects what the federation averages; federation.adapters=local "
                           "averages nothing (use privacy.mode=sample_dp to protect each site's own training)")

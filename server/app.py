@@ -69,7 +69,7 @@ def run_federation(grid: Grid, config: Config) -> Path:
     regions = sorted(set(node_groups.values()))
     done, arrays = starting_point(folder, config, base, regions)
     strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), node_groups,
-                                config.federation.lora_aggregation, config.lora.r)
+                                config.federation.lora_aggregation, config.lora.r, config.federation.wire_dtype)
     started = time.perf_counter()
 
     def end_of_round(server_round: int, round_arrays: ArrayRecord) -> None:

@@ -12,12 +12,15 @@ DP_HISTORIES_KEY = "dp-histories"  # {site: DP accountant history} recorded by t
 RUN_ID_KEY = "run-id"  # which run a message belongs to: a site adapter of another run is never continued
 
 
-def to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in state.items()})
+def to_record(state: Mapping[str, np.ndarray], dtype: str = "") -> ArrayRecord:
+    """Arrays as they go on the wire: in their own dtype, or cast to `dtype` (`federation.wire_dtype`)."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(value, dtype=dtype or None)) for key, value in state.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
+    """The arrays of a record; float16 ones (16 bits on the wire) come back as float32 for the arithmetic."""
+    arrays = {key: array.numpy() for key, array in record.items()}
+    return {key: value.astype(np.float32) if value.dtype == np.float16 else value for key, value in arrays.items()}
 
 
 FINAL_REPORT_KEY = "final-report"  # an evaluate message that asks a site for its part of the federated report

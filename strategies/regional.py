@@ -62,7 +62,7 @@ class RegionalStrategy(Strategy):
     its region."""
 
     def __init__(self, make_strategy: Callable[[int], Strategy], node_regions: dict[int, str],
-                 lora_aggregation: str = "factors", rank: int = 0) -> None:
+                 lora_aggregation: str = "factors", rank: int = 0, wire_dtype: str = "float32") -> None:
         if not node_regions:
             raise ValueError("RegionalStrategy needs at least one node with a region")
         if lora_aggregation not in ("factors", "ffa", "svd") or (lora_aggregation == "svd" and rank < 1):
@@ -70,6 +70,7 @@ class RegionalStrategy(Strategy):
                              f"{lora_aggregation!r}, rank {rank}")
         self.lora_aggregation = lora_aggregation
         self.rank = rank
+        self.wire_dtype = wire_dtype
         self.node_regions = dict(node_regions)
         self.regions = sorted(set(node_regions.values()))
         self.strategies = {region: make_strategy(sum(r == region for r in self.node_regions.values()))
@@ -77,7 +78,7 @@ class RegionalStrategy(Strategy):
         self.current: dict[str, dict[str, Any]] = {}
         self.round_metrics: dict[str, dict[str, float]] = {}
         self.site_replies: dict[int, dict[str, Any]] = {}  # node -> its last training reply's metrics or error
-        self.downlink_bytes = 0
+        self.downlink_bytes: dict[int, int] = {}  # node -> adapter bytes sent to it this round
 
     def summary(self) -> None:
         log.info("\t├──> RegionalStrategy over %d regions:", len(self.regions))
@@ -101,12 +102,15 @@ class RegionalStrategy(Strategy):
             except (PrivacyBudgetExhausted, ValueError) as err:  # client_dp: over budget, or sites missing
                 log.warning("%s: region %s sits out round %d and keeps its adapter: %s", method, region,
                             server_round, err)
+        if self.wire_dtype != "float32":
+            for msg in messages:
+                msg.content[ARRAYS] = to_record(from_record(msg.content[ARRAYS]), self.wire_dtype)
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = self._configure("configure_train", server_round, arrays, config, grid)
-        self.downlink_bytes = sum(array_bytes(msg) for msg in messages)
+        self.downlink_bytes = {msg.metadata.dst_node_id: array_bytes(msg) for msg in messages}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -120,7 +124,12 @@ class RegionalStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.site_replies = {msg.metadata.src_node_id: _reply_record(msg) for msg in replies}
+        self.site_replies = {msg.metadata.src_node_id: {
+            **_reply_record(msg), "bytes_down": self.downlink_bytes.get(msg.metadata.src_node_id, 0),
+            "bytes_up": 0 if msg.has_error() else array_bytes(msg)} for msg in replies}
+        for msg in replies:  # 16-bit replies are averaged in float32
+            if not msg.has_error() and ARRAYS in msg.content.array_records:
+                msg.content[ARRAYS] = to_record(from_record(msg.content[ARRAYS]))
         grouped = self._by_region(replies)
         new_states, metrics = {}, {}
         for region in self.regions:
@@ -138,8 +147,9 @@ class RegionalStrategy(Strategy):
                 new_states[region] = from_record(arrays)
             region_metrics.update(_client_privacy(self.strategies[region]))
             metrics.update(_prefixed(region, region_metrics))
-        replies_bytes = sum(array_bytes(msg) for msgs in grouped.values() for msg in msgs if not msg.has_error())
-        self.round_metrics = {"train": metrics, "bytes": {"downlink": self.downlink_bytes, "uplink": replies_bytes}}
+        uplink = sum(record["bytes_up"] for record in self.site_replies.values())
+        self.round_metrics = {"train": metrics,
+                              "bytes": {"downlink": sum(self.downlink_bytes.values()), "uplink": uplink}}
         return to_record(merge_regions(new_states)), MetricRecord(metrics)
 
     def _svd(self, region: str, replies: list[Message]) -> tuple[dict[str, Any], float]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fed_netgpt.models import load_base
 from fed_netgpt.runs import round_summaries, site_records
 
 pytestmark = pytest.mark.integration
@@ -61,6 +62,9 @@ def test_metrics_has_one_line_per_round_with_every_region(run_dir: Path) -> None
     assert sorted((r["round"], r["site_id"]) for r in sites) == [(n, s) for n in (1, 2) for s in TRAINING_SITES]
     paris = next(r for r in sites if r["site_id"] == "paris")
     assert paris["region"] == "france" and paris["num-examples"] == 32 and np.isfinite(paris["train_loss"])
+    # its adapter both ways, float32: well under 1 % of the base model's float32 bytes
+    assert paris["bytes_down"] == paris["bytes_up"] == rows[0]["bytes"]["uplink"] // len(TRAINING_SITES)
+    assert paris["bytes_up"] < 0.01 * 4 * sum(p.numel() for p in load_base("tiny-random").model.parameters())
 
 
 def test_regions_train_different_adapters_that_moved_from_the_start(run_dir: Path) -> None:

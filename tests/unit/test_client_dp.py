@@ -127,6 +127,7 @@ def test_the_site_clips_its_update_only_in_a_client_dp_run(clipping_norm):
         (["federation.strategy=fedadam"], "works with federation.strategy fedavg or fedprox, not fedadam"),
         (["federation.lora_aggregation=svd"], "use factors or ffa"),
         (["federation.adapters=local"], "averages nothing"),
+        (["federation.wire_dtype=float16"], "use federation.wire_dtype=float32, not float16"),
         (["privacy.target_epsilon=8", "privacy.noise_multiplier=1"], "exactly one of"),
     ],
 )

@@ -212,6 +212,32 @@ def test_aggregate_train_fedavg_is_the_example_weighted_mean_per_region(configur
     assert configured.round_metrics == {"train": dict(metrics), "bytes": {"downlink": 144, "uplink": 144}}
 
 
+def test_float16_on_the_wire_halves_the_bytes_and_averages_in_float32():
+    # Prepare: france starts at 1/3 (not a float16 number); replies come back in float16
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, wire_dtype="float16")
+    third = {key: np.full(shape, 1 / 3, dtype=np.float32) for key, shape in SHAPES.items()}
+    messages = list(strategy.configure_train(1, _merged({"france": third, "japan": _state(10.0)}), ConfigRecord({}),
+                                             ConnectedNodesGrid(NODE_REGIONS)))
+    replies = [_reply(node, {k: v.astype(np.float16) for k, v in _state(value).items()}, n, 1.0)
+               for node, value, n in ((11, 1.0 / 3, 1), (12, 2.0 / 3, 2), (21, 7.0, 5))]
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: sent as float16 (the nearest float16 to 1/3), 24 bytes a message instead of 48
+    sent = _numpy(messages[0].content["arrays"])
+    assert {v.dtype for v in sent.values()} == {np.dtype(np.float16)}
+    assert sent["lora_A.weight"][0, 0] == np.float16(1 / 3) != np.float32(1 / 3)
+    assert strategy.round_metrics["bytes"] == {"downlink": 72, "uplink": 72}
+    assert {node: (r["bytes_down"], r["bytes_up"]) for node, r in strategy.site_replies.items()} == {
+        11: (24, 24), 12: (24, 24), 21: (24, 24)}
+    # the mean is taken in float32 over the float16 values: (1 x f16(1/3) + 2 x f16(2/3)) / 3
+    result = _numpy(arrays)
+    expected = (float(np.float16(1 / 3)) + 2 * float(np.float16(2 / 3))) / 3
+    assert result["france/lora_A.weight"].dtype == np.float32
+    np.testing.assert_allclose(result["france/lora_A.weight"], np.full((2, 3), expected), rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("bad_state", "reason"),
     [
