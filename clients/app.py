@@ -78,7 +78,7 @@ def personal_folder(config: Config, context: Context, site_id: str) -> Path:
 
 
 def prepared_model(msg: Message, config: Config) -> tuple[BaseModel, torch.nn.Module]:
-    base = load_base(config.model.name, config.model.cache_dir)
+    base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     model = attach_adapter(base, ADAPTER, config.lora, seed=config.run.seed)
     set_state(model, ADAPTER, from_record(msg.content["arrays"]))
     return base, model

@@ -29,7 +29,7 @@ from fed_netgpt.config import Config, ConfigError, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run, generate_completions
-from fed_netgpt.models import ModelNotFoundError, load_base
+from fed_netgpt.models import DeviceError, ModelNotFoundError, load_base, resolve_device
 from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
 from fed_netgpt.precision import choose_precision
 from fed_netgpt.privacy import privacy_report
@@ -44,7 +44,7 @@ from fed_netgpt.runs import (
     site_records,
 )
 
-USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError)
+USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError, DeviceError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,12 +95,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def prepared_config(args: argparse.Namespace) -> Config:
-    """The config with what this machine decides resolved: an absolute run folder (Ray workers write site
-    adapters there) and `train.bf16=auto` turned into true/false, logged and saved with the run."""
+    """The config with what this machine decides resolved, logged and saved with the run: an absolute run folder
+    (Ray workers write site adapters there), `train.device=auto` turned into cpu or cuda (with a GPU share per
+    client when none is set), and on the CPU `train.bf16=auto` turned into true/false (a GPU worker decides it
+    with a one-off step benchmark)."""
     config = load_config(args.config, args.overrides)
-    precision = choose_precision(config.train.bf16, torch.device("cpu"))
-    print(f"precision: {precision.reason}", flush=True)
-    return replace(config, train=replace(config.train, bf16=str(precision.bf16).lower()),
+    device = resolve_device(config.train.device)
+    train, simulation = replace(config.train, device=device.type), config.simulation
+    if device.type == "cpu":
+        precision = choose_precision(config.train.bf16, device)
+        train = replace(train, bf16=str(precision.bf16).lower())
+        print(f"device: cpu; precision: {precision.reason}", flush=True)
+    else:
+        if simulation.num_gpus_per_client == 0:
+            at_once = max(1, int((os.cpu_count() or 1) // simulation.num_cpus_per_client))
+            simulation = replace(simulation, num_gpus_per_client=min(1.0, torch.cuda.device_count() / at_once))
+        print(f"device: cuda ({torch.cuda.device_count()} x {torch.cuda.get_device_name()}), "
+              f"{simulation.num_gpus_per_client:g} GPU per client; precision: train.bf16={train.bf16}", flush=True)
+    return replace(config, train=train, simulation=simulation,
                    run=replace(config.run, output_dir=str(Path(config.run.output_dir).resolve())))
 
 
@@ -119,7 +131,8 @@ def simulate_command(args: argparse.Namespace) -> int:
           f"{len(heldout)} more held out, {config.federation.num_rounds} rounds, model {config.model.name}",
           flush=True)
     backend = {
-        "client_resources": {"num_cpus": config.simulation.num_cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": config.simulation.num_cpus_per_client,
+                             "num_gpus": config.simulation.num_gpus_per_client},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     _flower_logs_to(Path(config.run.output_dir) / "flower.log")
@@ -149,7 +162,7 @@ def compare_command(args: argparse.Namespace) -> int:
     (how `compare.seeds=3` adds a third seed to a two-seed comparison)."""
     config = prepared_config(args)
     load_sites(config.data)
-    base = load_base(config.model.name, config.model.cache_dir)
+    base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     folder = Path(config.run.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(to_yaml(config))
@@ -239,7 +252,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     pairs = read_jsonl(args.data) if args.data else load_pairs(config.data)
     if args.data and not any(p.split == "test" for p in pairs):
         pairs = [replace(p, split="test") for p in pairs]  # the file names no split: evaluate on all of it
-    base = load_base(config.model.name, config.model.cache_dir)
+    base = load_base(config.model.name, config.model.cache_dir, device="auto")
     report = evaluate_run(args.run, config, pairs, base)
     print(json.dumps(json_safe(report), indent=2, ensure_ascii=False))
     return 0
@@ -254,7 +267,7 @@ def complete_command(args: argparse.Namespace) -> int:
                              f"{', '.join(run_regions(args.run))})")
     folder = serving_adapter(args.run, config, region, args.site)
     context = pairs[0].context if pairs else ""
-    base = load_base(config.model.name, config.model.cache_dir)
+    base = load_base(config.model.name, config.model.cache_dir, device="auto")
     model = base.model if folder is None else load_adapter(base, adapter_name_for(folder), folder)
     completion = generate_completions(model, base.tokenizer, [(context, args.prompt)], config.evaluation.max_new_tokens)
     print(completion[0])

@@ -70,6 +70,7 @@ class TrainConfig:
     max_length: int = 128
     proximal_mu: float = 0.0  # FedProx term weight; 0 disables it
     bf16: str = "auto"  # auto | true | false: bf16 autocast only where it is faster (fed_netgpt/precision.py)
+    device: str = "auto"  # auto (cuda where the process sees a GPU) | cpu | cuda
     seed: int = 0
 
 
@@ -130,6 +131,8 @@ class EvaluationConfig:
 @dataclass(frozen=True)
 class SimulationConfig:
     num_cpus_per_client: float = 2.0  # Ray resources per ClientApp; a whole machine by default
+    num_gpus_per_client: float = 0.0  # GPU share per ClientApp (0.25: four sites' work on one GPU); 0 with a GPU
+    #                                   and train.device auto/cuda: the GPUs split among the clients that run at once
     torch_threads: int = 0  # 0 -> torch's default
 
 
@@ -164,6 +167,7 @@ class Config:
         _check_choice("data.region_by", self.data.region_by, ("country", "continent", "list"))
         _check_choice("data.context", self.data.context, CONTEXTS)
         _check_choice("train.bf16", str(self.train.bf16).lower(), ("auto", "true", "false"))
+        _check_choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
         object.__setattr__(self.train, "bf16", str(self.train.bf16).lower())  # YAML's true arrives as "True"
         _check_choice("evaluation.federated", str(self.evaluation.federated).lower(), ("auto", "true", "false"))
         object.__setattr__(self.evaluation, "federated", str(self.evaluation.federated).lower())
@@ -181,7 +185,7 @@ class Config:
             raise ConfigError(f"data.min_pairs_per_site ({self.data.min_pairs_per_site}) must be <= "
                               f"data.max_pairs_per_site ({self.data.max_pairs_per_site})")
         for key in ("data.heldout_sites_per_region", "data.num_sites", "data.num_regions", "data.valid_pairs_per_site",
-                    "data.size_skew", "personalization.ditto_lambda"):
+                    "data.size_skew", "personalization.ditto_lambda", "simulation.num_gpus_per_client"):
             if select(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:

@@ -45,13 +45,28 @@ def cache_root(cache_dir: str = "") -> Path:
     return Path(cache_dir or os.environ.get("FED_NETGPT_CACHE") or Path.home() / ".cache" / "fed-netgpt")
 
 
-def load_base(name: str, cache_dir: str = "") -> BaseModel:
-    """The process-wide frozen base model (loaded once per `(name, cache_dir)`)."""
-    return _load_base_cached(name, str(cache_root(cache_dir)))
+class DeviceError(RuntimeError):
+    """`train.device` asks for a device this process cannot use; the message says what it sees."""
+
+
+def resolve_device(setting: str) -> torch.device:
+    """`train.device`: cpu, cuda, or auto (cuda where this process sees a GPU, else cpu)."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise DeviceError(f"train.device=cuda, but this process sees no CUDA device (torch {torch.__version__}, "
+                          f"{build}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})")
+    return torch.device(setting)
+
+
+def load_base(name: str, cache_dir: str = "", device: str = "cpu") -> BaseModel:
+    """The process-wide frozen base model (loaded once per `(name, cache_dir, device)`)."""
+    return _load_base_cached(name, str(cache_root(cache_dir)), str(resolve_device(device)))
 
 
 @functools.lru_cache(maxsize=2)
-def _load_base_cached(name: str, cache_dir: str) -> BaseModel:
+def _load_base_cached(name: str, cache_dir: str, device: str) -> BaseModel:
     if name == SMOLLM2:
         folder = smollm2_folder(Path(cache_dir))
     elif name == TINY_RANDOM:
@@ -64,7 +79,7 @@ def _load_base_cached(name: str, cache_dir: str) -> BaseModel:
                 "model folder with a config.json"
             )
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
     model.requires_grad_(False)
     model.eval()
     return BaseModel(model=model, tokenizer=tokenizer, name=name)

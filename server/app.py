@@ -65,7 +65,7 @@ def run_federation(grid: Grid, config: Config) -> Path:
         message_config[DP_HISTORIES_KEY] = json.dumps(recorded_histories(site_records(folder)))
     node_sites = discover_sites(grid, config, message_config)
     node_groups = {node: aggregation_group(config, s.site_id, s.region) for node, s in node_sites.items()}
-    base = load_base(config.model.name, config.model.cache_dir)
+    base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     regions = sorted(set(node_groups.values()))
     done, arrays = starting_point(folder, config, base, regions)
     strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), node_groups,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fed_netgpt.cli import main
 from fed_netgpt.config import load_config
@@ -106,3 +107,16 @@ def test_a_config_file_and_its_preset_apply_before_overrides(tmp_path: Path) -> 
     mine.write_text("preset: smoke\ntrain:\n  local_steps: 7\nfederation:\n  num_rounds: 9\n")
     config = load_config(mine, ["federation.num_rounds=5"])
     assert (config.model.name, config.train.local_steps, config.federation.num_rounds) == ("tiny-random", 7, 5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: train.device=cuda is valid here")
+def test_cuda_asked_on_a_machine_without_one(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(capsys, "simulate", "model.name=tiny-random", "train.device=cuda")
+    assert code == 2
+    assert "train.device=cuda, but this process sees no CUDA device" in err
+
+
+def test_unknown_device(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(capsys, "simulate", "train.device=tpu")
+    assert code == 2
+    assert "train.device must be one of auto, cpu, cuda; got 'tpu'" in err

@@ -12,6 +12,7 @@ import torch
 from fed_netgpt import precision
 from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.models import DeviceError, resolve_device
 from fed_netgpt.precision import Precision, choose_precision, cpu_has_amx, parse_bf16_setting, step_benchmark
 from fed_netgpt.training import collate
 
@@ -202,3 +203,11 @@ def test_step_benchmark_times_without_changing_the_model(tiny_base, default_conf
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
     assert model.training is was_training
+
+
+def test_auto_device_is_what_the_process_sees_and_cuda_without_one_is_a_clear_error():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="train.device=cuda, but this process sees no CUDA device"):
+            resolve_device("cuda")
