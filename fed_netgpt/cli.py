@@ -25,7 +25,7 @@ import torch
 
 from fed_netgpt.adapters import AdapterError, adapter_name_for, load_adapter
 from fed_netgpt.comparison import jobs_for, mean_over_seeds, privacy_utility, run_config
-from fed_netgpt.config import Config, ConfigError, load_config, to_yaml
+from fed_netgpt.config import Config, ConfigError, SimulationConfig, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run, generate_completions
@@ -130,13 +130,9 @@ def simulate_command(args: argparse.Namespace) -> int:
     print(f"Simulating {len(sites)} edge sites in {len(regions)} regions ({', '.join(regions)}), "
           f"{len(heldout)} more held out, {config.federation.num_rounds} rounds, model {config.model.name}",
           flush=True)
-    backend = {
-        "client_resources": {"num_cpus": config.simulation.num_cpus_per_client,
-                             "num_gpus": config.simulation.num_gpus_per_client},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
-    }
     _flower_logs_to(Path(config.run.output_dir) / "flower.log")
-    run_simulation(server_app_for(config), client_app, num_supernodes=len(sites), backend_config=backend)
+    run_simulation(server_app_for(config), client_app, num_supernodes=len(sites),
+                   backend_config=simulation_backend(config.simulation))
     done = Path(config.run.output_dir) / ("report.json" if config.run.report else "adapters")
     return 0 if done.exists() or (Path(config.run.output_dir) / "site_adapters").exists() else 1
 
@@ -153,6 +149,15 @@ def _flower_logs_to(path: Path) -> None:
     file_handler = logging.FileHandler(path)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     flower.addHandler(file_handler)
+
+
+def simulation_backend(simulation: SimulationConfig) -> dict:
+    """Flower's Ray backend settings: each ClientApp's CPU and GPU share, and a Ray of this machine's cores or,
+    with `simulation.ray_address`, the Ray cluster already running there (several machines; its size is its own)."""
+    resources = {"num_cpus": simulation.num_cpus_per_client, "num_gpus": simulation.num_gpus_per_client}
+    if simulation.ray_address:
+        return {"client_resources": resources, "init_args": {"address": simulation.ray_address}}
+    return {"client_resources": resources, "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
 
 
 def compare_command(args: argparse.Namespace) -> int:

@@ -134,6 +134,7 @@ class SimulationConfig:
     num_gpus_per_client: float = 0.0  # GPU share per ClientApp (0.25: four sites' work on one GPU); 0 with a GPU
     #                                   and train.device auto/cuda: the GPUs split among the clients that run at once
     torch_threads: int = 0  # 0 -> torch's default
+    ray_address: str = ""  # "": a Ray of this machine | HOST:6379 or auto: a running Ray cluster (several machines)
 
 
 @dataclass(frozen=True)
