@@ -1,7 +1,8 @@
 """The edge site's ClientApp: tell the server who it is, train the received adapter, evaluate it.
 
 The server sends the resolved config (YAML) in every message, so simulation and deployment behave the
-same. A site is picked by `site-id` in node_config (deployment) or by `partition-id` (simulation);
+same. A node serves the sites named by `site-ids` or `site-id` in node_config (deployment), or a share of the
+training sites by `partition-id` (simulation); each message names the site it is for (server/site_grid.py);
 `data-path` in node_config points a deployed node at its own JSONL, `adapter-dir` at the folder where it keeps
 its personal adapter (default: the run folder's site_adapters/). For the final report a site scores its own test
 rows and sends back only the counts; `share-examples=true` in node_config lets its generated examples go too
@@ -36,13 +37,14 @@ from strategies.records import (
     DP_HISTORIES_KEY,
     FINAL_REPORT_KEY,
     RUN_ID_KEY,
+    SITE_KEY,
     from_record,
     tallies_to_metrics,
     to_record,
 )
 
 ADAPTER = "local"
-PRIVACY_STATE = "privacy"  # the site's DP accountant history, in the node's state across rounds
+PRIVACY_STATE = "privacy"  # "privacy/<site>": a site's DP accountant history, in the node's state across rounds
 app = ClientApp()
 
 
@@ -53,22 +55,39 @@ def message_config(msg: Message) -> Config:
     return config
 
 
-def local_site(config: Config, context: Context) -> SiteData:
-    """This node's site: by `site-id`, else the `partition-id`-th training site in sorted order."""
+def node_sites(config: Config, context: Context) -> list[SiteData]:
+    """The sites this node serves: node_config `site-ids` (several, comma-separated) or `site-id` (one); in
+    simulation, node `partition-id` of `num-partitions` serves every num-partitions-th training site from that
+    one (sorted order), so any number of nodes covers every site."""
     node = context.node_config
     data = config.data
     if "data-path" in node:
         data = replace(data, path=str(node["data-path"]))
     sites = load_sites(data)
-    if "site-id" in node:
-        matches = [s for s in sites if s.site_id == node["site-id"]]
-        if not matches:
-            raise ValueError(f"node_config site-id={node['site-id']!r} is not a training site of the data")
-        return matches[0]
-    partition = int(node["partition-id"])
-    if partition >= len(sites):
-        raise ValueError(f"partition-id {partition} but the data has only {len(sites)} training sites")
-    return sites[partition]
+    if "site-ids" in node or "site-id" in node:
+        key = "site-ids" if "site-ids" in node else "site-id"
+        wanted = [part.strip() for part in str(node[key]).split(",") if part.strip()]
+        by_id = {s.site_id: s for s in sites}
+        unknown = [site_id for site_id in wanted if site_id not in by_id]
+        if unknown or not wanted:
+            raise ValueError(f"node_config {key}={node[key]!r}: {', '.join(map(repr, unknown)) or 'no site'} "
+                             "is not a training site of the data")
+        return [by_id[site_id] for site_id in wanted]
+    partitions = int(node.get("num-partitions", len(sites)))
+    return sites[int(node["partition-id"]) :: max(1, partitions)]
+
+
+def message_site(config: Config, context: Context, msg: Message) -> SiteData:
+    """The site a message is for: the one it names (`site-id`), which must be this node's; a node serving one
+    site may be sent messages that name none."""
+    sites = node_sites(config, context)
+    named = msg.content["config"].get(SITE_KEY)
+    if named is None and len(sites) == 1:
+        return sites[0]
+    matches = [s for s in sites if s.site_id == named]
+    if not matches:
+        raise ValueError(f"the message is for site {named!r}; this node serves {[s.site_id for s in sites]}")
+    return matches[0]
 
 
 def personal_folder(config: Config, context: Context, site_id: str) -> Path:
@@ -100,7 +119,7 @@ def site_accountant(config: Config, context: Context, site_id: str, sent: Config
     if config.privacy.mode != "sample_dp":
         return None
     steps = config.train.local_steps + (config.personalization.steps if personalized(config) else 0)
-    saved = context.state.config_records.get(PRIVACY_STATE)
+    saved = context.state.config_records.get(f"{PRIVACY_STATE}/{site_id}")
     kept = json.loads(str(saved["history"])) if saved else []
     recorded = json.loads(str(sent.get(DP_HISTORIES_KEY, "{}"))).get(site_id, [])
     return SiteAccountant(config.privacy, config.federation.num_rounds * steps, longer(kept, recorded))
@@ -108,12 +127,13 @@ def site_accountant(config: Config, context: Context, site_id: str, sent: Config
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Who this site is, and the facts its rows state (their levels are derived on the server across sites)."""
-    site = local_site(message_config(msg), context)
-    (_, facts), = facts_by_site(site.train + site.valid + site.test).values()
-    info = ConfigRecord({"site-id": site.site_id, "region": site.region, "num-train": len(site.train),
-                         "num-test": len(site.test), "facts": sorted(facts), "owns-data": owns_data(context)})
-    return Message(RecordDict({"site": info}), reply_to=msg)
+    """Which sites this node serves, and the facts their rows state (levels are derived on the server)."""
+    described = []
+    for site in node_sites(message_config(msg), context):
+        (_, facts), = facts_by_site(site.train + site.valid + site.test).values()
+        described.append({"site-id": site.site_id, "region": site.region, "num-train": len(site.train),
+                          "num-test": len(site.test), "facts": sorted(facts), "owns-data": owns_data(context)})
+    return Message(RecordDict({"sites": ConfigRecord({"json": json.dumps(described)})}), reply_to=msg)
 
 
 def clip_for_client_dp(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
@@ -127,7 +147,7 @@ def clip_for_client_dp(msg: Message, context: Context, call_next):  # type: igno
 @app.train(mods=[clip_for_client_dp])
 def train(msg: Message, context: Context) -> Message:
     config = message_config(msg)
-    site = local_site(config, context)
+    site = message_site(config, context, msg)
     base, model = prepared_model(msg, config)
     sent = msg.content["config"]
     train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
@@ -148,7 +168,7 @@ def train(msg: Message, context: Context) -> Message:
             line += f", personal {personal.metrics['train_loss']:.3f} -> {personal.metrics['train_loss_last']:.3f}"
     finally:  # every private step taken is kept, even when a later one was refused
         if accountant:
-            context.state[PRIVACY_STATE] = ConfigRecord({"history": json.dumps(accountant.history)})
+            context.state[f"{PRIVACY_STATE}/{site.site_id}"] = ConfigRecord({"history": json.dumps(accountant.history)})
     if config.privacy.mode == "client_dp":
         metrics[UNIT_WEIGHT] = 1.0
     if accountant:
@@ -166,7 +186,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Per-round validation loss of the received adapter on the site's validation split (never the test split);
     after the last round, the site's part of the final report."""
     config = message_config(msg)
-    site = local_site(config, context)
+    site = message_site(config, context, msg)
     if FINAL_REPORT_KEY in msg.content["config"]:
         return final_report(msg, config, context, site)
     if not site.valid:  # nothing kept for validation here: zero examples leave this site out of the mean

@@ -131,7 +131,7 @@ def simulate_command(args: argparse.Namespace) -> int:
           f"{len(heldout)} more held out, {config.federation.num_rounds} rounds, model {config.model.name}",
           flush=True)
     _flower_logs_to(Path(config.run.output_dir) / "flower.log")
-    run_simulation(server_app_for(config), client_app, num_supernodes=len(sites),
+    run_simulation(server_app_for(config), client_app, num_supernodes=config.simulation.num_supernodes or len(sites),
                    backend_config=simulation_backend(config.simulation))
     done = Path(config.run.output_dir) / ("report.json" if config.run.report else "adapters")
     return 0 if done.exists() or (Path(config.run.output_dir) / "site_adapters").exists() else 1

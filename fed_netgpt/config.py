@@ -87,7 +87,7 @@ class FederationConfig:
     server_momentum: float = 0.9  # fedavgm
     eta: float = 0.01  # fedadam/fedyogi server learning rate (Flower's name)
     tau: float = 0.001  # fedadam/fedyogi adaptivity
-    min_nodes: int = 0  # nodes to wait for before round 1; 0 -> one per site of the data
+    min_nodes: int = 0  # nodes to wait for before round 1; 0 -> until the nodes serve every training site
     timeout: float = 3600.0
 
 
@@ -134,6 +134,7 @@ class SimulationConfig:
     num_gpus_per_client: float = 0.0  # GPU share per ClientApp (0.25: four sites' work on one GPU); 0 with a GPU
     #                                   and train.device auto/cuda: the GPUs split among the clients that run at once
     torch_threads: int = 0  # 0 -> torch's default
+    num_supernodes: int = 0  # nodes of `fed-netgpt simulate`; 0: one per training site (sites share nodes if fewer)
     ray_address: str = ""  # "": a Ray of this machine | HOST:6379 or auto: a running Ray cluster (several machines)
 
 
@@ -186,7 +187,8 @@ class Config:
             raise ConfigError(f"data.min_pairs_per_site ({self.data.min_pairs_per_site}) must be <= "
                               f"data.max_pairs_per_site ({self.data.max_pairs_per_site})")
         for key in ("data.heldout_sites_per_region", "data.num_sites", "data.num_regions", "data.valid_pairs_per_site",
-                    "data.size_skew", "personalization.ditto_lambda", "simulation.num_gpus_per_client"):
+                    "data.size_skew", "personalization.ditto_lambda", "simulation.num_gpus_per_client",
+                    "simulation.num_supernodes"):
             if select(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_netgpt.adapters import attach_adapter, get_state
@@ -29,7 +29,8 @@ from fed_netgpt.runs import (
     site_records,
     start_run,
 )
-from server.federated_report import NodeSite, federated_report, scored_by_sites
+from server.federated_report import federated_report, scored_by_sites
+from server.site_grid import SiteGrid, discover_sites
 from strategies.aggregation import merge_regions, split_regions
 from strategies.records import CONFIG_KEY, DP_HISTORIES_KEY, RUN_ID_KEY, from_record, to_record
 from strategies.regional import RegionalStrategy
@@ -61,14 +62,17 @@ def run_federation(grid: Grid, config: Config) -> Path:
     folder, run_id = start_run(config)
     log.info("run folder: %s\n%s", folder, to_yaml(config))
     message_config = ConfigRecord({CONFIG_KEY: to_yaml(config), RUN_ID_KEY: run_id})
-    if config.privacy.mode == "sample_dp":  # a resumed run tells each site how much it has spent already
+    if config.privacy.mode == "sample_dp":  # each site is told how much it has spent (a resumed run's too)
         message_config[DP_HISTORIES_KEY] = json.dumps(recorded_histories(site_records(folder)))
-    node_sites = discover_sites(grid, config, message_config)
-    node_groups = {node: aggregation_group(config, s.site_id, s.region) for node, s in node_sites.items()}
+    expected = len(load_sites(config.data))
+    sites, routes = discover_sites(grid, expected, config.federation.min_nodes, config.federation.timeout,
+                                   message_config)
+    site_grid = SiteGrid(grid, routes)  # from here on every message goes to a site, on its node
+    site_groups = {number: aggregation_group(config, s.site_id, s.region) for number, s in sites.items()}
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
-    regions = sorted(set(node_groups.values()))
+    regions = sorted(set(site_groups.values()))
     done, arrays = starting_point(folder, config, base, regions)
-    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), node_groups,
+    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), site_groups,
                                 config.federation.lora_aggregation, config.lora.r, config.federation.wire_dtype)
     started = time.perf_counter()
 
@@ -79,16 +83,19 @@ def run_federation(grid: Grid, config: Config) -> Path:
         save_checkpoint(folder, server_round, from_record(round_arrays))
         row = {"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}
         append_metrics(folder, row)
-        for node, record in strategy.site_replies.items():
-            site = node_sites[node]
+        for number, record in strategy.site_replies.items():
+            site = sites[number]
             append_metrics(folder, {"round": server_round, "site_id": site.site_id, "region": site.region, **record})
         _log_round(server_round, config.federation.num_rounds, done + 1, time.perf_counter() - started, regions,
                    strategy.round_metrics)
+        if DP_HISTORIES_KEY in message_config:  # the next round's messages: a node's own record may lag (two of
+            # its sites trained at once in a simulation both rewrote its state), the server's does not
+            message_config[DP_HISTORIES_KEY] = json.dumps(recorded_histories(site_records(folder)))
         return None
 
     if done < config.federation.num_rounds:
         arrays = from_record(strategy.start(
-            grid=grid, initial_arrays=to_record(arrays), num_rounds=config.federation.num_rounds - done,
+            grid=site_grid, initial_arrays=to_record(arrays), num_rounds=config.federation.num_rounds - done,
             timeout=config.federation.timeout, train_config=message_config, evaluate_config=message_config,
             evaluate_fn=end_of_round,
         ).arrays)
@@ -96,8 +103,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
     save_adapters(folder, base, config, states)
     if not config.run.report:
         return folder
-    if scored_by_sites(config, node_sites):
-        report = federated_report(grid, config, folder, base, node_sites, node_groups, states, message_config)
+    if scored_by_sites(config, sites):
+        report = federated_report(site_grid, config, folder, base, sites, site_groups, states, message_config)
     else:
         report = evaluate_run(folder, config, load_pairs(config.data), base)
     if config.privacy.mode != "none":
@@ -130,38 +137,6 @@ def starting_point(folder: Path, config: Config, base: BaseModel, regions: list[
         raise RunFolderError(f"{folder}/checkpoints/round-{done} holds regions {saved}, but the nodes serve {regions}")
     log.info("resuming after round %d from %s/checkpoints/round-%d", done, folder, done)
     return done, arrays
-
-
-def discover_sites(grid: Grid, config: Config, message_config: ConfigRecord) -> dict[int, NodeSite]:
-    """Ask every node which site and region it serves and the facts its rows state (a query message); wait for
-    all training sites."""
-    expected = len(load_sites(config.data)) if config.federation.min_nodes == 0 else config.federation.min_nodes
-    started = time.monotonic()
-    while len(node_ids := list(grid.get_node_ids())) < expected:
-        waited = time.monotonic() - started
-        if waited > config.federation.timeout:
-            log.warning("discover_sites: only %d of %d nodes after %.0fs; going on with them",
-                        len(node_ids), expected, waited)
-            break
-        if int(waited) % 10 == 0:
-            log.info("discover_sites: %d of %d nodes connected (one per site; federation.min_nodes sets "
-                     "fewer), waiting", len(node_ids), expected)
-        time.sleep(1.0)
-    messages = [Message(RecordDict({"config": message_config}), dst_node_id=node, message_type=MessageType.QUERY)
-                for node in node_ids]
-    node_sites: dict[int, NodeSite] = {}
-    for reply in grid.send_and_receive(messages, timeout=config.federation.timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("discover_sites: node %d did not answer: %s", node, reply.error.reason)
-            continue
-        site = reply.content["site"]
-        node_sites[node] = NodeSite(str(site["site-id"]), str(site["region"]), tuple(site.get("facts", [])),
-                                    bool(site.get("owns-data", False)))
-        log.info("discover_sites: node %d serves site %s in region %s", node, site["site-id"], site["region"])
-    if not node_sites:
-        raise RuntimeError("no node answered the region query; nothing to train")
-    return node_sites
 
 
 def _log_round(server_round: int, num_rounds: int, first: int, elapsed: float, regions: list[str],

@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord
 CONFIG_KEY = "fed-netgpt-config"  # the resolved config (YAML) in every message's ConfigRecord
 DP_HISTORIES_KEY = "dp-histories"  # {site: DP accountant history} recorded by the server: a resume continues it
 RUN_ID_KEY = "run-id"  # which run a message belongs to: a site adapter of another run is never continued
+SITE_KEY = "site-id"  # which of its node's sites a message is for (server/site_grid.py)
 
 
 def to_record(state: Mapping[str, np.ndarray], dtype: str = "") -> ArrayRecord:

@@ -1,4 +1,5 @@
-"""The deployment engine on loopback: a real SuperLink, one SuperNode per site naming its site, `flwr run`."""
+"""The deployment engine on loopback: a real SuperLink, SuperNodes naming their sites (one edge server serves two),
+`flwr run`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from fed_netgpt.runs import round_summaries
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SITES = {"paris": "france", "marseille": "france", "tokyo": "japan", "yokohama": "japan"}
+NODES = {"paris": "site-id='paris' share-examples=true", "marseille": "site-id='marseille'",
+         "japan-edge": "site-ids='tokyo,yokohama'"}  # one node, two sites
 
 
 def free_port() -> int:
@@ -66,10 +69,9 @@ def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: 
         start("superlink", str(bin_dir / "flower-superlink"), "--insecure", "--port", str(link_port),
               "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db"))
         wait_for_port(link_port)
-        for site in SITES:
-            start(site, str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                  "--port", str(free_port()), "--node-config",
-                  f"site-id='{site}'" + (" share-examples=true" if site == "paris" else ""))
+        for name, node_config in NODES.items():
+            start(name, str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                  "--port", str(free_port()), "--node-config", node_config)
         overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=1"
         done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "lab", "--stream", "--run-config", overrides],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

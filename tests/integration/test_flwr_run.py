@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fed_netgpt.runs import round_summaries
+from fed_netgpt.runs import round_summaries, site_records
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +37,8 @@ def test_flwr_run_with_run_config_overrides(tmp_path: Path) -> None:
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 4\n'
-    )
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 2\n'
+    )  # Flower's own default on a fresh home: fewer nodes than the smoke preset's 4 sites, which share them
     out = tmp_path / "run"
     bin_dir = Path(sys.executable).parent  # flwr and flower-superlink live beside this interpreter
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -56,3 +56,4 @@ def test_flwr_run_with_run_config_overrides(tmp_path: Path) -> None:
     assert (out / "report.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     assert [row["round"] for row in round_summaries(out)] == [1]  # the --run-config override reached the ServerApp
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["france", "japan"]
+    assert sorted(r["site_id"] for r in site_records(out)) == ["marseille", "paris", "tokyo", "yokohama"]  # all trained

@@ -1,0 +1,114 @@
+"""Sites are not nodes: a node (a SuperNode, an edge server) may serve several sites.
+
+Every strategy, the round loop and the final report address *sites*. `discover_sites` asks each node which
+sites it serves and gives every site an id of its own; `SiteGrid` is the Grid those ids live in: a message to
+a site goes to the site's node with the site named in its config (`SITE_KEY`), and the node's reply comes back
+as the site's. So Flower's strategies sample, weigh and aggregate sites (`federation.fraction_train` is a
+fraction of sites), whatever the number of nodes, and a node trains its sites one message at a time on its one
+frozen base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from server.federated_report import NodeSite
+from strategies.records import SITE_KEY
+
+log = logging.getLogger("fed_netgpt.server")
+Route = tuple[int, str]  # (node id, site id)
+
+
+class SiteGrid:
+    """The Grid seen by strategies: one id per site (`routes`: site id number -> its node and site id)."""
+
+    def __init__(self, grid: Grid, routes: dict[int, Route]) -> None:
+        self._grid = grid
+        self.routes = dict(routes)
+
+    def get_node_ids(self) -> list[int]:
+        """The sites whose node is connected."""
+        connected = set(self._grid.get_node_ids())
+        return [site for site, (node, _) in self.routes.items() if node in connected]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Each message to its site's node, naming the site; each reply returned as its site's."""
+        routed = [(self._routed(msg), msg) for msg in messages]
+        replies = self._grid.send_and_receive([out for out, _ in routed], timeout=timeout)
+        by_id = {out.metadata.message_id: original for out, original in routed}
+        return [Message(reply.error if reply.has_error() else reply.content,
+                        reply_to=by_id[reply.metadata.reply_to_message_id])
+                for reply in replies if reply.metadata.reply_to_message_id in by_id]
+
+    def _routed(self, msg: Message) -> Message:
+        node, site_id = self.routes[msg.metadata.dst_node_id]
+        content = RecordDict({key: ConfigRecord({**dict(record), SITE_KEY: site_id}) if key == "config" else record
+                              for key, record in msg.content.items()})
+        return Message(content, dst_node_id=node, message_type=msg.metadata.message_type,
+                       group_id=msg.metadata.group_id, ttl=msg.metadata.ttl)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def discover_sites(grid: Grid, expected_sites: int, min_nodes: int, timeout: float,
+                   message_config: ConfigRecord) -> tuple[dict[int, NodeSite], dict[int, Route]]:
+    """Ask every node which sites it serves (a query message), as nodes connect, until the sites served number
+    `expected_sites` (or `min_nodes` nodes answered, when set) or `timeout` seconds pass. Returns each site's
+    description and route, by site number (1, 2, ... in site-id order)."""
+    started, answered = time.monotonic(), {}
+    served: dict[str, tuple[int, NodeSite]] = {}
+    while True:
+        new = [node for node in grid.get_node_ids() if node not in answered]
+        for node, sites in _query(grid, new, message_config, timeout).items():
+            answered[node] = sites
+            for site in sites:
+                if site.site_id in served:
+                    log.warning("discover_sites: site %s is served by nodes %d and %d; node %d keeps it",
+                                site.site_id, served[site.site_id][0], node, served[site.site_id][0])
+                    continue
+                served[site.site_id] = (node, site)
+        enough = len(answered) >= min_nodes if min_nodes else len(served) >= expected_sites
+        waited = time.monotonic() - started
+        if enough or waited > timeout:
+            if not enough:
+                log.warning("discover_sites: %d of %d sites on %d nodes after %.0fs; going on with them",
+                            len(served), expected_sites, len(answered), waited)
+            break
+        if int(waited) % 10 == 0:
+            log.info("discover_sites: %d of %d sites served by %d nodes, waiting (federation.min_nodes sets a "
+                     "number of nodes instead)", len(served), expected_sites, len(answered))
+        time.sleep(1.0)
+    if not served:
+        raise RuntimeError("no node serves a site; nothing to train")
+    numbered = {number: served[site_id] for number, site_id in enumerate(sorted(served), start=1)}
+    return ({number: site for number, (_, site) in numbered.items()},
+            {number: (node, site.site_id) for number, (node, site) in numbered.items()})
+
+
+def _query(grid: Grid, nodes: list[int], message_config: ConfigRecord, timeout: float) -> dict[int, list[NodeSite]]:
+    """The sites each of `nodes` serves; a node that does not answer is asked no more (it serves none)."""
+    if not nodes:
+        return {}
+    messages = [Message(RecordDict({"config": message_config}), dst_node_id=node, message_type=MessageType.QUERY)
+                for node in nodes]
+    answers: dict[int, list[NodeSite]] = {node: [] for node in nodes}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("discover_sites: node %d did not answer: %s", node, reply.error.reason)
+            continue
+        for site in json.loads(str(reply.content["sites"]["json"])):
+            answers[node].append(NodeSite(site["site-id"], site["region"], tuple(site.get("facts", [])),
+                                          bool(site.get("owns-data", False))))
+            log.info("discover_sites: node %d serves site %s in region %s", node, site["site-id"], site["region"])
+        if not answers[node]:
+            log.info("discover_sites: node %d serves no site", node)
+    return answers
