@@ -34,14 +34,15 @@ def tree_rss(process: psutil.Process) -> int:
     return total
 
 
-def simulate_peak(sites: int, trained: int, model: str, overrides: list[str]) -> tuple[int, float, int]:
+def simulate_peak(sites: int, trained: int, model: str, nodes: int, overrides: list[str]) -> tuple[int, float, int]:
     """Peak tree RSS (bytes), wall seconds and exit code of one simulation of `sites` sites."""
     fraction = min(1.0, trained / sites)
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "fed_netgpt.cli", "simulate", f"model.name={model}",
                    f"data.num_sites={sites}", f"data.num_regions={min(10, sites)}", "federation.num_rounds=1",
                    f"federation.fraction_train={fraction}", f"federation.fraction_evaluate={fraction}",
-                   "personalization.method=none", "run.report=false", f"run.output_dir={folder}/run", *overrides]
+                   "personalization.method=none", "run.report=false", f"run.output_dir={folder}/run",
+                   f"simulation.num_supernodes={nodes}", *overrides]
         started = time.perf_counter()
         with open(f"{folder}/log", "w") as log:
             child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -70,18 +71,20 @@ def main() -> None:
     parser.add_argument("--trained", type=int, default=10, help="sites trained per round in every run")
     parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--naive", type=int, default=20, help="model copies for the naive baseline")
+    parser.add_argument("--nodes", type=int, default=0, help="Flower nodes the sites share (0: one per site)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     per_copy = naive_per_site(args.model, args.naive)
     first = None
-    print(f"{args.model}, 1 round, {args.trained} sites trained per run, every process of the simulation:")
+    nodes = f"{args.nodes} nodes" if args.nodes else "a node per site"
+    print(f"{args.model}, 1 round, {args.trained} sites trained per run, {nodes}, every process of the simulation:")
     for sites in args.sites:
-        peak, seconds, code = simulate_peak(sites, args.trained, args.model, args.overrides)
+        peak, seconds, code = simulate_peak(sites, args.trained, args.model, args.nodes, args.overrides)
         first = first or (sites, peak)
         extra = (peak - first[1]) / (sites - first[0]) if sites != first[0] else 0.0
         print(f"  {sites:5d} sites: peak RSS {peak / 2**30:5.2f} GiB  ({peak / first[1]:.2f}x the {first[0]}-site run, "
-              f"{extra / 2**20:+.2f} MiB per added site)  {seconds:5.0f} s  exit {code}  | a model copy per site: "
-              f"{(first[1] + (sites - first[0]) * per_copy) / 2**30:6.2f} GiB", flush=True)
+              f"{extra / 2**20:+.3f} MiB per added site)  {seconds:5.0f} s  exit {code}  | a model copy per site "
+              f"would hold {sites * per_copy / 2**30:6.2f} GiB more", flush=True)
     print(f"naive baseline: {per_copy / 2**20:.1f} MiB per model copy (measured over {args.naive} copies)")
 
 
