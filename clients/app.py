@@ -30,12 +30,13 @@ from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter
 from fed_netgpt.privacy import SiteAccountant, longer
 from fed_netgpt.runs import site_adapter_dir
-from fed_netgpt.training import train_adapter
+from fed_netgpt.training import train_adapter, train_grouped
 from strategies.client_dp import CLIPPING_NORM, UNIT_WEIGHT
 from strategies.records import (
     CONFIG_KEY,
     DP_HISTORIES_KEY,
     FINAL_REPORT_KEY,
+    PACK_KEY,
     RUN_ID_KEY,
     SITE_KEY,
     from_record,
@@ -48,8 +49,8 @@ PRIVACY_STATE = "privacy"  # "privacy/<site>": a site's DP accountant history, i
 app = ClientApp()
 
 
-def message_config(msg: Message) -> Config:
-    config = from_yaml(str(msg.content["config"][CONFIG_KEY]))
+def message_config(msg: Message, record: str = "config") -> Config:
+    config = from_yaml(str(msg.content[record][CONFIG_KEY]))
     if config.simulation.torch_threads > 0:
         torch.set_num_threads(config.simulation.torch_threads)
     return config
@@ -80,8 +81,11 @@ def node_sites(config: Config, context: Context) -> list[SiteData]:
 def message_site(config: Config, context: Context, msg: Message) -> SiteData:
     """The site a message is for: the one it names (`site-id`), which must be this node's; a node serving one
     site may be sent messages that name none."""
+    return serving_site(config, context, msg.content["config"].get(SITE_KEY))
+
+
+def serving_site(config: Config, context: Context, named: object) -> SiteData:
     sites = node_sites(config, context)
-    named = msg.content["config"].get(SITE_KEY)
     if named is None and len(sites) == 1:
         return sites[0]
     matches = [s for s in sites if s.site_id == named]
@@ -139,13 +143,15 @@ def query(msg: Message, context: Context) -> Message:
 def clip_for_client_dp(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
     """Flower's `fixedclipping_mod` (the site's update clipped before it leaves) on the train messages of a
     client_dp run, which carry the clipping norm; the other runs' messages pass untouched."""
-    if CLIPPING_NORM in msg.content["config"]:
+    if "config" in msg.content and CLIPPING_NORM in msg.content["config"]:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
 @app.train(mods=[clip_for_client_dp])
 def train(msg: Message, context: Context) -> Message:
+    if PACK_KEY in msg.content:
+        return train_together(msg, context)
     config = message_config(msg)
     site = message_site(config, context, msg)
     base, model = prepared_model(msg, config)
@@ -179,6 +185,37 @@ def train(msg: Message, context: Context) -> Message:
     state = {key: result.state[key] for key in msg.content["arrays"]}  # in the order received (fixedclipping_mod)
     reply = to_record(state, config.federation.wire_dtype)
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def train_together(msg: Message, context: Context) -> Message:
+    """Several sites of this node (a packed message, `train.sites_per_pass` > 1) trained in one grouped pass:
+    one forward/backward a step for all of them, each row with its own site's adapter; each site's reply is what
+    it would send alone (`training.train_grouped` equals the per-site loop), under "<site>/"."""
+    names = [str(name) for name in msg.content[PACK_KEY]["sites"]]  # type: ignore[union-attr]
+    config = message_config(msg, f"{names[0]}/config")
+    sent = msg.content[f"{names[0]}/config"]
+    sites = [serving_site(config, context, name) for name in names]
+    starts = [from_record(msg.content[f"{name}/arrays"]) for name in names]
+    base = load_base(config.model.name, config.model.cache_dir, config.train.device)
+    server_round = int(sent.get("server-round", 0))
+    train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
+    results = train_grouped(base.model, base.tokenizer, [site.train for site in sites], starts, config.lora,
+                            train_config, [server_round] * len(sites),
+                            freeze_lora_a=config.federation.lora_aggregation == "ffa")
+    content = RecordDict()
+    for site, start, result in zip(sites, starts, results):
+        metrics = {**result.metrics, "num-examples": result.num_examples}
+        if personalized(config):
+            personal = train_personal_adapter(base, config, site.train, start,
+                                              personal_folder(config, context, site.site_id),
+                                              str(sent[RUN_ID_KEY]), seed=server_round)
+            metrics["personal_loss"] = personal.metrics["train_loss"]
+        content[f"{site.site_id}/arrays"] = to_record({key: result.state[key] for key in start},
+                                                      config.federation.wire_dtype)
+        content[f"{site.site_id}/metrics"] = MetricRecord(metrics)
+        print(f"[round {server_round}] site {site.site_id} ({site.region}): loss {metrics['train_loss']:.3f} -> "
+              f"{metrics['train_loss_last']:.3f}, trained with {len(sites) - 1} more site(s) in one pass", flush=True)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -71,6 +71,7 @@ class TrainConfig:
     proximal_mu: float = 0.0  # FedProx term weight; 0 disables it
     bf16: str = "auto"  # auto | true | false: bf16 autocast only where it is faster (fed_netgpt/precision.py)
     device: str = "auto"  # auto (cuda where the process sees a GPU) | cpu | cuda
+    sites_per_pass: int = 1  # a node's sites trained in one grouped forward/backward (grouped_lora.py); 1: in turn
     seed: int = 0
 
 
@@ -228,6 +229,10 @@ def _check_combinations(config: Config) -> None:
     if federation.lora_aggregation == "svd" and not averaging:
         raise ConfigError("federation.lora_aggregation=svd averages the products B·A itself: it works with "
                           f"federation.strategy fedavg or fedprox, not {federation.strategy}")
+    if config.train.sites_per_pass > 1 and privacy.mode != "none":
+        raise ConfigError(f"train.sites_per_pass={config.train.sites_per_pass} trains sites in one grouped pass, "
+                          f"which has no per-sample or per-site clipping; privacy.mode={privacy.mode} needs "
+                          "train.sites_per_pass=1")
     if privacy.mode != "client_dp":
         return
     if not averaging:
@@ -275,7 +280,7 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _positive_fields(config: Config) -> dict[str, float]:
     keys = (
         "lora.r", "lora.alpha", "data.sites_per_region", "data.max_pairs_per_site", "data.min_pairs_per_site",
-        "personalization.steps", "compare.seeds", "train.local_steps", "train.batch_size",
+        "personalization.steps", "compare.seeds", "train.local_steps", "train.sites_per_pass", "train.batch_size",
         "train.learning_rate", "train.max_length", "federation.num_rounds", "evaluation.max_new_tokens",
         "evaluation.max_examples_per_region", "evaluation.batch_size",
     )

@@ -67,7 +67,7 @@ def run_federation(grid: Grid, config: Config) -> Path:
     expected = len(load_sites(config.data))
     sites, routes = discover_sites(grid, expected, config.federation.min_nodes, config.federation.timeout,
                                    message_config)
-    site_grid = SiteGrid(grid, routes)  # from here on every message goes to a site, on its node
+    site_grid = SiteGrid(grid, routes, config.train.sites_per_pass)  # from here on messages go to sites
     site_groups = {number: aggregation_group(config, s.site_id, s.region) for number, s in sites.items()}
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     regions = sorted(set(site_groups.values()))

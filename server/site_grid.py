@@ -5,7 +5,8 @@ sites it serves and gives every site an id of its own; `SiteGrid` is the Grid th
 a site goes to the site's node with the site named in its config (`SITE_KEY`), and the node's reply comes back
 as the site's. So Flower's strategies sample, weigh and aggregate sites (`federation.fraction_train` is a
 fraction of sites), whatever the number of nodes, and a node trains its sites one message at a time on its one
-frozen base.
+frozen base. With `train.sites_per_pass` > 1 the train messages for one node's sites travel packed, up to that
+many in one message (each site's records under "<site>/"), and the node trains them in one grouped pass.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from server.federated_report import NodeSite
-from strategies.records import SITE_KEY
+from strategies.records import PACK_KEY, SITE_KEY
 
 log = logging.getLogger("fed_netgpt.server")
 Route = tuple[int, str]  # (node id, site id)
@@ -29,9 +30,10 @@ Route = tuple[int, str]  # (node id, site id)
 class SiteGrid:
     """The Grid seen by strategies: one id per site (`routes`: site id number -> its node and site id)."""
 
-    def __init__(self, grid: Grid, routes: dict[int, Route]) -> None:
+    def __init__(self, grid: Grid, routes: dict[int, Route], sites_per_pass: int = 1) -> None:
         self._grid = grid
         self.routes = dict(routes)
+        self.sites_per_pass = sites_per_pass
 
     def get_node_ids(self) -> list[int]:
         """The sites whose node is connected."""
@@ -39,13 +41,24 @@ class SiteGrid:
         return [site for site, (node, _) in self.routes.items() if node in connected]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Each message to its site's node, naming the site; each reply returned as its site's."""
-        routed = [(self._routed(msg), msg) for msg in messages]
-        replies = self._grid.send_and_receive([out for out, _ in routed], timeout=timeout)
-        by_id = {out.metadata.message_id: original for out, original in routed}
-        return [Message(reply.error if reply.has_error() else reply.content,
-                        reply_to=by_id[reply.metadata.reply_to_message_id])
-                for reply in replies if reply.metadata.reply_to_message_id in by_id]
+        """Each message to its site's node, naming the site (train messages packed per node when asked); each
+        reply returned as its site's."""
+        outgoing: list[tuple[Message, list[tuple[str, Message]]]] = []  # on the wire, [(site packed, original)]
+        packs: dict[int, list[tuple[Message, Message]]] = {}
+        for msg in messages:
+            routed = self._routed(msg)
+            if self.sites_per_pass > 1 and msg.metadata.message_type == MessageType.TRAIN:
+                packs.setdefault(routed.metadata.dst_node_id, []).append((routed, msg))
+            else:
+                outgoing.append((routed, [("", msg)]))
+        for node_messages in packs.values():
+            for start in range(0, len(node_messages), self.sites_per_pass):
+                chunk = node_messages[start : start + self.sites_per_pass]
+                outgoing.append((_packed(chunk), [(str(out.content["config"][SITE_KEY]), msg) for out, msg in chunk]))
+        replies = self._grid.send_and_receive([wire for wire, _ in outgoing], timeout=timeout)
+        sent = {wire.metadata.message_id: members for wire, members in outgoing}
+        return [_unpacked(reply, site, original)
+                for reply in replies for site, original in sent.get(reply.metadata.reply_to_message_id, [])]
 
     def _routed(self, msg: Message) -> Message:
         node, site_id = self.routes[msg.metadata.dst_node_id]
@@ -56,6 +69,35 @@ class SiteGrid:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def _packed(chunk: list[tuple[Message, Message]]) -> Message:
+    """One train message for several sites of a node: each site's records under "<site>/"."""
+    first = chunk[0][0]
+    content = RecordDict()
+    sites = []
+    for routed, _ in chunk:
+        site = str(routed.content["config"][SITE_KEY])
+        sites.append(site)
+        for key, record in routed.content.items():
+            content[f"{site}/{key}"] = record
+    content[PACK_KEY] = ConfigRecord({"sites": sites})
+    return Message(content, dst_node_id=first.metadata.dst_node_id, message_type=MessageType.TRAIN,
+                   group_id=first.metadata.group_id, ttl=first.metadata.ttl)
+
+
+def _unpacked(reply: Message, site: str, original: Message) -> Message:
+    """A site's reply: the node's whole reply, or (`site` packed) the records under "<site>/"; a failed node's
+    error is each of its sites' error."""
+    if reply.has_error():
+        return Message(reply.error, reply_to=original)
+    if not site:
+        return Message(reply.content, reply_to=original)
+    records = {key.removeprefix(f"{site}/"): record for key, record in reply.content.items()
+               if key.startswith(f"{site}/")}
+    if not records:
+        return Message(Error(code=0, reason=f"the node's reply holds nothing for site {site}"), reply_to=original)
+    return Message(RecordDict(records), reply_to=original)
 
 
 def discover_sites(grid: Grid, expected_sites: int, min_nodes: int, timeout: float,

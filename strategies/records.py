@@ -11,6 +11,7 @@ CONFIG_KEY = "fed-netgpt-config"  # the resolved config (YAML) in every message'
 DP_HISTORIES_KEY = "dp-histories"  # {site: DP accountant history} recorded by the server: a resume continues it
 RUN_ID_KEY = "run-id"  # which run a message belongs to: a site adapter of another run is never continued
 SITE_KEY = "site-id"  # which of its node's sites a message is for (server/site_grid.py)
+PACK_KEY = "pack"  # a train message for several sites of a node, trained in one grouped pass: {"sites": [...]}
 
 
 def to_record(state: Mapping[str, np.ndarray], dtype: str = "") -> ArrayRecord:

@@ -162,3 +162,19 @@ def test_global_mode_trains_one_adapter_that_every_region_is_evaluated_with(tmp_
     assert sorted(report["variants"]["global"]["regions"]) == list(REGIONS)
     (row,) = round_summaries(out)
     assert row["train"]["global/num-examples"] == 86  # all 4 sites (2 x (32 + 11) pairs) in one aggregate
+
+
+def test_one_node_trains_its_sites_in_one_grouped_pass(tmp_path: Path) -> None:
+    # Prepare: the smoke preset's 4 sites on a single node, all 4 in one pass
+    out = tmp_path / "grouped"
+    # Execute
+    done = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={out}", "federation.num_rounds=1",
+                      "simulation.num_supernodes=1", "train.sites_per_pass=4", "run.report=false")
+    # Assert: every site trained, together, and each region aggregated its sites' replies
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sites = site_records(out)
+    assert sorted(r["site_id"] for r in sites) == ["marseille", "paris", "tokyo", "yokohama"]
+    assert all(r["group_size"] == 4 and np.isfinite(r["train_loss"]) for r in sites)
+    (row,) = round_summaries(out)
+    assert row["train"]["france/num-examples"] == row["train"]["japan/num-examples"] == 43
+    assert sorted(p.name for p in (out / "site_adapters").iterdir()) == sorted(r["site_id"] for r in sites)

@@ -281,3 +281,9 @@ def test_pyproject_flower_config_equals_base_yaml_scalars():
     # Assert: same keys, same values, same types (TOML 1 vs 1.0 would change Flower's parsing)
     assert table == expected
     assert {k: type(v) for k, v in table.items()} == {k: type(v) for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("mode", ["sample_dp", "client_dp"])
+def test_a_grouped_pass_is_refused_under_dp(mode):
+    with pytest.raises(ConfigError, match=f"privacy.mode={mode} needs train.sites_per_pass=1"):
+        load_config(overrides=[f"privacy.mode={mode}", "privacy.noise_multiplier=1", "train.sites_per_pass=4"])

@@ -182,3 +182,68 @@ def test_sites_sharing_a_node_end_with_the_adapters_they_get_alone(tmp_path):
     for key in alone:
         np.testing.assert_array_equal(together["paris"][key], alone[key])
     assert any(not np.array_equal(together["lyon"][key], alone[key]) for key in alone)
+
+
+def test_train_messages_travel_packed_per_node_and_come_back_as_each_sites_reply():
+    # Prepare: node 11 serves lyon and paris, 12 tokyo, 13 osaka; two sites a pass; a pack answered by a node
+    def answer(msg: Message) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return _echo_site(msg)
+        sites = list(msg.content["pack"]["sites"])
+        if "tokyo" in sites:
+            return Message(Error(code=0, reason="node 12 crashed"), reply_to=msg)
+        content = RecordDict({f"{s}/echo": ConfigRecord({"site": s}) for s in sites if s != "osaka"})
+        return Message(content, reply_to=msg)
+
+    inner = DeliveringGrid([11, 12, 13], answer)
+    grid = SiteGrid(inner, ROUTES, sites_per_pass=2)
+    train = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=site,
+                     message_type=MessageType.TRAIN) for site in (1, 2, 3, 4)]
+    evaluate = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=2, message_type=MessageType.EVALUATE)
+
+    # Execute
+    replies = {(r.metadata.src_node_id, r.metadata.message_type): r for r in grid.send_and_receive([*train, evaluate])}
+
+    # Assert: one pack a node for the train messages (lyon+paris together), the evaluate message alone
+    wire = [(m.metadata.dst_node_id, m.metadata.message_type, list(m.content["pack"]["sites"])
+             if "pack" in m.content else m.content["config"][SITE_KEY]) for m in inner.sent]
+    assert wire == [(11, MessageType.EVALUATE, "paris"),
+                    (11, MessageType.TRAIN, ["lyon", "paris"]), (12, MessageType.TRAIN, ["tokyo"]),
+                    (13, MessageType.TRAIN, ["osaka"])]
+    assert inner.sent[1].content["lyon/config"][SITE_KEY] == "lyon"
+    # each site gets its own records back; a failed node fails its sites; a site missing from a reply fails
+    assert replies[(1, MessageType.TRAIN)].content["echo"]["site"] == "lyon"
+    assert replies[(2, MessageType.TRAIN)].content["echo"]["site"] == "paris"
+    assert replies[(3, MessageType.TRAIN)].error.reason == "node 12 crashed"
+    assert "holds nothing for site osaka" in replies[(4, MessageType.TRAIN)].error.reason
+    assert replies[(2, MessageType.EVALUATE)].content["echo"]["site"] == "paris"
+
+
+def test_a_packed_train_message_trains_each_site_as_it_would_alone(tmp_path):
+    # Prepare: lyon and paris packed for one grouped pass, and paris sent alone, from the same start
+    config = load_config(overrides=["model.name=tiny-random", "personalization.method=none", "train.local_steps=2",
+                                    "train.bf16=false", f"run.output_dir={tmp_path}"])
+    base = load_base(config.model.name)
+    start = get_state(attach_adapter(base, "site-grid-pack", config.lora, seed=4), "site-grid-pack")
+    start = {k: v + 0.01 for k, v in start.items()}  # B != 0: both factors move from the first step
+    context = _client_context({"site-ids": "lyon,paris"})
+    record = ConfigRecord({CONFIG_KEY: to_yaml(config), "server-round": 2})
+    packed = RecordDict({"pack": ConfigRecord({"sites": ["lyon", "paris"]})})
+    for site in ("lyon", "paris"):
+        packed[f"{site}/arrays"] = to_record(start)
+        packed[f"{site}/config"] = ConfigRecord({**dict(record), SITE_KEY: site})
+    alone = RecordDict({"arrays": to_record(start), "config": ConfigRecord({**dict(record), SITE_KEY: "paris"})})
+
+    # Execute
+    together = train(Message(packed, dst_node_id=7, message_type=MessageType.TRAIN), context)
+    single = train(Message(alone, dst_node_id=7, message_type=MessageType.TRAIN), context)
+
+    # Assert: paris's part of the pack is paris alone, up to float32 rounding (other padding, other sums)
+    assert sorted(together.content) == ["lyon/arrays", "lyon/metrics", "paris/arrays", "paris/metrics"]
+    grouped, expected = from_record(together.content["paris/arrays"]), from_record(single.content["arrays"])
+    assert list(grouped) == list(expected)
+    for key in expected:
+        np.testing.assert_allclose(grouped[key], expected[key], rtol=0, atol=2e-6, err_msg=key)
+    assert together.content["paris/metrics"]["num-examples"] == single.content["metrics"]["num-examples"]
+    assert together.content["paris/metrics"]["train_loss"] == pytest.approx(single.content["metrics"]["train_loss"],
+                                                                           rel=1e-5)
