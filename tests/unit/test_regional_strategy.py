@@ -13,19 +13,19 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from flwr.supercore.task_identity import TaskIdentity
 
 from fed_netgpt.config import Config, FederationConfig, TrainConfig
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
+from tests.grids import UnusedTransportGrid
 
 NODE_REGIONS = {11: "france", 12: "france", 21: "japan"}
 SHAPES = {"lora_A.weight": (2, 3), "lora_B.weight": (3, 2)}
 
 
-class ConnectedNodesGrid(Grid):
+class ConnectedNodesGrid(UnusedTransportGrid):
     """Transport double: only `get_node_ids` is needed by configure_*; nothing is sent anywhere."""
 
     def __init__(self, node_ids: Iterable[int]) -> None:
@@ -33,25 +33,6 @@ class ConnectedNodesGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
-
-    def set_run(self, run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import message_site, node_sites, train
@@ -23,9 +22,10 @@ from fed_netgpt.models import load_base
 from fed_netgpt.training import train_adapter
 from server.site_grid import SiteGrid, discover_sites
 from strategies.records import CONFIG_KEY, SITE_KEY, from_record, to_record
+from tests.grids import UnusedTransportGrid
 
 
-class DeliveringGrid(Grid):
+class DeliveringGrid(UnusedTransportGrid):
     """Transport double: `handler(message)` answers each message of connected nodes; nothing else is needed."""
 
     def __init__(self, node_ids: Iterable[int], handler: Callable[[Message], Message]) -> None:
@@ -41,22 +41,6 @@ class DeliveringGrid(Grid):
             self.sent.append(msg)
             replies.append(self.handler(msg))
         return replies
-
-    def set_run(self, run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
 
 @pytest.fixture(autouse=True)
