@@ -95,7 +95,9 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--base-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="frozen base weights: float32 (bf16 autocast where chosen) and/or stored in bfloat16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (regional)")
+    parser.add_argument("--compile", choices=["none", "layers", "untouched"], default="none",
+                        help="torch.compile each decoder layer, or only the modules grouped LoRA leaves alone "
+                             "(norms, MLPs), whose compiled code survives the swap of the attention projections")
     parser.add_argument("--profile", action="store_true", help="print the top operators of the largest K's run")
     args = parser.parse_args()
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}",
@@ -109,9 +111,14 @@ def main() -> None:
                                    num_regions=min(10, max(args.sites)), min_pairs_per_site=rows))
     start = get_state(attach_adapter(base, "bench", config.lora), "bench")
     model = attach_adapter(base, "bench", config.lora)
-    if args.compile:
-        for layer in base.model.get_decoder().layers:
+    decoder = base.model.get_decoder()
+    if args.compile == "layers":
+        for layer in decoder.layers:
             layer.compile(dynamic=True)
+    elif args.compile == "untouched":
+        for module in [decoder.norm, *(m for layer in decoder.layers
+                                       for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp))]:
+            module.compile(dynamic=True)
     device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     weights = "random weights" if args.random_init else "pretrained weights"
     print(f"{args.model} ({weights}, {params / 1e6:.1f}M parameters) LoRA r={config.lora.r} on "
