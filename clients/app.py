@@ -27,7 +27,7 @@ from fed_netgpt.data.facts import facts_by_site
 from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
 from fed_netgpt.models import BaseModel, load_base
-from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter
+from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter, train_personal_adapters_grouped
 from fed_netgpt.privacy import SiteAccountant, longer
 from fed_netgpt.runs import site_adapter_dir
 from fed_netgpt.training import train_adapter, train_grouped
@@ -202,14 +202,15 @@ def train_together(msg: Message, context: Context) -> Message:
     results = train_grouped(base.model, base.tokenizer, [site.train for site in sites], starts, config.lora,
                             train_config, [server_round] * len(sites),
                             freeze_lora_a=config.federation.lora_aggregation == "ffa")
+    personal = train_personal_adapters_grouped(
+        base, config, [site.train for site in sites], starts,
+        [personal_folder(config, context, site.site_id) for site in sites], str(sent[RUN_ID_KEY]), server_round,
+    ) if personalized(config) else []
     content = RecordDict()
-    for site, start, result in zip(sites, starts, results):
+    for k, (site, start, result) in enumerate(zip(sites, starts, results)):
         metrics = {**result.metrics, "num-examples": result.num_examples}
-        if personalized(config):
-            personal = train_personal_adapter(base, config, site.train, start,
-                                              personal_folder(config, context, site.site_id),
-                                              str(sent[RUN_ID_KEY]), seed=server_round)
-            metrics["personal_loss"] = personal.metrics["train_loss"]
+        if personal:
+            metrics["personal_loss"] = personal[k].metrics["train_loss"]
         content[f"{site.site_id}/arrays"] = to_record({key: result.state[key] for key in start},
                                                       config.federation.wire_dtype)
         content[f"{site.site_id}/metrics"] = MetricRecord(metrics)

@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from peft import PeftModel
+
 from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_adapter, set_state
-from fed_netgpt.config import Config
+from fed_netgpt.config import Config, TrainConfig
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import BaseModel
 from fed_netgpt.runs import is_adapter
-from fed_netgpt.training import TrainResult, train_adapter, trainable_parameters
+from fed_netgpt.training import TrainResult, train_adapter, train_grouped, trainable_parameters
 
 PERSONAL = "personal"
 RUN_MARK = "run.json"  # beside a site adapter: which run trained it, so a new run never inherits a stale one
@@ -36,15 +38,35 @@ def train_personal_adapter(
     model = attach_adapter(base, PERSONAL, config.lora, seed=config.run.seed)
     set_state(model, PERSONAL, regional)
     anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
-    previous = _own_adapter(folder, run_id)
-    if previous is not None:
-        set_state(model, PERSONAL, previous)
-    settings = replace(config.train, local_steps=config.personalization.steps,
-                       proximal_mu=config.personalization.ditto_lambda)
-    result = train(model, PERSONAL, base.tokenizer, pairs, settings, seed=seed, anchor=anchor)
-    publish_adapter(model, PERSONAL, folder, state=result.state)
-    (folder / RUN_MARK).write_text(json.dumps({"run_id": run_id}))
+    set_state(model, PERSONAL, _own_adapter(folder, run_id) or regional)
+    result = train(model, PERSONAL, base.tokenizer, pairs, ditto_settings(config), seed=seed, anchor=anchor)
+    _publish(model, folder, run_id, result.state)
     return result
+
+
+def train_personal_adapters_grouped(
+    base: BaseModel, config: Config, sites: Sequence[Sequence[PromptPair]], regionals: Sequence[AdapterState],
+    folders: Sequence[Path], run_id: str, seed: int,
+) -> list[TrainResult]:
+    """`train_personal_adapter` for several sites of a node in one grouped pass (`training.train_grouped`)."""
+    starts = [_own_adapter(folder, run_id) or regional for folder, regional in zip(folders, regionals)]
+    results = train_grouped(base.model, base.tokenizer, sites, starts, config.lora, ditto_settings(config),
+                            [seed] * len(sites), anchors=regionals)
+    model = attach_adapter(base, PERSONAL, config.lora, seed=config.run.seed)  # its config goes with each file
+    for folder, result in zip(folders, results):
+        _publish(model, folder, run_id, result.state)
+    return results
+
+
+def ditto_settings(config: Config) -> TrainConfig:
+    """The personal update's training: `personalization.steps` steps, pulled toward the regional adapter."""
+    return replace(config.train, local_steps=config.personalization.steps,
+                   proximal_mu=config.personalization.ditto_lambda)
+
+
+def _publish(model: PeftModel, folder: Path, run_id: str, state: AdapterState) -> None:
+    publish_adapter(model, PERSONAL, folder, state=state)
+    (folder / RUN_MARK).write_text(json.dumps({"run_id": run_id}))
 
 
 def _own_adapter(folder: Path, run_id: str) -> AdapterState | None:

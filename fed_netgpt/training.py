@@ -214,9 +214,11 @@ def train_grouped(
     seeds: Sequence[int],
     *,
     freeze_lora_a: bool = False,
+    anchors: Sequence[AdapterState] | None = None,
 ) -> list[TrainResult]:
     """Train K sites' adapters together, one forward/backward a step over the shared frozen `model`, each row with
-    its own site's adapter; site k ends where `train_adapter(..., seed=seeds[k])` from `starts[k]` would.
+    its own site's adapter; site k ends where `train_adapter(..., seed=seeds[k])` from `starts[k]` would (with
+    `anchor` = `anchors[k]`, default its start, for the proximal term).
 
     That equality holds because each site's loss is the mean over its own tokens and the objective their sum (a
     batch-wide mean would scale each site by its share of tokens), every site steps every step (AdamW's moments
@@ -234,9 +236,10 @@ def train_grouped(
                for pairs in sites]  # once: a step of 128 sites would otherwise spend ~0.3 s tokenizing
     streams = [batches(rows, config.batch_size, seed=config.seed + seed) for rows, seed in zip(encoded, seeds)]
     with grouped_adapters(model, lora, len(sites)) as group:
-        group.load(starts)
         params = group.parameters(freeze_lora_a)
+        group.load(anchors or starts)
         anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
+        group.load(starts)
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         model.train()
         losses, started = [], time.perf_counter()

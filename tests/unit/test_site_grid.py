@@ -15,13 +15,13 @@ from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import message_site, node_sites, train
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.adapters import attach_adapter, get_state, read_adapter, set_state
 from fed_netgpt.config import load_config, to_yaml
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.models import load_base
 from fed_netgpt.training import train_adapter
 from server.site_grid import SiteGrid, discover_sites
-from strategies.records import CONFIG_KEY, SITE_KEY, from_record, to_record
+from strategies.records import CONFIG_KEY, RUN_ID_KEY, SITE_KEY, from_record, to_record
 from tests.grids import UnusedTransportGrid
 
 
@@ -204,19 +204,24 @@ def test_train_messages_travel_packed_per_node_and_come_back_as_each_sites_reply
 
 
 def test_a_packed_train_message_trains_each_site_as_it_would_alone(tmp_path):
-    # Prepare: lyon and paris packed for one grouped pass, and paris sent alone, from the same start
-    config = load_config(overrides=["model.name=tiny-random", "personalization.method=none", "train.local_steps=2",
-                                    "train.bf16=false", f"run.output_dir={tmp_path}"])
+    # Prepare: lyon and paris packed for one grouped pass, and paris sent alone, from the same start; Ditto's
+    # personal adapters too, each run in its own folder
+    def config_in(folder: str):
+        return load_config(overrides=["model.name=tiny-random", "train.local_steps=2", "personalization.steps=2",
+                                      "train.bf16=false", f"run.output_dir={tmp_path / folder}"])
+
+    config = config_in("pack")
     base = load_base(config.model.name)
     start = get_state(attach_adapter(base, "site-grid-pack", config.lora, seed=4), "site-grid-pack")
     start = {k: v + 0.01 for k, v in start.items()}  # B != 0: both factors move from the first step
     context = _client_context({"site-ids": "lyon,paris"})
-    record = ConfigRecord({CONFIG_KEY: to_yaml(config), "server-round": 2})
+    record = {RUN_ID_KEY: "run-1", "server-round": 2}
     packed = RecordDict({"pack": ConfigRecord({"sites": ["lyon", "paris"]})})
     for site in ("lyon", "paris"):
         packed[f"{site}/arrays"] = to_record(start)
-        packed[f"{site}/config"] = ConfigRecord({**dict(record), SITE_KEY: site})
-    alone = RecordDict({"arrays": to_record(start), "config": ConfigRecord({**dict(record), SITE_KEY: "paris"})})
+        packed[f"{site}/config"] = ConfigRecord({CONFIG_KEY: to_yaml(config), **record, SITE_KEY: site})
+    alone = RecordDict({"arrays": to_record(start), "config": ConfigRecord({
+        CONFIG_KEY: to_yaml(config_in("alone")), **record, SITE_KEY: "paris"})})
 
     # Execute
     together = train(Message(packed, dst_node_id=7, message_type=MessageType.TRAIN), context)
@@ -229,5 +234,13 @@ def test_a_packed_train_message_trains_each_site_as_it_would_alone(tmp_path):
     for key in expected:
         np.testing.assert_allclose(grouped[key], expected[key], rtol=0, atol=2e-6, err_msg=key)
     assert together.content["paris/metrics"]["num-examples"] == single.content["metrics"]["num-examples"]
-    assert together.content["paris/metrics"]["train_loss"] == pytest.approx(single.content["metrics"]["train_loss"],
-                                                                           rel=1e-5)
+    for key in ("train_loss", "personal_loss"):
+        assert together.content["paris/metrics"][key] == pytest.approx(single.content["metrics"][key], rel=1e-5)
+    # and paris's personal adapter, trained in a second grouped pass, is the one it trains alone
+    (_, personal_pack), (_, personal_alone) = (read_adapter(tmp_path / run / "site_adapters" / "paris")
+                                               for run in ("pack", "alone"))
+    assert (tmp_path / "pack" / "site_adapters" / "lyon" / "adapter_model.safetensors").is_file()
+    for key in personal_alone:
+        np.testing.assert_allclose(personal_pack[key], personal_alone[key], rtol=0, atol=2e-6, err_msg=key)
+    assert any(np.abs(personal_alone[key] - together_state).max() > 1e-4
+               for key, together_state in from_record(together.content["paris/arrays"]).items())
