@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from fed_netgpt.adapters import AdapterState
 from fed_netgpt.config import LoraConfig
 
-AdapterState = dict[str, np.ndarray]
 PEFT_PREFIX = "base_model.model."
 
 

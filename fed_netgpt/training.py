@@ -38,8 +38,13 @@ def collate(
     tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair], max_length: int
 ) -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (-100 on prompt and padding)."""
-    encoded = [encode_pair(tokenizer, p.context, p.prompt, p.completion, max_length) for p in pairs]
-    return pad_batch(encoded, int(tokenizer.pad_token_id))
+    return pad_batch(encode_pairs(tokenizer, pairs, max_length), int(tokenizer.pad_token_id))
+
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair],
+                 max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Each pair's token ids and labels (`encode_pair`)."""
+    return [encode_pair(tokenizer, p.context, p.prompt, p.completion, max_length) for p in pairs]
 
 
 def pad_batch(encoded: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
@@ -232,8 +237,8 @@ def train_grouped(
         _LOGGED.add(precision.reason)
         log.info("grouped training precision: %s", precision.reason)
     pad = int(tokenizer.pad_token_id)
-    encoded = [[encode_pair(tokenizer, p.context, p.prompt, p.completion, config.max_length) for p in pairs]
-               for pairs in sites]  # once: a step of 128 sites would otherwise spend ~0.3 s tokenizing
+    encoded = [encode_pairs(tokenizer, pairs, config.max_length)  # once: a step of 128 sites would otherwise
+               for pairs in sites]                                # spend ~0.3 s tokenizing
     streams = [batches(rows, config.batch_size, seed=config.seed + seed) for rows, seed in zip(encoded, seeds)]
     with grouped_adapters(model, lora, len(sites)) as group:
         params = group.parameters(freeze_lora_a)

@@ -127,9 +127,10 @@ class RegionalStrategy(Strategy):
         self.site_replies = {msg.metadata.src_node_id: {
             **_reply_record(msg), "bytes_down": self.downlink_bytes.get(msg.metadata.src_node_id, 0),
             "bytes_up": 0 if msg.has_error() else array_bytes(msg)} for msg in replies}
-        for msg in replies:  # 16-bit replies are averaged in float32
-            if not msg.has_error() and ARRAYS in msg.content.array_records:
-                msg.content[ARRAYS] = to_record(from_record(msg.content[ARRAYS]))
+        if self.wire_dtype != "float32":  # 16-bit replies are averaged in float32
+            for msg in replies:
+                if not msg.has_error() and ARRAYS in msg.content.array_records:
+                    msg.content[ARRAYS] = to_record(from_record(msg.content[ARRAYS]))
         grouped = self._by_region(replies)
         new_states, metrics = {}, {}
         for region in self.regions:
