@@ -140,6 +140,26 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """`fed-netgpt serve` and `complete`: edge decoding, request batching and limits, the cloud."""
+
+    max_new_tokens: int = 48  # tokens the edge may add to complete a prompt
+    precision: str = "auto"  # auto | fp32 | int8: int8 weights of the frozen base (CPU), LoRA factors stay fp32
+    max_batch: int = 16  # requests decoded together
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_prompt_tokens: int = 256  # longer prompts are refused (413), never cut
+    max_body_bytes: int = 65536  # HTTP bodies above this are refused (413)
+    reload_seconds: float = 2.0  # how often the run folder is checked for newer adapters
+    cloud: str = "smollm2-135m"  # the local cloud model when no cloud_url: smollm2-135m | tiny-random | a folder
+    cloud_url: str = ""  # an OpenAI-compatible endpoint (http://host:port/v1): the cloud instead of a local model
+    cloud_model: str = ""  # "": the first model the cloud lists at GET /v1/models
+    cloud_max_tokens: int = 128  # tokens of the cloud's answer
+    cloud_timeout: float = 60.0  # seconds per cloud request
+    cloud_retries: int = 2  # retries of a failed cloud request (connection errors, 429, 5xx)
+    log_prompts: bool = False  # prompts and completions in the service log
+
+
+@dataclass(frozen=True)
 class RunSettings:
     output_dir: str = "runs/latest"
     seed: int = 0
@@ -159,6 +179,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     run: RunSettings = field(default_factory=RunSettings)
     preset: str = ""  # name of conf/<preset>.yaml or a YAML path, applied after base.yaml
 
@@ -175,6 +196,7 @@ class Config:
         _check_choice("evaluation.federated", str(self.evaluation.federated).lower(), ("auto", "true", "false"))
         object.__setattr__(self.evaluation, "federated", str(self.evaluation.federated).lower())
         _check_choice("personalization.method", self.personalization.method, ("ditto", "none"))
+        _check_choice("serving.precision", self.serving.precision, ("auto", "fp32", "int8"))
         _check_compare(self.compare, self.privacy)
         for key, value in _positive_fields(self).items():
             if value <= 0:
@@ -189,7 +211,7 @@ class Config:
                               f"data.max_pairs_per_site ({self.data.max_pairs_per_site})")
         for key in ("data.heldout_sites_per_region", "data.num_sites", "data.num_regions", "data.valid_pairs_per_site",
                     "data.size_skew", "personalization.ditto_lambda", "simulation.num_gpus_per_client",
-                    "simulation.num_supernodes"):
+                    "simulation.num_supernodes", "serving.max_wait_ms", "serving.cloud_retries"):
             if select(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:
@@ -282,7 +304,9 @@ def _positive_fields(config: Config) -> dict[str, float]:
         "lora.r", "lora.alpha", "data.sites_per_region", "data.max_pairs_per_site", "data.min_pairs_per_site",
         "personalization.steps", "compare.seeds", "train.local_steps", "train.sites_per_pass", "train.batch_size",
         "train.learning_rate", "train.max_length", "federation.num_rounds", "evaluation.max_new_tokens",
-        "evaluation.max_examples_per_region", "evaluation.batch_size",
+        "evaluation.max_examples_per_region", "evaluation.batch_size", "serving.max_new_tokens", "serving.max_batch",
+        "serving.max_prompt_tokens", "serving.max_body_bytes", "serving.reload_seconds", "serving.cloud_max_tokens",
+        "serving.cloud_timeout",
     )
     return {key: select(config, key) for key in keys}
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fed_netgpt.adapters import AdapterState
+from fed_netgpt.adapters import AdapterError, AdapterState, describe_mismatch
 from fed_netgpt.config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -50,12 +50,13 @@ class RowSelection:
 class GroupedLoraLinear(nn.Module):
     """A frozen Linear plus K stacked LoRA adapters: y = base(x) + scaling · B_k A_k dropout(x), k per row."""
 
-    def __init__(self, base: nn.Linear, num_adapters: int, r: int, alpha: float, dropout: float,
+    def __init__(self, base: nn.Module, num_adapters: int, r: int, alpha: float, dropout: float,
                  selection: RowSelection) -> None:
         super().__init__()
         self.base = base
         # fp32 master weights under a bf16/fp16 base (as peft keeps them); a float64 base keeps float64
-        factory = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
         self.lora_A = nn.Parameter(torch.zeros(num_adapters, r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_adapters, base.out_features, r, **factory))
         self.scaling = alpha / r
@@ -96,38 +97,55 @@ class GroupedAdapters:
                 for p in ((layer.lora_B,) if freeze_lora_a else (layer.lora_A, layer.lora_B))]
 
     def load(self, states: Sequence[AdapterState]) -> None:
-        """Adapter k starts as `states[k]` (peft keys); a missing or misshapen tensor is an error naming it.
-        Each stack is built on the host and copied once (one small copy per adapter costs ~0.1 s a site on a GPU)."""
+        """Adapter k starts as `states[k]` (peft keys); a missing, extra, misshapen or non-finite tensor is an
+        `AdapterError` naming it, raised before anything changes. Each stack is built on the host and copied once
+        (one small copy per adapter costs ~0.1 s a site on a GPU)."""
         if len(states) != self.num_adapters:
             raise ValueError(f"{self.num_adapters} grouped adapters, {len(states)} states given")
+        expected = {_key(path, name): tuple(getattr(layer, name).shape[1:])
+                    for path, layer in self.layers.items() for name in ("lora_A", "lora_B")}
+        for k, state in enumerate(states):
+            problem = describe_mismatch(expected, state)
+            if problem:
+                raise AdapterError(f"adapter {k}: {problem}")
         with torch.no_grad():
             for path, layer in self.layers.items():
                 for name in ("lora_A", "lora_B"):
-                    stack = getattr(layer, name)
-                    key = f"{PEFT_PREFIX}{path}.{name}.weight"
-                    for k, state in enumerate(states):
-                        if key not in state or tuple(state[key].shape) != tuple(stack.shape[1:]):
-                            found = tuple(state[key].shape) if key in state else "missing"
-                            raise ValueError(f"adapter {k}: {key} is {found}, expected {tuple(stack.shape[1:])}")
-                    stack.copy_(torch.from_numpy(np.stack([np.asarray(state[key]) for state in states])))
+                    stack = np.stack([np.asarray(state[_key(path, name)]) for state in states])
+                    getattr(layer, name).copy_(torch.from_numpy(stack))
 
     def states(self) -> list[AdapterState]:
         """Every adapter in peft's key format, as NumPy copies of its master weights (float32; float64 stays)."""
-        stacks = {f"{PEFT_PREFIX}{path}.{name}.weight": getattr(layer, name).detach().cpu().numpy()
+        stacks = {_key(path, name): getattr(layer, name).detach().cpu().numpy()
                   for path, layer in self.layers.items() for name in ("lora_A", "lora_B")}
         return [{key: stack[k].copy() for key, stack in stacks.items()} for k in range(self.num_adapters)]
 
 
-def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
+def _key(path: str, name: str) -> str:
+    """peft's state-dict key of a layer's factor (as saved in adapter_model.safetensors)."""
+    return f"{PEFT_PREFIX}{path}.{name}.weight"
+
+
+def lora_shapes(model: nn.Module, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """The peft keys and shapes of one adapter of `lora` on `model` (what a loaded state must match)."""
+    shapes = {}
+    for path, linear in target_linears(model, lora.target_modules).items():
+        shapes[_key(path, "lora_A")] = (lora.r, linear.in_features)
+        shapes[_key(path, "lora_B")] = (linear.out_features, lora.r)
+    return shapes
+
+
+def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Module]:
     """The frozen Linear layers LoRA adapts, by module path (peft's rule: the path ends with a target name).
-    Inside a peft LoRA layer the Linear is its `base_layer`."""
+    Inside a peft LoRA layer the Linear is its `base_layer`; a quantized Linear with `in_features`,
+    `out_features` and a `weight` (serving's int8 layers) works as well."""
     found = {}
     for path, module in model.named_modules():
         if path.split(".")[-1] not in target_modules:
             continue
         linear = getattr(module, "base_layer", module)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{path} is a {type(linear).__name__}; grouped LoRA adapts nn.Linear layers only")
+        if not (hasattr(linear, "in_features") and hasattr(linear, "out_features")):
+            raise TypeError(f"{path} is a {type(linear).__name__}; grouped LoRA adapts Linear layers only")
         found[path] = linear
     if not found:
         raise ValueError(f"no module of the model matches lora.target_modules={list(target_modules)}")

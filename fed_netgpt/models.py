@@ -65,6 +65,12 @@ def load_base(name: str, cache_dir: str = "", device: str = "cpu") -> BaseModel:
     return _load_base_cached(name, str(cache_root(cache_dir)), str(resolve_device(device)))
 
 
+def load_private_base(name: str, cache_dir: str = "", device: str = "cpu") -> BaseModel:
+    """A base model of this caller's own, not the shared one: for code that changes its modules for good
+    (serving quantizes the frozen layers)."""
+    return _load_base_cached.__wrapped__(name, str(cache_root(cache_dir)), str(resolve_device(device)))
+
+
 @functools.lru_cache(maxsize=2)
 def _load_base_cached(name: str, cache_dir: str, device: str) -> BaseModel:
     if name == SMOLLM2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fed_netgpt.adapters import AdapterState, attach_adapter, save_adapter
+from fed_netgpt.adapters import AdapterState, attach_adapter, publish_adapter
 from fed_netgpt.config import Config, ConfigError, from_yaml, to_yaml
 from fed_netgpt.models import BaseModel
 
@@ -21,6 +22,7 @@ class RunFolderError(ValueError):
 
 
 OWNED = ("adapters", "site_adapters", "checkpoints")  # what a fresh run clears of an earlier one in its folder
+PUBLISHED = "published.json"  # written last, once every final adapter is in place: serving reloads on it
 
 
 def start_run(config: Config) -> tuple[Path, str]:
@@ -33,6 +35,7 @@ def start_run(config: Config) -> tuple[Path, str]:
     folder.mkdir(parents=True, exist_ok=True)
     resuming = config.run.resume and (folder / "run.json").is_file()
     if not resuming:
+        (folder / PUBLISHED).unlink(missing_ok=True)
         for name in OWNED:
             shutil.rmtree(folder / name, ignore_errors=True)
         (folder / "run.json").write_text(json.dumps({"run_id": uuid.uuid4().hex}))
@@ -112,11 +115,27 @@ def run_regions(folder: str | Path) -> list[str]:
 
 
 def save_adapters(folder: Path, base: BaseModel, config: Config, states: dict[str, AdapterState]) -> None:
-    """Each group's adapter as a peft folder: adapters/<region or global>/, or site_adapters/<site>/ when local."""
+    """Each group's adapter as a peft folder: adapters/<region or global>/, or site_adapters/<site>/ when local;
+    each swapped in whole, then `published.json` says the run's adapters are final."""
     model = attach_adapter(base, "export", config.lora)
     place = site_adapter_dir if config.federation.adapters == LOCAL else adapter_dir
     for group, state in states.items():
-        save_adapter(model, "export", place(folder, group), state=state)
+        publish_adapter(model, "export", place(folder, group), state=state)
+    run_id = json.loads((folder / "run.json").read_text())["run_id"] if (folder / "run.json").is_file() else ""
+    marker = {"run_id": run_id, "rounds": config.federation.num_rounds, "adapters": sorted(states),
+              "published_at": time.time()}
+    staging = folder / f".{PUBLISHED}.tmp"
+    staging.write_text(json.dumps(marker))
+    staging.replace(folder / PUBLISHED)
+
+
+def published(folder: str | Path) -> dict[str, Any] | None:
+    """The run's publication marker (None: the run is not finished, or predates the marker)."""
+    path = Path(folder) / PUBLISHED
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarray]) -> Path:

@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.adapters import AdapterError, attach_adapter, get_state, set_state
 from fed_netgpt.grouped_lora import grouped_adapters
 from fed_netgpt.models import BaseModel, cache_root, tiny_random_folder
 from fed_netgpt.training import collate, row_loss_sums, train_adapter, train_grouped
@@ -185,7 +185,9 @@ def test_grouped_adapters_refuse_a_state_that_does_not_fit(base64, default_confi
     like = get_state(attach_adapter(base64, "shape", default_config.lora), "shape")
     key = next(k for k in like if ".lora_A." in k)
     with grouped_adapters(base64.model, default_config.lora, 2) as group:
-        with pytest.raises(ValueError, match="adapter 1: .*lora_A.weight is missing"):
+        with pytest.raises(AdapterError, match="adapter 1: adapter is missing 1 tensor.*lora_A.weight"):
             group.load([like, {k: v for k, v in like.items() if k != key}])
+        with pytest.raises(AdapterError, match="adapter 0: .*NaN or infinite"):
+            group.load([{k: v * np.nan for k, v in like.items()}, like])
         with pytest.raises(ValueError, match="2 grouped adapters, 1 states given"):
             group.load([like])
