@@ -1,4 +1,4 @@
-"""The `fed-netgpt` command: simulate, compare, data build, evaluate, complete.
+"""The `fed-netgpt` command: simulate, compare, data build, evaluate, complete, serve.
 
 User mistakes (bad config, bad data, missing model or run folder) print one `error:` line and exit 2;
 no traceback. This is the outermost layer: the only module of fed_netgpt that starts Flower apps.
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from fed_netgpt.adapters import AdapterError, adapter_name_for, load_adapter
+from fed_netgpt.adapters import AdapterError
 from fed_netgpt.comparison import jobs_for, mean_over_seeds, privacy_utility, run_config
-from fed_netgpt.config import Config, ConfigError, SimulationConfig, load_config, to_yaml
+from fed_netgpt.config import Config, ConfigError, ServingConfig, SimulationConfig, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
-from fed_netgpt.evaluation import evaluate_run, generate_completions
+from fed_netgpt.evaluation import evaluate_run
 from fed_netgpt.models import DeviceError, ModelNotFoundError, load_base, resolve_device
 from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
 from fed_netgpt.precision import choose_precision
@@ -39,8 +39,6 @@ from fed_netgpt.runs import (
     read_run_config,
     round_summaries,
     run_finished,
-    run_regions,
-    serving_adapter,
     site_records,
 )
 
@@ -85,12 +83,31 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="a prompt-pair JSONL to evaluate on instead of the run's data")
     evaluate.set_defaults(handler=evaluate_command)
 
-    complete = commands.add_parser("complete", help="complete a prompt with a site's regional adapter")
+    complete = commands.add_parser("complete", help="complete a prompt with a site's adapter (its own, else its "
+                                   "region's); --cloud: and the cloud's answer to it")
     complete.add_argument("--run", required=True, type=Path)
     complete.add_argument("--site", required=True)
     complete.add_argument("--region", help="the site's region, when the run's data does not know the site")
+    complete.add_argument("--cloud", action="store_true", help="send the completed prompt to the cloud too")
+    _cloud_arguments(complete)
     complete.add_argument("prompt")
+    complete.add_argument("overrides", nargs="*", metavar="key=value", help="serving.* settings")
     complete.set_defaults(handler=complete_command)
+
+    serve = commands.add_parser("serve", help="the edge HTTP service (OpenAI-compatible); without --run the base "
+                                "model alone (a local cloud)")
+    serve.add_argument("--run", type=Path, help="a finished run folder: its adapters serve its sites and regions")
+    serve.add_argument("--model", default="smollm2-135m", help="the base model when there is no --run "
+                       "(smollm2-135m, tiny-random, or a folder)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", default=os.environ.get("FED_NETGPT_TOKEN", ""),
+                       help="bearer token required on /v1 routes (default: $FED_NETGPT_TOKEN); needed for any host "
+                       "but 127.0.0.1 / localhost")
+    _cloud_arguments(serve)
+    serve.add_argument("--log-prompts", action="store_true", help="write prompts and completions to the log")
+    serve.add_argument("overrides", nargs="*", metavar="key=value", help="serving.* settings")
+    serve.set_defaults(handler=serve_command)
     return parser
 
 
@@ -263,19 +280,68 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cloud_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cloud-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1 (default: "
+                        "a local serving.cloud model); its key comes from $OPENAI_API_KEY")
+    parser.add_argument("--cloud-model", help="the cloud's model (default: the first it lists at GET /v1/models)")
+
+
+def serving_settings(args: argparse.Namespace) -> ServingConfig:
+    """serving.* from conf/base.yaml and the command's key=value overrides, then its flags."""
+    settings = load_config(None, args.overrides).serving
+    return replace(settings, cloud_url=args.cloud_url or settings.cloud_url,
+                   cloud_model=args.cloud_model or settings.cloud_model,
+                   log_prompts=getattr(args, "log_prompts", False) or settings.log_prompts)
+
+
 def complete_command(args: argparse.Namespace) -> int:
-    config = read_run_config(args.run)
-    pairs = [p for p in load_pairs(config.data) if p.site_id == args.site]
-    region = args.region or (pairs[0].region if pairs else None)
-    if region is None:
-        raise RunFolderError(f"site {args.site!r} is not in the run's data; pass --region (one of: "
-                             f"{', '.join(run_regions(args.run))})")
-    folder = serving_adapter(args.run, config, region, args.site)
-    context = pairs[0].context if pairs else ""
-    base = load_base(config.model.name, config.model.cache_dir, device="auto")
-    model = base.model if folder is None else load_adapter(base, adapter_name_for(folder), folder)
-    completion = generate_completions(model, base.tokenizer, [(context, args.prompt)], config.evaluation.max_new_tokens)
-    print(completion[0])
+    from fed_netgpt.serving.catalog import UnknownTarget
+    from fed_netgpt.serving.cloud import CloudError, cloud_for
+    from fed_netgpt.serving.edge import EdgeService, PromptTooLong
+    from fed_netgpt.serving.pipeline import generate
+
+    settings = serving_settings(args)
+    edge = EdgeService(settings, run=args.run)
+    try:
+        if not args.cloud:
+            print(edge.complete(args.prompt, args.site, args.region or "").text)
+            return 0
+        result = generate(edge, cloud_for(settings, edge), args.prompt, args.site, args.region or "")
+    except (UnknownTarget, PromptTooLong, CloudError) as err:
+        raise RunFolderError(str(err.args[0])) from None
+    finally:
+        edge.close()
+    print(f"completed at the edge ({result.adapter}, {result.edge_seconds:.2f} s): {result.completion}\n"
+          f"cloud ({result.cloud_model}, {result.cloud_seconds:.2f} s, {result.uplink_bytes} bytes up): "
+          f"{result.answer}")
+    return 0
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from fed_netgpt.serving.cloud import cloud_for
+    from fed_netgpt.serving.edge import EdgeService
+    from fed_netgpt.serving.http import create_app
+
+    if not args.token and args.host not in LOOPBACK:
+        raise ConfigError(f"--host {args.host} opens the service to other machines: pass --token (or set "
+                          "$FED_NETGPT_TOKEN) so that /v1 routes need it, or serve on 127.0.0.1")
+    settings = serving_settings(args)
+    edge = EdgeService(settings, run=args.run, model_name=args.model)
+    cloud = cloud_for(settings, edge)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    catalog = edge.catalog
+    print(f"serving {catalog.base_name} ({edge.precision_reason}) with {len(catalog.adapters)} adapters for "
+          f"{len(catalog.sites)} sites in {len(catalog.regions)} regions; cloud: {settings.cloud_url or cloud.name}; "
+          f"http://{args.host}:{args.port}/ {'(token required)' if args.token else ''}", flush=True)
+    uvicorn.run(create_app(edge, cloud, settings, args.token), host=args.host, port=args.port, log_level="warning")
+    edge.close()
     return 0
 
 

@@ -14,7 +14,15 @@ from fed_netgpt.adapters import AdapterError, lora_config_from_json, read_adapte
 from fed_netgpt.config import Config, LoraConfig
 from fed_netgpt.data.schema import DataError
 from fed_netgpt.data.sites import load_pairs
-from fed_netgpt.runs import RunFolderError, adapter_dir, published, read_run_config, run_regions, serving_adapter
+from fed_netgpt.runs import (
+    RunFolderError,
+    adapter_dir,
+    published,
+    read_run_config,
+    run_regions,
+    serving_adapter,
+    site_records,
+)
 
 
 class UnknownTarget(LookupError):
@@ -63,7 +71,7 @@ class Catalog:
             return Target(site_id or region, region, known.adapter, "")
         if region:
             served = ", ".join(sorted(self.regions)) or "none"
-            raise UnknownTarget(f"unknown region {region!r}; regions served: {served}")
+            raise UnknownTarget(f"region {region!r} has no adapter in the run; regions served: {served}")
         raise UnknownTarget(f"unknown site {site_id!r}; pass its region, or use a site of the run "
                             f"({', '.join(sorted(self.sites)[:8]) or 'none'}{', ...' if len(self.sites) > 8 else ''})")
 
@@ -89,17 +97,19 @@ def run_catalog(folder: Path) -> tuple[Catalog, Config]:
     regions = {region: adapter_dir(folder, region) for region in run_regions(folder)}
     try:
         pairs = load_pairs(config.data)
-    except DataError as err:  # the run's JSONL moved: its sites are unknown, regions still serve
-        print(f"serving: the run's data is not readable ({err}); sites must name their region", flush=True)
+    except DataError as err:  # the run's JSONL moved: sites come from the run's metrics (no context then)
+        print(f"serving: the run's data is not readable ({err}); sites are those metrics.jsonl names", flush=True)
         pairs = []
+    known = {p.site_id: (p.region, p.context) for p in reversed(pairs)}  # reversed: a site's first pair wins
+    for record in site_records(folder):
+        known.setdefault(record["site_id"], (record.get("region", ""), ""))
     sites: dict[str, Target] = {}
-    for pair in pairs:
-        if pair.site_id not in sites:
-            try:
-                adapter = serving_adapter(folder, config, pair.region, pair.site_id)
-            except RunFolderError:
-                continue  # a region the run has no adapter for
-            sites[pair.site_id] = Target(pair.site_id, pair.region, adapter, pair.context)
+    for site_id, (region, context) in sorted(known.items()):
+        try:
+            adapter = serving_adapter(folder, config, region, site_id)
+        except RunFolderError:
+            continue  # a region the run has no adapter for
+        sites[site_id] = Target(site_id, region, adapter, context)
     targets = {name: Target(name, name, path, "") for name, path in regions.items()}
     if not targets and not any(t.adapter for t in sites.values()):
         raise RunFolderError(f"{folder} has no adapters to serve (adapters/ and site_adapters/ are empty)")

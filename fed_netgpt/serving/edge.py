@@ -44,6 +44,8 @@ class Completion:
     prompt_tokens: int
     seconds: float  # from submission to the last token (queueing included)
     adapter: str  # the adapter folder's name, or "base"
+    cut: bool = False  # stopped by the token limit, not by its end-of-turn token
+    region: str = ""  # the region of the site served ("" for base-model chat)
 
 
 @dataclass
@@ -176,7 +178,8 @@ class EdgeService:
         for (job, _), tokens in zip(runnable, new):
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             adapter = job.target.adapter.name if job.target.adapter else "base"
-            job.future.set_result(Completion(text, len(tokens), len(job.prompt_ids), done - job.submitted, adapter))
+            job.future.set_result(Completion(text, len(tokens), len(job.prompt_ids), done - job.submitted, adapter,
+                                             cut=len(tokens) >= job.max_new_tokens, region=job.target.region))
 
     def _maybe_reload(self) -> None:
         """Load the run folder again when a newer finished run was published there; keep serving the old one if
