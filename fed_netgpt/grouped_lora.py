@@ -144,6 +144,8 @@ def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str,
         if path.split(".")[-1] not in target_modules:
             continue
         linear = getattr(module, "base_layer", module)
+        if isinstance(linear, GroupedLoraLinear):  # already grouped (serving reloads): the Linear underneath
+            linear = linear.base
         if not (hasattr(linear, "in_features") and hasattr(linear, "out_features")):
             raise TypeError(f"{path} is a {type(linear).__name__}; grouped LoRA adapts Linear layers only")
         found[path] = linear

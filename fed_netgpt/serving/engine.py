@@ -106,7 +106,7 @@ class Engine:
             if all(done):
                 break
             logits = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                      past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                                      cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             if all(row.sampling.temperature <= 0 for row in rows):
                 chosen = logits.argmax(-1).tolist()
             else:

@@ -303,12 +303,9 @@ def _sse(run, model: str, tokens: Counter) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class _BodyLimit:
-    """Refuse bodies above `limit` bytes with 413, by Content-Length or while reading a chunked body."""
+    """Refuse bodies above `limit` bytes with 413: by Content-Length, or while reading a chunked body (then the
+    app sees a disconnect and whatever it would answer is dropped)."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -321,20 +318,23 @@ class _BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             await self._refuse(send)
             return
-        seen = 0
+        seen, refused = 0, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge
+            if seen > self.limit and not refused:
+                refused = True
+                await self._refuse(send)
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await self._refuse(send)
+        async def unless_refused(message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited, unless_refused)
 
     async def _refuse(self, send) -> None:
         response = _error(413, f"request body is larger than serving.max_body_bytes={self.limit}")

@@ -1,0 +1,183 @@
+"""Real HTTP on 127.0.0.1: one service as the cloud (base model, OpenAI-compatible), one as the edge pointing at it,
+called with the official `openai` client and with plain HTTP; bad input, auth, limits and a cloud that is down."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from openai import OpenAI
+
+from fed_netgpt.config import ServingConfig
+from fed_netgpt.serving.cloud import LocalCloud, OpenAICloud
+from fed_netgpt.serving.edge import EdgeService
+from fed_netgpt.serving.http import create_app
+from tests.serving_runs import write_run
+
+pytestmark = pytest.mark.integration
+SETTINGS = ServingConfig(precision="fp32", max_new_tokens=8, cloud_max_tokens=8, max_prompt_tokens=32,
+                         max_body_bytes=4096, cloud_retries=0, cloud_timeout=30.0)
+TOKEN = "edge-secret"
+PROMPT = "Where can I get dinner tonight?"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Served:
+    """A FastAPI app on a real uvicorn server in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory, tiny_base) -> Iterator[dict]:
+    run = tmp_path_factory.mktemp("serve") / "run"
+    write_run(run, tiny_base)
+    cloud_service = EdgeService(SETTINGS, model_name="tiny-random")
+    cloud = Served(create_app(cloud_service, LocalCloud(cloud_service, 8), SETTINGS))
+    edge_service = EdgeService(SETTINGS, run=run)
+    remote = OpenAICloud(f"{cloud.url}/v1", "", max_tokens=8, timeout=30, retries=0)
+    edge = Served(create_app(edge_service, remote, SETTINGS, token=TOKEN))
+    down = OpenAICloud(f"http://127.0.0.1:{free_port()}/v1", "tiny-random", max_tokens=8, timeout=5, retries=0)
+    orphan = Served(create_app(edge_service, down, SETTINGS, token=TOKEN))
+    yield {"edge": edge, "cloud": cloud, "orphan": orphan, "edge_service": edge_service,
+           "cloud_service": cloud_service}
+    for served in (orphan, edge, cloud):
+        served.stop()
+    edge_service.close()
+    cloud_service.close()
+
+
+def post(url: str, path: str, body, token: str | None = TOKEN, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if isinstance(body, (bytes, str)):
+        return httpx.post(url + path, content=body, headers={**headers, "content-type": "application/json"},
+                          timeout=60, **kwargs)
+    return httpx.post(url + path, json=body, headers=headers, timeout=60, **kwargs)
+
+
+def test_the_edge_completes_and_the_cloud_answers_over_plain_http(services) -> None:
+    edge, edge_service, cloud_service = services["edge"], services["edge_service"], services["cloud_service"]
+    reply = post(edge.url, "/v1/generate", {"site_id": "paris", "prompt": PROMPT})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    expected = edge_service.complete(PROMPT, "paris").text  # the edge's own completion, by its site adapter
+    assert body["completion"] == expected and body["adapter"] == "paris" and body["region"] == "france"
+    # the answer is the cloud's own answer to the completed prompt, and it went over HTTP
+    assert body["answer"] == cloud_service.chat([{"role": "user", "content": expected}], max_new_tokens=8).text
+    assert body["cloud_model"] == "tiny-random" and body["uplink_bytes"] == len(expected.encode())
+    assert body["cloud_input_tokens"] > 0 and body["edge_seconds"] > 0 and body["cloud_seconds"] > 0
+    only = post(edge.url, "/v1/complete", {"site_id": "kyoto", "region": "japan", "prompt": PROMPT}).json()
+    assert only["completion"] == edge_service.complete(PROMPT, "", "japan").text and only["adapter"] == "japan"
+    baseline = post(edge.url, "/v1/cloud-only", {"prompt": PROMPT, "location": "Kyoto, Japan"}).json()
+    assert baseline["completion"] == f"I am in Kyoto, Japan. {PROMPT}" and baseline["adapter"] == ""
+
+
+def test_the_official_openai_client_lists_adapters_chats_and_streams(services) -> None:
+    edge, edge_service = services["edge"], services["edge_service"]
+    client = OpenAI(base_url=f"{edge.url}/v1", api_key=TOKEN, max_retries=0)
+    names = [model.id for model in client.models.list()]
+    assert names[:3] == ["tiny-random", "france", "japan"] and {"paris", "tokyo"} <= set(names)
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.chat.completions.create(model="tokyo", messages=messages, max_tokens=8)
+    assert chat.choices[0].message.content == edge_service.complete(PROMPT, "tokyo").text
+    assert chat.usage.completion_tokens > 0 and chat.model == "tokyo"
+    pieces = [chunk.choices[0].delta.content or "" for chunk in
+              client.chat.completions.create(model="tokyo", messages=messages, max_tokens=8, stream=True)]
+    assert "".join(pieces).strip() == chat.choices[0].message.content and len(pieces) > 2
+    base = client.chat.completions.create(model="tiny-random", messages=messages, max_tokens=8)
+    assert base.choices[0].message.content == edge_service.chat(messages, max_new_tokens=8).text
+
+
+BAD_REQUESTS = [
+    ("/v1/complete", {"site_id": "atlantis", "prompt": PROMPT}, 404, "unknown site 'atlantis'"),
+    ("/v1/complete", {"site_id": "x", "region": "mars", "prompt": PROMPT}, 404, "region 'mars' has no adapter"),
+    ("/v1/complete", {"site_id": "paris", "prompt": "   "}, 400, "prompt is empty"),
+    ("/v1/complete", {"site_id": "paris"}, 400, "prompt: Field required"),
+    ("/v1/complete", {"site_id": 7, "prompt": PROMPT}, 400, "site_id: Input should be a valid string"),
+    ("/v1/complete", {"site_id": "paris", "prompt": PROMPT, "color": "red"}, 400, "color: Extra inputs"),
+    ("/v1/complete", {"site_id": "paris", "prompt": "word " * 40}, 413, "limit is serving.max_prompt_tokens=32"),
+    ("/v1/complete", {"site_id": "paris", "prompt": PROMPT, "max_tokens": 500}, 400, "above this service's limit"),
+    ("/v1/complete", {"site_id": "paris", "prompt": PROMPT, "temperature": -1}, 400, "temperature"),
+    ("/v1/complete", "{not json", 400, "not valid JSON"),
+    ("/v1/complete", "[1, 2]", 400, "Input should be a valid dictionary"),
+    ("/v1/complete", {"site_id": "paris", "prompt": "x" * 5000}, 413, "larger than serving.max_body_bytes=4096"),
+    ("/v1/generate", {"site_id": "paris", "region": "japan", "prompt": PROMPT}, 404, "is in region 'france'"),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "unknown model 'nope'"),
+    ("/v1/chat/completions", {"model": "paris", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "paris", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ("/v1/chat/completions", {"model": "paris", "messages": [{"role": "system", "content": "hi"}]}, 400,
+     "last user message is missing"),
+    ("/v1/cloud-only", {"prompt": ""}, 400, "prompt is empty"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), BAD_REQUESTS)
+def test_every_malformed_request_gets_a_4xx_naming_the_problem(services, path, body, status, message) -> None:
+    reply = post(services["edge"].url, path, body)
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["error"]["message"]
+
+
+def test_auth_limits_and_metrics_and_the_service_keeps_serving(services) -> None:
+    edge = services["edge"]
+    good = {"site_id": "paris", "prompt": PROMPT}
+    for token in (None, "wrong", TOKEN + "x"):
+        reply = post(edge.url, "/v1/complete", good, token=token)
+        assert reply.status_code == 401 and "bearer token" in reply.json()["error"]["message"]
+    assert httpx.get(f"{edge.url}/v1/models").status_code == 401
+    chunked = httpx.post(f"{edge.url}/v1/complete", content=iter([b'{"prompt": "', b"y" * 5000, b'"}']),
+                         headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert chunked.status_code == 413  # no Content-Length: counted while reading
+    health = httpx.get(f"{edge.url}/healthz").json()
+    assert health["status"] == "ok" and health["adapters"] == 3 and health["regions"] == 2
+    assert post(edge.url, "/v1/complete", good).status_code == 200
+    metrics = httpx.get(f"{edge.url}/metrics").text
+    assert 'fed_netgpt_requests_total{route="/v1/complete",status="401"}' in metrics
+    assert "fed_netgpt_adapters 3.0" in metrics
+
+
+def test_a_cloud_that_is_down_is_a_clear_502_and_the_edge_still_completes(services) -> None:
+    orphan = services["orphan"]
+    reply = post(orphan.url, "/v1/generate", {"site_id": "paris", "prompt": PROMPT})
+    assert reply.status_code == 502 and "is unreachable" in reply.json()["error"]["message"]
+    assert post(orphan.url, "/v1/complete", {"site_id": "paris", "prompt": PROMPT}).status_code == 200
+
+
+def test_the_openapi_docs_and_the_playground_are_served(services) -> None:
+    edge = services["edge"]
+    spec = httpx.get(f"{edge.url}/openapi.json").json()
+    assert {"/v1/complete", "/v1/generate", "/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
+    page = httpx.get(f"{edge.url}/")
+    assert page.status_code == 200 and "fed-netgpt" in page.text
+
+
+def test_serve_refuses_an_open_host_without_a_token(tmp_path: Path) -> None:
+    from fed_netgpt.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--model", "tiny-random"]) == 2
+
