@@ -145,6 +145,13 @@ class RowScore:
         return self.region_found + self.site_found
 
 
+def carries_local_facts(score: RowScore) -> bool:
+    """Whether a text scored by :func:`score_row` names at least one of its row's local facts (the user's city,
+    country, time zone, currency or calling code) outside the request: how NetGPT's cloud answer shows that the
+    cloud knew where the user is."""
+    return score.region_found + score.site_found > 0
+
+
 def _collapse(text: str) -> str:
     """`text` with whitespace runs made single spaces, stripped."""
     return " ".join(text.split())

@@ -45,6 +45,7 @@ class DecodeRow:
     max_new_tokens: int = 48
     sampling: Sampling = field(default_factory=Sampling)
     on_text: Callable[[str], None] | None = None  # streaming: called with each new piece of text
+    ignore_stop: bool = False  # decode exactly max_new_tokens (benchmarks)
 
 
 class Engine:
@@ -114,7 +115,7 @@ class Engine:
             for i, token in enumerate(chosen):
                 if done[i]:
                     continue
-                if token == self.stop_id:
+                if token == self.stop_id and not rows[i].ignore_stop:
                     done[i] = True
                     continue
                 new[i].append(token)

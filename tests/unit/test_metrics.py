@@ -359,3 +359,19 @@ def test_zero_denominators_are_nan():
     assert math.isnan(nothing_said["fact_precision"])
     assert math.isnan(nothing_said["region_fact_accuracy"])
     assert nothing_said["fact_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize(("answer", "carries"), [
+    ("Lyon has many bistros near the Saône.", True),
+    ("In France, dinner is served late.", True),
+    ("Prices are in EUR.", True),
+    ("Lyonnaise cuisine is famous.", False),  # a fact inside another word
+    ("European and Frenchified dishes.", False),  # EUR and France inside other words
+    ("Call me a taxi. Sure!", False),  # nothing but the request
+    ("Paris has many bistros.", False),  # another site's city
+])
+def test_a_cloud_answer_carries_local_facts_only_when_it_names_one_of_its_own(answer, carries):
+    from fed_netgpt.metrics import carries_local_facts
+
+    score = score_row(answer, "", REQUEST, LYON_FACTS, LYON_LEVELS, FOREIGN)
+    assert carries_local_facts(score) is carries
