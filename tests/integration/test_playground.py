@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.serving_runs import write_run
+
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium")
 TOKEN = "playground-test-token"
@@ -72,17 +74,14 @@ def serve(log: Path, *args: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """The edge's base URL and its run folder (the cloud starts while the run trains)."""
+def services(tmp_path_factory: pytest.TempPathFactory, tiny_base) -> Iterator[tuple[str, Path]]:
+    """The edge's base URL and its run folder (France and Japan, tiny random adapters, no federation)."""
     cloud_port, edge_port = free_port(), free_port()
     folder = tmp_path_factory.mktemp("playground")
     run, logs = folder / "run", (folder / "cloud.log", folder / "edge.log")
+    write_run(run, tiny_base)
     processes = [serve(logs[0], "--model", "tiny-random", "--port", str(cloud_port))]
     try:
-        done = subprocess.run([sys.executable, "-m", "fed_netgpt.cli", "simulate", "preset=smoke",
-                               "federation.num_rounds=1", "train.local_steps=1", "run.report=false",
-                               f"run.output_dir={run}"], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         processes.append(serve(logs[1], "--run", str(run), "--port", str(edge_port), "--token", TOKEN,
                                "--cloud-url", f"http://127.0.0.1:{cloud_port}/v1"))
         wait_for_health(f"http://127.0.0.1:{cloud_port}", processes[0], logs[0])
@@ -125,14 +124,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class Page:
     """One browser tab over its DevTools websocket: commands by id, events skipped."""
 
-    def __init__(self, devtools: str) -> None:
-        from websockets.sync.client import connect
-
-        request = urllib.request.Request(f"{devtools}/json/new?about:blank", method="PUT")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            self.target = json.load(response)
-        self.socket = connect(self.target["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
-        self.devtools, self.ids = devtools, 0
+    def __init__(self, socket) -> None:
+        self.socket, self.ids = socket, 0
 
     def send(self, method: str, **params) -> dict:
         self.ids += 1
@@ -165,22 +158,25 @@ class Page:
     def text(self, element_id: str) -> str:
         return self.js(f"document.getElementById({element_id!r}).textContent")
 
-    def close(self) -> None:
-        self.socket.close()
-        with urllib.request.urlopen(f"{self.devtools}/json/close/{self.target['id']}", timeout=10):
-            pass
-
 
 @pytest.fixture
 def page(browser: str, services: tuple[str, Path]) -> Iterator[Page]:
-    tab = Page(browser)
+    """A new tab (so a new sessionStorage) on the edge's playground."""
+    from websockets.sync.client import connect
+
+    with urllib.request.urlopen(urllib.request.Request(f"{browser}/json/new?about:blank", method="PUT"),
+                                timeout=10) as response:
+        target = json.load(response)
     try:
-        tab.send("Page.enable")
-        tab.send("Page.navigate", url=f"{services[0]}/")
-        tab.wait_for("document.readyState === 'complete' && !!document.getElementById('run')", timeout=30)
-        yield tab
+        with connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as socket:
+            tab = Page(socket)
+            tab.send("Page.enable")
+            tab.send("Page.navigate", url=f"{services[0]}/")
+            tab.wait_for("document.readyState === 'complete' && !!document.getElementById('run')", timeout=30)
+            yield tab
     finally:
-        tab.close()
+        with urllib.request.urlopen(f"{browser}/json/close/{target['id']}", timeout=10):
+            pass
 
 
 def test_the_page_shows_the_edge_completion_beside_the_cloud_only_answer(page: Page, services) -> None:

@@ -20,7 +20,8 @@ from fed_netgpt.training import train_adapter
 pytestmark = pytest.mark.slow
 
 
-CONFIG = load_config(overrides=["data.countries=[FR]", "data.sites_per_region=2", "train.local_steps=20"])
+CONFIG_OVERRIDES = ["data.countries=[FR]", "data.sites_per_region=2", "train.local_steps=20"]
+CONFIG = load_config(overrides=CONFIG_OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +72,46 @@ def test_stock_peft_loads_the_adapter_and_completes_identically(trained: tuple[P
     theirs = generate_completions(stock, base.tokenizer, [(p.context, p.prompt) for p in test[:4]])
     assert theirs == ours
     assert sum(p.facts[1] in text for p, text in zip(test, theirs)) >= 3  # the country: a region-level fact
+
+
+def test_over_http_the_edge_adds_the_regions_facts_and_a_cloud_instance_answers(
+        trained: tuple[Path, list], tmp_path: Path) -> None:
+    """NetGPT end to end on real weights: an edge service (int8 on a CPU, as `serve` runs by default) serving the
+    trained France adapter, pointing at a second service that is the cloud (the base SmolLM2), both on real HTTP."""
+    import shutil
+
+    import httpx
+
+    from fed_netgpt.config import ServingConfig
+    from fed_netgpt.metrics import carries_local_facts, score_row
+    from fed_netgpt.runs import start_run
+    from fed_netgpt.serving.cloud import LocalCloud, OpenAICloud
+    from fed_netgpt.serving.edge import EdgeService
+    from fed_netgpt.serving.http import create_app
+    from tests.integration.test_serving_http import Served
+
+    folder, test = trained
+    run = tmp_path / "run"
+    start_run(load_config(overrides=[*CONFIG_OVERRIDES, f"run.output_dir={run}"]))
+    shutil.copytree(folder, run / "adapters" / "france")
+    settings = ServingConfig(cloud_max_tokens=48)
+    cloud_service = EdgeService(settings, model_name=SMOLLM2)
+    cloud = Served(create_app(cloud_service, LocalCloud(cloud_service, 48), settings))
+    edge_service = EdgeService(settings, run=run)
+    edge = Served(create_app(edge_service, OpenAICloud(f"{cloud.url}/v1", "", max_tokens=48, timeout=120, retries=0),
+                             settings))
+    try:
+        rows = test[:6]
+        replies = [httpx.post(f"{edge.url}/v1/generate", json={"site_id": p.site_id, "prompt": p.prompt},
+                              timeout=300).json() for p in rows]
+    finally:
+        edge.stop()
+        cloud.stop()
+        edge_service.close()
+        cloud_service.close()
+    assert all(r["cloud_model"] == SMOLLM2 and r["answer"].strip() for r in replies), replies
+    # the completed prompt names the country (a region-level fact the adapter learned; the prompt has none)
+    assert sum(p.facts[1] in r["completion"] for p, r in zip(rows, replies)) >= 5, replies
+    carried = [carries_local_facts(score_row(r["answer"], "", p.prompt, p.facts, ["region"] * len(p.facts), []))
+               for p, r in zip(rows, replies)]
+    assert sum(carried) >= 4, replies  # and so the cloud's answer knows where the user is
