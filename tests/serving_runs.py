@@ -1,11 +1,15 @@
-"""Run folders for serving tests, written without a federation: random regional and site adapters on the tiny
-model, published the way a finished run publishes them."""
+"""Serving test helpers: run folders written without a federation (random regional and site adapters on the tiny
+model, published the way a finished run publishes them), and FastAPI apps on real uvicorn servers."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import uvicorn
 
 from fed_netgpt.adapters import AdapterState, attach_adapter, get_state, publish_adapter
 from fed_netgpt.config import Config, load_config
@@ -36,3 +40,28 @@ def write_run(folder: Path, base: BaseModel, seed: int = 0, site_adapters: tuple
     save_adapters(folder, base, config, {region: random_state(base, config, seed * 100 + k)
                                          for k, region in enumerate(("france", "japan"))})
     return config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Served:
+    """A FastAPI app on a real uvicorn server in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

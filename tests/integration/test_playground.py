@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,18 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving_runs import write_run
+from tests.serving_runs import free_port, write_run
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium")
 TOKEN = "playground-test-token"
 PROMPT = "Where can I eat something near the station?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:

@@ -3,53 +3,24 @@ called with the official `openai` client and with plain HTTP; bad input, auth, l
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from fed_netgpt.config import ServingConfig
 from fed_netgpt.serving.cloud import LocalCloud, OpenAICloud
 from fed_netgpt.serving.edge import EdgeService
 from fed_netgpt.serving.http import create_app
-from tests.serving_runs import write_run
+from tests.serving_runs import Served, free_port, write_run
 
 pytestmark = pytest.mark.integration
 SETTINGS = ServingConfig(precision="fp32", max_new_tokens=8, cloud_max_tokens=8, max_prompt_tokens=32,
                          max_body_bytes=4096, cloud_retries=0, cloud_timeout=30.0)
 TOKEN = "edge-secret"
 PROMPT = "Where can I get dinner tonight?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Served:
-    """A FastAPI app on a real uvicorn server in a thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def test_over_http_the_edge_adds_the_regions_facts_and_a_cloud_instance_answers(
     from fed_netgpt.serving.cloud import LocalCloud, OpenAICloud
     from fed_netgpt.serving.edge import EdgeService
     from fed_netgpt.serving.http import create_app
-    from tests.integration.test_serving_http import Served
+    from tests.serving_runs import Served
 
     folder, test = trained
     run = tmp_path / "run"
