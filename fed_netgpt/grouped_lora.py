@@ -32,19 +32,23 @@ class RowSelection:
     """Which adapter each row of the next forward pass uses, shared by every grouped layer of a model.
 
     `blocks` is set when the rows are K equal runs in adapter order (row i uses adapter i // rows_per_adapter,
-    with all K adapters present): the layers then reshape instead of gathering each row's factors.
+    with all K adapters present): the layers then reshape instead of gathering each row's factors. `single` is
+    set when every row uses one adapter (a lone request while serving): two plain matmuls with its factors.
     """
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
         self.blocks = False
+        self.single: int | None = None
 
     def set(self, index: torch.Tensor, num_adapters: int) -> None:
         self.index = index
         rows = index.numel()
         per = rows // num_adapters if num_adapters else 0
+        on_host = index.cpu()
         self.blocks = per * num_adapters == rows and bool(
-            torch.equal(index.cpu(), torch.arange(num_adapters).repeat_interleave(per)))
+            torch.equal(on_host, torch.arange(num_adapters).repeat_interleave(per)))
+        self.single = int(on_host[0]) if rows and not self.blocks and bool((on_host == on_host[0]).all()) else None
 
 
 class GroupedLoraLinear(nn.Module):
@@ -69,7 +73,11 @@ class GroupedLoraLinear(nn.Module):
             raise RuntimeError("GroupedLoraLinear: no row selection set for this forward pass")
         rows, *inner, width = x.shape
         h = self.dropout(x).reshape(rows, -1, width)
-        if self.selection.blocks:  # K equal runs: [K, rows/K·T, in] against the stacks themselves
+        if self.selection.single is not None:  # one adapter for every row
+            k = self.selection.single
+            low = nn.functional.linear(h, self.lora_A[k].to(h.dtype))
+            delta = nn.functional.linear(low, self.lora_B[k].to(h.dtype))
+        elif self.selection.blocks:  # K equal runs: [K, rows/K·T, in] against the stacks themselves
             k = self.lora_A.shape[0]
             low = torch.bmm(h.reshape(k, -1, width), self.lora_A.transpose(1, 2).to(h.dtype))
             delta = torch.bmm(low, self.lora_B.transpose(1, 2).to(h.dtype))

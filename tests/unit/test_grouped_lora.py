@@ -191,3 +191,25 @@ def test_grouped_adapters_refuse_a_state_that_does_not_fit(base64, default_confi
             group.load([{k: v * np.nan for k, v in like.items()}, like])
         with pytest.raises(ValueError, match="2 grouped adapters, 1 states given"):
             group.load([like])
+
+
+def test_rows_of_one_adapter_take_the_plain_matmul_path_with_the_same_result(base64, site_pairs, default_config):
+    # Prepare: three adapters loaded, every row on adapter 1
+    lora = default_config.lora
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    batch = collate(base64.tokenizer, site_pairs[0][:3], 128)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with grouped_adapters(base64.model, lora, 3) as group, torch.no_grad():
+        group.load([_random_state(like, seed) for seed in (31, 32, 33)])
+        # Execute
+        group.select(torch.tensor([1, 1, 1]))
+        single = group.selection.single
+        plain = base64.model(**inputs).logits
+        group.selection.single = None
+        gathered = base64.model(**inputs).logits
+        group.select(torch.tensor([1, 2, 1]))
+        mixed_single = group.selection.single
+    # Assert
+    assert (single, mixed_single) == (1, None)
+    torch.testing.assert_close(plain, gathered, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(plain[0], base64.model(**inputs).logits[0])  # the adapter really acts
