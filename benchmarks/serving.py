@@ -6,6 +6,7 @@ RUN is a finished run folder on the embedded SmolLM2 (e.g. `fed-netgpt simulate`
 - latency: one request at a time, exactly 32 new tokens (the end-of-turn token ignored), p50/p95 over prompts of
   the test split, fp32 and int8 weights side by side.
 - batch: 16 prompts over 8 adapters in one batch, against the same 16 prompts on one adapter (tokens/s ratio).
+- quality: the edge's completions of the test rows in fp32 and int8, scored as the report scores them.
 - netgpt: the test split (`--rows-per-region` rows a region and test group), edge + cloud against cloud-only
   (no location; and the raw city and country the user allows): latency, cloud input tokens, uplink bytes, and
   the fraction of cloud answers naming the user's local facts (`metrics.carries_local_facts`). The cloud is the
@@ -99,6 +100,27 @@ def batching(run: Path, pairs: list, repeats: int) -> dict:
     return results
 
 
+def quality(run: Path, pairs: list) -> dict:
+    """Edge completions of the test rows in fp32 and int8, scored as the report scores them."""
+    config = read_run_config(run)
+    all_pairs = load_pairs(config.data)
+    levels, vocabulary = fact_levels(all_pairs), fact_vocabulary(all_pairs)
+    results = {}
+    for precision in ("fp32", "int8"):
+        service = EdgeService(ServingConfig(precision=precision), run=run)
+        scores = [score_row(service.complete(p.prompt, p.site_id, p.region).text, p.completion, p.prompt, p.facts,
+                            levels_of(p, levels), vocabulary) for p in pairs]
+        service.close()
+        found = sum(s.region_found + s.site_found for s in scores)
+        facts = sum(s.region_facts + s.site_facts for s in scores)
+        results[precision] = {"fact_accuracy": found / facts,
+                              "request_kept": statistics.mean(s.request_kept for s in scores),
+                              "wrong_facts_per_row": statistics.mean(s.wrong_facts for s in scores),
+                              "rouge_l": statistics.mean(s.rouge_l for s in scores)}
+        print(f"quality {precision}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[precision].items()), flush=True)
+    return results
+
+
 def netgpt(run: Path, pairs: list, cloud_tokens: int) -> dict:
     config = read_run_config(run)
     all_pairs = load_pairs(config.data)
@@ -143,7 +165,7 @@ def netgpt(run: Path, pairs: list, cloud_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--part", choices=("latency", "batch", "netgpt", "all"), default="all")
+    parser.add_argument("--part", choices=("latency", "batch", "quality", "netgpt", "all"), default="all")
     parser.add_argument("--rows-per-region", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cloud-tokens", type=int, default=64)
@@ -156,6 +178,8 @@ def main() -> None:
         results["latency"] = latency(args.run, pairs[:10], args.repeats)
     if args.part in ("batch", "all"):
         results["batch"] = batching(args.run, pairs, args.repeats)
+    if args.part in ("quality", "all"):
+        results["quality"] = quality(args.run, pairs)
     if args.part in ("netgpt", "all"):
         results["netgpt"] = netgpt(args.run, pairs, args.cloud_tokens)
     text = json.dumps(results, indent=2)

@@ -216,7 +216,8 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
             def run(on_text):
                 return edge.complete(users[-1], target.name if target.name in edge.catalog.sites else "",
                                      target.region, sampling=body.sampling(), max_new_tokens=limit, on_text=on_text)
-        if body.stream:
+        if body.stream:  # refuse a too-long prompt with a 413 now, not inside the stream
+            _edge_call(lambda: edge.encode(users[-1], " ".join(m.text() for m in body.messages)))
             return StreamingResponse(_sse(run, body.model, tokens), media_type="text/event-stream")
         done = _edge_call(lambda: run(None))
         tokens.labels("chat").inc(done.tokens)

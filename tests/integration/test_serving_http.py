@@ -104,6 +104,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "paris", "messages": [{"role": "system", "content": "hi"}]}, 400,
      "last user message is missing"),
     ("/v1/cloud-only", {"prompt": ""}, 400, "prompt is empty"),
+    ("/v1/chat/completions", {"model": "paris", "stream": True, "messages": [{"role": "user", "content": "w " * 60}]},
+     413, "serving.max_prompt_tokens=32"),
 ]
 
 
