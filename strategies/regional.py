@@ -134,7 +134,11 @@ class RegionalStrategy(Strategy):
         grouped = self._by_region(replies)
         new_states, metrics = {}, {}
         for region in self.regions:
-            valid = _same_metric_keys(region, [msg for msg in grouped.get(region, []) if self._accept(region, msg)])
+            accepted = [msg for msg in grouped.get(region, []) if self._accept(region, msg)]
+            valid = _same_metric_keys(region, accepted)
+            for msg in accepted:
+                if msg not in valid:
+                    self._rejected(msg, "its metric keys differ from the region's other replies")
             arrays, _ = self.strategies[region].aggregate_train(server_round, valid) if valid else (None, None)
             region_metrics = _mean_metrics(valid)
             if arrays is None:
@@ -180,8 +184,10 @@ class RegionalStrategy(Strategy):
             return False
         arrays = msg.content.array_records
         metrics = list(msg.content.metric_records.values())
-        if list(arrays) != [ARRAYS] or len(metrics) != 1 or not float(metrics[0].get(NUM_EXAMPLES, 0)) > 0:
-            reason = f"it must carry one ArrayRecord {ARRAYS!r} and one MetricRecord with {NUM_EXAMPLES} > 0"
+        count = metrics[0].get(NUM_EXAMPLES, 0) if len(metrics) == 1 else 0
+        if list(arrays) != [ARRAYS] or len(metrics) != 1 or not (_finite(count) and float(count) > 0):
+            reason = (f"it must carry one ArrayRecord {ARRAYS!r} and one MetricRecord with a finite {NUM_EXAMPLES} > 0"
+                      f" (got {count!r})")
         else:
             shapes = {key: value.shape for key, value in self.current[region].items()}
             state = from_record(arrays[ARRAYS])
@@ -190,8 +196,15 @@ class RegionalStrategy(Strategy):
                 reason = shared_factor_mismatch([state], self.current[region])
         if reason:
             log.warning("aggregate_train: rejected the update of node %d (%s): %s", node, region, reason)
+            self._rejected(msg, reason)
             return False
         return True
+
+    def _rejected(self, msg: Message, reason: str) -> None:
+        """Say why in the site's metrics.jsonl record of this round."""
+        record = self.site_replies.get(msg.metadata.src_node_id)
+        if record is not None:
+            record["rejected"] = reason
 
 
 def array_bytes(msg: Message) -> int:
@@ -218,13 +231,14 @@ def _client_privacy(strategy: Strategy) -> dict[str, float]:
 
 
 def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:
-    """Flower's strategies refuse a round whose replies differ in metric keys: drop the odd ones out."""
+    """Flower's strategies refuse a round whose replies differ in metric keys: keep the replies with the most
+    common key set (ties: the larger set), drop the odd ones out, whichever reply came first."""
     if not replies:
         return replies
-    keys = set(next(iter(replies[0].content.metric_records.values())))
+    key_sets = [frozenset(next(iter(msg.content.metric_records.values()))) for msg in replies]
+    keys = max(set(key_sets), key=lambda k: (key_sets.count(k), len(k), sorted(k)))
     kept = []
-    for msg in replies:
-        other = set(next(iter(msg.content.metric_records.values())))
+    for msg, other in zip(replies, key_sets):
         if other == keys:
             kept.append(msg)
         else:
@@ -239,11 +253,14 @@ def _mean_metrics(replies: list[Message]) -> dict[str, float]:
     records = [r for r in records if _finite(r.get(NUM_EXAMPLES, 0)) and float(r[NUM_EXAMPLES]) > 0]
     if not records:
         return {}
-    keys = set.intersection(*({k for k, v in r.items() if _finite(v)} for r in records))
-    states = [{k: float(r[k]) for k in sorted(keys)} for r in records]
-    mean = weighted_average(states, [float(r[NUM_EXAMPLES]) for r in records])
+    mean: dict[str, float] = {}
+    for key in sorted({k for r in records for k in r} - {NUM_EXAMPLES}):  # each over the replies where it is finite
+        holding = [r for r in records if _finite(r.get(key))]
+        if holding:
+            weights = [float(r[NUM_EXAMPLES]) for r in holding]
+            mean[key] = float(weighted_average([{key: float(r[key])} for r in holding], weights)[key])
     mean[NUM_EXAMPLES] = sum(float(r[NUM_EXAMPLES]) for r in records)
-    return {k: float(v) for k, v in mean.items()}  # type: ignore[arg-type]
+    return mean
 
 
 def _finite(value: object) -> bool:

@@ -438,3 +438,41 @@ def test_svd_aggregation_is_the_best_rank_r_approximation_of_the_weighted_mean_p
 def test_svd_needs_a_rank():
     with pytest.raises(ValueError, match="svd with rank >= 1"):
         RegionalStrategy(_fedavg, NODE_REGIONS, lora_aggregation="svd")
+
+
+@pytest.mark.parametrize("count", [float("inf"), float("nan"), -3.0])
+def test_a_non_finite_or_negative_example_count_is_rejected_not_averaged(configured, caplog, count):
+    # Prepare: node 11 claims inf examples (Flower's weighted mean would compute inf/inf = NaN)
+    replies = [_reply(11, _state(1.0), count, 2.0), _reply(12, _state(3.0), 2, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+        arrays, metrics = configured.aggregate_train(1, replies)
+    # Assert: france is node 12's update alone, finite; the rejection is logged and in the site's record
+    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 3.0))
+    assert metrics["france/num-examples"] == 2
+    assert "rejected the update of node 11 (france)" in caplog.text and "finite num-examples" in caplog.text
+    assert "finite num-examples" in configured.site_replies[11]["rejected"]
+    assert "rejected" not in configured.site_replies[12]
+
+
+def test_the_odd_reply_out_is_dropped_even_when_it_comes_first():
+    # Prepare: three french nodes; the first reply lacks train_loss, the other two agree
+    regions = {11: "france", 12: "france", 13: "france"}
+    strategy = RegionalStrategy(_fedavg, regions)
+    strategy.configure_train(1, _merged({"france": _state(0.0)}), ConfigRecord({}), ConnectedNodesGrid(regions))
+    odd = Message(RecordDict({"arrays": _record(_state(9.0)), "metrics": MetricRecord({"num-examples": 3})}),
+                  reply_to=_instruction(11))
+    replies = [odd, _reply(12, _state(1.0), 1, 2.0), _reply(13, _state(3.0), 1, 4.0)]
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    # Assert: the two agreeing replies are averaged, the first one is the one dropped
+    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 2.0))
+    assert metrics["france/train_loss"] == pytest.approx(3.0)
+    assert "metric keys differ" in strategy.site_replies[11]["rejected"]
+
+
+def test_one_nan_loss_does_not_remove_the_regions_loss(configured):
+    replies = [_reply(11, _state(1.0), 1, float("nan")), _reply(12, _state(3.0), 3, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+    _, metrics = configured.aggregate_train(1, replies)
+    assert metrics["france/train_loss"] == pytest.approx(4.0)  # the finite one, weighted by its own examples
+    assert metrics["france/num-examples"] == 4
