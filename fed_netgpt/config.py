@@ -199,8 +199,10 @@ class Config:
         _check_choice("serving.precision", self.serving.precision, ("auto", "fp32", "int8"))
         _check_compare(self.compare, self.privacy)
         for key, value in _positive_fields(self).items():
-            if value <= 0:
-                raise ConfigError(f"{key} must be > 0, got {value}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a finite number > 0, got {value}")
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be within [0, 1), got {self.lora.dropout}")
         for key in ("federation.fraction_train", "federation.fraction_evaluate", "data.test_fraction",
                     "data.valid_fraction"):
             value = select(self, key)
@@ -211,8 +213,9 @@ class Config:
                               f"data.max_pairs_per_site ({self.data.max_pairs_per_site})")
         for key in ("data.heldout_sites_per_region", "data.num_sites", "data.num_regions", "data.valid_pairs_per_site",
                     "data.size_skew", "personalization.ditto_lambda", "simulation.num_gpus_per_client",
-                    "simulation.num_supernodes", "serving.max_wait_ms", "serving.cloud_retries"):
-            if select(self, key) < 0:
+                    "simulation.num_supernodes", "serving.max_wait_ms", "serving.cloud_retries", "federation.min_nodes",
+                    "evaluation.examples_to_show", "train.weight_decay", "train.proximal_mu"):
+            if not select(self, key) >= 0:
                 raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:
             raise ConfigError("data.regions must name at least one region when data.region_by=list")
@@ -306,7 +309,7 @@ def _positive_fields(config: Config) -> dict[str, float]:
         "train.learning_rate", "train.max_length", "federation.num_rounds", "evaluation.max_new_tokens",
         "evaluation.max_examples_per_region", "evaluation.batch_size", "serving.max_new_tokens", "serving.max_batch",
         "serving.max_prompt_tokens", "serving.max_body_bytes", "serving.reload_seconds", "serving.cloud_max_tokens",
-        "serving.cloud_timeout",
+        "serving.cloud_timeout", "federation.timeout", "simulation.num_cpus_per_client",
     )
     return {key: select(config, key) for key in keys}
 
@@ -327,8 +330,9 @@ def load_config(
     try:
         merged = OmegaConf.structured(Config)
         merged = OmegaConf.merge(merged, _load_yaml(CONF_DIR / "base.yaml"))
-        override_conf = _overrides_to_conf(overrides)
-        file_conf = _load_yaml(Path(config_file)) if config_file else OmegaConf.create({})
+        override_conf = _checked_sections(_overrides_to_conf(overrides), "override")
+        file_conf = _checked_sections(_load_yaml(Path(config_file)), str(config_file)) if config_file \
+            else OmegaConf.create({})
         preset = override_conf.get("preset") or file_conf.get("preset") or merged.preset
         if preset:
             merged = OmegaConf.merge(merged, _load_yaml(_preset_path(str(preset))))
@@ -336,6 +340,22 @@ def load_config(
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
+
+
+SECTIONS = {f.name for f in dataclasses.fields(Config)} - {"preset"}
+
+
+def _checked_sections(conf: Any, origin: str) -> Any:
+    """A config layer must be a mapping whose sections (model, train, ...) are mappings: a YAML list, or
+    `federation=5`, is named here rather than deep inside OmegaConf's merge."""
+    if not OmegaConf.is_dict(conf):
+        raise ConfigError(f"{origin}: a config must be a mapping of sections (model:, train:, ...), "
+                          f"got a {type(OmegaConf.to_container(conf)).__name__}")
+    for key in conf:
+        if key in SECTIONS and not OmegaConf.is_dict(conf[key]):
+            raise ConfigError(f"{origin}: config key {key} is a section; set its keys (e.g. {key}.<key>=...), "
+                              f"not {conf[key]!r}")
+    return conf
 
 
 def _load_yaml(path: Path) -> Any:

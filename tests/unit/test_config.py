@@ -158,7 +158,7 @@ def test_bad_choice_names_the_key_and_the_choices():
 @pytest.mark.parametrize("key", ["train.batch_size", "lora.r", "federation.num_rounds", "train.learning_rate"])
 def test_non_positive_values_are_rejected(key):
     # Execute / Assert
-    with pytest.raises(ConfigError, match=rf"{key} must be > 0, got 0"):
+    with pytest.raises(ConfigError, match=rf"{key} must be a finite number > 0, got 0"):
         load_config(overrides=[f"{key}=0"])
 
 
@@ -287,3 +287,29 @@ def test_pyproject_flower_config_equals_base_yaml_scalars():
 def test_a_grouped_pass_is_refused_under_dp(mode):
     with pytest.raises(ConfigError, match=f"privacy.mode={mode} needs train.sites_per_pass=1"):
         load_config(overrides=[f"privacy.mode={mode}", "privacy.noise_multiplier=1", "train.sites_per_pass=4"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.learning_rate=nan", "train.learning_rate must be a finite number > 0, got nan"),
+    ("train.learning_rate=inf", "train.learning_rate must be a finite number > 0, got inf"),
+    ("lora.dropout=5", "lora.dropout must be within [0, 1), got 5.0"),
+    ("lora.dropout=-1", "lora.dropout must be within [0, 1), got -1.0"),
+    ("federation.min_nodes=-2", "federation.min_nodes must be >= 0, got -2"),
+    ("evaluation.examples_to_show=-1", "evaluation.examples_to_show must be >= 0, got -1"),
+    ("federation.timeout=-1", "federation.timeout must be a finite number > 0, got -1.0"),
+    ("simulation.num_cpus_per_client=0", "simulation.num_cpus_per_client must be a finite number > 0, got 0.0"),
+    ("serving.max_batch=0", "serving.max_batch must be a finite number > 0, got 0"),
+    ("serving.precision=int4", "serving.precision must be one of auto, fp32, int8; got 'int4'"),
+    ("federation=5", "override: config key federation is a section; set its keys"),
+])
+def test_values_that_used_to_pass_or_crash_are_named(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=[override])
+    assert message in str(caught.value)
+
+
+def test_a_config_file_that_is_a_list_is_named(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: a config must be a mapping of sections"):
+        load_config(path)

@@ -472,7 +472,8 @@ def test_the_odd_reply_out_is_dropped_even_when_it_comes_first():
 
 
 def test_one_nan_loss_does_not_remove_the_regions_loss(configured):
-    replies = [_reply(11, _state(1.0), 1, float("nan")), _reply(12, _state(3.0), 3, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+    replies = [_reply(11, _state(1.0), 1, float("nan")), _reply(12, _state(3.0), 3, 4.0),
+               _reply(21, _state(7.0), 5, 1.0)]
     _, metrics = configured.aggregate_train(1, replies)
     assert metrics["france/train_loss"] == pytest.approx(4.0)  # the finite one, weighted by its own examples
     assert metrics["france/num-examples"] == 4
