@@ -69,20 +69,40 @@ def parse_pair(row: Any, where: str) -> PromptPair:
     )
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names a key twice (json.loads would silently keep the last value)."""
+
+
+def _unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for key, value in items:
+        if key in row:
+            raise DuplicateKey(key)
+        row[key] = value
+    return row
+
+
 def read_jsonl(path: str | Path) -> list[PromptPair]:
     """Read and validate a prompt-pair JSONL; the first bad line stops it with its line number."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     pairs = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as raw:
+        for number, data in enumerate(raw, start=1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {number}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                                "JSONL files are UTF-8") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            except DuplicateKey as err:
+                raise DataError(f"{path} line {number}: field {err.args[0]!r} is given twice") from None
             pairs.append(parse_pair(row, f"{path} line {number}"))
     if not pairs:
         raise DataError(f"{path}: no prompt pairs in the file")

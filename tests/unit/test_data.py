@@ -841,3 +841,18 @@ def test_ids_that_cannot_name_a_folder_or_adapter_are_rejected(field, value):
     row = {"site_id": "lyon", "region": "france", "prompt": "Hi?", "completion": "I am in Lyon. Hi?", field: value}
     with pytest.raises(DataError, match=f"x.jsonl line 4: field '{field}' must be letters, digits"):
         parse_pair(row, "x.jsonl line 4")
+
+
+def test_read_jsonl_refuses_a_key_given_twice_naming_line_and_field(tmp_path):
+    path = _write_lines(tmp_path / "d.jsonl", [GOOD, json.dumps(GOOD)[:-1] + ', "prompt": "Other."}'])
+    with pytest.raises(DataError, match=r"d.jsonl line 2: field 'prompt' is given twice"):
+        read_jsonl(path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_read_jsonl_that_is_not_utf8_names_the_line(tmp_path, encoding):
+    path = tmp_path / "d.jsonl"
+    accented = json.dumps({**GOOD, "prompt": "Café ?"}, ensure_ascii=False) + "\n"
+    path.write_bytes((json.dumps(GOOD) + "\n").encode("utf-8") + accented.encode(encoding))
+    with pytest.raises(DataError, match=r"d.jsonl line 2: not UTF-8 text"):
+        read_jsonl(path)
