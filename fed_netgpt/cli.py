@@ -33,6 +33,7 @@ from fed_netgpt.models import DeviceError, ModelNotFoundError, load_base, resolv
 from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
 from fed_netgpt.precision import choose_precision
 from fed_netgpt.privacy import privacy_report
+from fed_netgpt.prompting import check_pair_lengths
 from fed_netgpt.report import duration, json_safe, write_report
 from fed_netgpt.runs import (
     RunFolderError,
@@ -136,7 +137,8 @@ def prepared_config(args: argparse.Namespace) -> Config:
 def simulate_command(args: argparse.Namespace) -> int:
     config = prepared_config(args)
     sites = load_sites(config.data)  # bad data fails here, before any engine starts
-    load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
+    base = load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
+    check_pair_lengths(base.tokenizer, [*sites, *load_heldout_sites(config.data)], config.train.max_length)
     from flwr.simulation import run_simulation  # Flower (and Ray) load only for the command that needs them
 
     from clients.app import app as client_app
@@ -300,6 +302,8 @@ def complete_command(args: argparse.Namespace) -> int:
     from fed_netgpt.serving.edge import EdgeService, PromptTooLong
     from fed_netgpt.serving.pipeline import generate
 
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty")
     settings = serving_settings(args)
     edge = EdgeService(settings, run=args.run)
     try:

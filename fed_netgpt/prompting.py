@@ -36,8 +36,20 @@ def encode_pair(
     prompt_ids = tokenizer(chat_prompt(tokenizer, context, prompt), add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
     if len(prompt_ids) + len(completion_ids) > max_length:
+        shown = prompt if len(prompt) <= 60 else f"{prompt[:60]}... ({len(prompt)} characters)"
         raise DataError(
-            f"prompt pair {prompt!r} is {len(prompt_ids) + len(completion_ids)} tokens with the chat template, "
+            f"prompt pair {shown!r} is {len(prompt_ids) + len(completion_ids)} tokens with the chat template, "
             f"more than train.max_length={max_length}: raise train.max_length or shorten the pair"
         )
     return prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
+
+
+def check_pair_lengths(tokenizer: PreTrainedTokenizerBase, sites, max_length: int) -> None:
+    """Every pair of `sites` fits `max_length` (a DataError naming the site otherwise): training, validation and
+    the test loss all encode it, so it is checked before a federation starts, not inside a worker mid-round."""
+    for site in sites:
+        for pair in (*site.train, *site.valid, *site.test):
+            try:
+                encode_pair(tokenizer, pair.context, pair.prompt, pair.completion, max_length)
+            except DataError as err:
+                raise DataError(f"site {site.site_id}: {err}") from None

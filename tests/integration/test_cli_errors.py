@@ -120,3 +120,31 @@ def test_unknown_device(capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_cli(capsys, "simulate", "train.device=tpu")
     assert code == 2
     assert "train.device must be one of auto, cpu, cuda; got 'tpu'" in err
+
+
+def test_a_pair_too_long_for_training_is_refused_before_any_round(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    huge = {**GOOD, "prompt": "word " * 20_000, "completion": "I am in Lyon. Hi?"}
+    data = write_lines(tmp_path / "pairs.jsonl", *[json.dumps(GOOD)] * 4, json.dumps(huge))
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "simulate", f"data.path={data}", "model.name=tiny-random", f"run.output_dir={out}")
+    assert code == 2
+    assert "site lyon: prompt pair 'word word" in err and "(100000 characters)" in err
+    assert "more than train.max_length=128" in err and len(err) < 1000  # named, not echoed
+    assert not (out / "adapters").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_max_length_too_small_is_refused_before_any_round(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(capsys, "simulate", "preset=smoke", "train.max_length=1", f"run.output_dir={tmp_path / 'r'}")
+    assert code == 2 and "more than train.max_length=1" in err
+
+
+def test_complete_refuses_an_empty_or_too_long_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      tiny_base) -> None:
+    from tests.serving_runs import write_run
+
+    write_run(tmp_path / "run", tiny_base)
+    code, err = run_cli(capsys, "complete", "--run", str(tmp_path / "run"), "--site", "paris", "  ")
+    assert code == 2 and "the prompt is empty" in err
+    code, err = run_cli(capsys, "complete", "--run", str(tmp_path / "run"), "--site", "paris", "word " * 400)
+    assert code == 2 and "limit is serving.max_prompt_tokens=256" in err
