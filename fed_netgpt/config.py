@@ -203,8 +203,10 @@ class Config:
                 raise ConfigError(f"{key} must be a finite number > 0, got {value}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be within [0, 1), got {self.lora.dropout}")
-        for key in ("federation.fraction_train", "federation.fraction_evaluate", "data.test_fraction",
-                    "data.valid_fraction"):
+        if not 0.0 < self.federation.fraction_train <= 1.0:
+            raise ConfigError(f"federation.fraction_train must be within (0, 1] (0 trains no site), got "
+                              f"{self.federation.fraction_train}")
+        for key in ("federation.fraction_evaluate", "data.test_fraction", "data.valid_fraction"):
             value = select(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must be within [0, 1], got {value}")

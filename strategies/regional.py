@@ -96,9 +96,13 @@ class RegionalStrategy(Strategy):
             nodes = [node for node, r in self.node_regions.items() if r == region]
             region_config = ConfigRecord({**dict(config), "region": region})
             configure = getattr(strategy, method)
+            region_grid = RegionGrid(grid, nodes)
+            if not region_grid.get_node_ids():  # Flower's sample_nodes would wait for one with no timeout
+                log.warning("%s: region %s has no connected site; it sits out round %d and keeps its adapter",
+                            method, region, server_round)
+                continue
             try:
-                messages += configure(server_round, ArrayRecord(regions[region]), region_config,
-                                      RegionGrid(grid, nodes))
+                messages += configure(server_round, ArrayRecord(regions[region]), region_config, region_grid)
             except (PrivacyBudgetExhausted, ValueError) as err:  # client_dp: over budget, or sites missing
                 log.warning("%s: region %s sits out round %d and keeps its adapter: %s", method, region,
                             server_round, err)

@@ -477,3 +477,19 @@ def test_one_nan_loss_does_not_remove_the_regions_loss(configured):
     _, metrics = configured.aggregate_train(1, replies)
     assert metrics["france/train_loss"] == pytest.approx(4.0)  # the finite one, weighted by its own examples
     assert metrics["france/num-examples"] == 4
+
+
+def test_a_region_whose_sites_are_all_gone_sits_out_instead_of_waiting_forever(caplog):
+    import threading
+
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+    arrays = _merged({"france": _state(0.0), "japan": _state(10.0)})
+    sent: list[Message] = []
+    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+        worker = threading.Thread(target=lambda: sent.extend(strategy.configure_train(
+            3, arrays, ConfigRecord({}), ConnectedNodesGrid([11, 12]))), daemon=True)  # japan's node 21 is gone
+        worker.start()
+        worker.join(timeout=10)
+    assert not worker.is_alive(), "configure_train waited for a node that will not come"
+    assert sorted(msg.metadata.dst_node_id for msg in sent) == [11, 12]
+    assert "region japan has no connected site; it sits out round 3" in caplog.text
