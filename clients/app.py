@@ -26,6 +26,7 @@ from fed_netgpt.config import Config, from_yaml
 from fed_netgpt.data.facts import facts_by_site
 from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
+from fed_netgpt.faults import InjectedCrash, crashes
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter, train_personal_adapters_grouped
 from fed_netgpt.privacy import SiteAccountant, longer
@@ -94,6 +95,13 @@ def serving_site(config: Config, context: Context, named: object) -> SiteData:
     return matches[0]
 
 
+def crash_if_drawn(config: Config, server_round: int, site_id: str) -> None:
+    """`faults.crash_probability`: this site's training fails this round (the server sees an error reply)."""
+    if crashes(config.faults.crash_probability, config.run.seed, server_round, site_id):
+        raise InjectedCrash(f"injected crash of site {site_id} in round {server_round} "
+                            f"(faults.crash_probability={config.faults.crash_probability})")
+
+
 def personal_folder(config: Config, context: Context, site_id: str) -> Path:
     """Where this site keeps its own adapter: node_config `adapter-dir`, else the run folder's site_adapters/."""
     root = context.node_config.get("adapter-dir")
@@ -154,10 +162,11 @@ def train(msg: Message, context: Context) -> Message:
         return train_together(msg, context)
     config = message_config(msg)
     site = message_site(config, context, msg)
-    base, model = prepared_model(msg, config)
     sent = msg.content["config"]
-    train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
     server_round = int(sent.get("server-round", 0))
+    crash_if_drawn(config, server_round, site.site_id)
+    base, model = prepared_model(msg, config)
+    train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
     ffa = config.federation.lora_aggregation == "ffa"
     accountant = site_accountant(config, context, site.site_id, sent)
     train = accountant.train if accountant else train_adapter
@@ -191,13 +200,17 @@ def train_together(msg: Message, context: Context) -> Message:
     """Several sites of this node (a packed message, `train.sites_per_pass` > 1) trained in one grouped pass:
     one forward/backward a step for all of them, each row with its own site's adapter; each site's reply is what
     it would send alone (`training.train_grouped` equals the per-site loop), under "<site>/"."""
-    names = [str(name) for name in msg.content[PACK_KEY]["sites"]]  # type: ignore[union-attr]
-    config = message_config(msg, f"{names[0]}/config")
-    sent = msg.content[f"{names[0]}/config"]
+    packed = [str(name) for name in msg.content[PACK_KEY]["sites"]]  # type: ignore[union-attr]
+    config = message_config(msg, f"{packed[0]}/config")
+    sent = msg.content[f"{packed[0]}/config"]
+    server_round = int(sent.get("server-round", 0))
+    names = [name for name in packed if not crashes(config.faults.crash_probability, config.run.seed, server_round,
+                                                         name)]  # a crashed site is missing from the reply
+    if not names:
+        raise InjectedCrash(f"injected crash of every packed site ({', '.join(packed)}) in round {server_round}")
     sites = [serving_site(config, context, name) for name in names]
     starts = [from_record(msg.content[f"{name}/arrays"]) for name in names]
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
-    server_round = int(sent.get("server-round", 0))
     train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
     results = train_grouped(base.model, base.tokenizer, [site.train for site in sites], starts, config.lora,
                             train_config, [server_round] * len(sites),

@@ -36,7 +36,9 @@ from fed_netgpt.privacy import privacy_report
 from fed_netgpt.prompting import check_pair_lengths
 from fed_netgpt.report import duration, json_safe, write_report
 from fed_netgpt.runs import (
+    FAILED,
     RunFolderError,
+    check_not_failed,
     read_run_config,
     round_summaries,
     run_finished,
@@ -152,8 +154,12 @@ def simulate_command(args: argparse.Namespace) -> int:
     _flower_logs_to(Path(config.run.output_dir) / "flower.log")
     run_simulation(server_app_for(config), client_app, num_supernodes=config.simulation.num_supernodes or len(sites),
                    backend_config=simulation_backend(config.simulation))
-    done = Path(config.run.output_dir) / ("report.json" if config.run.report else "adapters")
-    return 0 if done.exists() or (Path(config.run.output_dir) / "site_adapters").exists() else 1
+    folder = Path(config.run.output_dir)
+    if (folder / FAILED).is_file():
+        print(f"error: the run failed: {json.loads((folder / FAILED).read_text())['reason']}", file=sys.stderr)
+        return 1
+    done = folder / ("report.json" if config.run.report else "adapters")
+    return 0 if done.exists() or (folder / "site_adapters").exists() else 1
 
 
 def _flower_logs_to(path: Path) -> None:
@@ -273,6 +279,7 @@ def data_build_command(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     config = read_run_config(args.run)
+    check_not_failed(args.run)
     pairs = read_jsonl(args.data) if args.data else load_pairs(config.data)
     if args.data and not any(p.split == "test" for p in pairs):
         pairs = [replace(p, split="test") for p in pairs]  # the file names no split: evaluate on all of it

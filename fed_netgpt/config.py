@@ -140,6 +140,13 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Faults injected into a simulation (fed_netgpt/faults.py)."""
+
+    crash_probability: float = 0.0  # each site, each round: its training crashes with this probability
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     """`fed-netgpt serve` and `complete`: edge decoding, request batching and limits, the cloud."""
 
@@ -180,6 +187,7 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     run: RunSettings = field(default_factory=RunSettings)
     preset: str = ""  # name of conf/<preset>.yaml or a YAML path, applied after base.yaml
 
@@ -206,7 +214,8 @@ class Config:
         if not 0.0 < self.federation.fraction_train <= 1.0:
             raise ConfigError(f"federation.fraction_train must be within (0, 1] (0 trains no site), got "
                               f"{self.federation.fraction_train}")
-        for key in ("federation.fraction_evaluate", "data.test_fraction", "data.valid_fraction"):
+        for key in ("federation.fraction_evaluate", "data.test_fraction", "data.valid_fraction",
+                    "faults.crash_probability"):
             value = select(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must be within [0, 1], got {value}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
@@ -23,6 +24,7 @@ class RunFolderError(ValueError):
 
 OWNED = ("adapters", "site_adapters", "checkpoints")  # what a fresh run clears of an earlier one in its folder
 PUBLISHED = "published.json"  # written last, once every final adapter is in place: serving reloads on it
+FAILED = "failed.json"  # a run that never trained some adapter: complete, evaluate and serve refuse the folder
 
 
 def start_run(config: Config) -> tuple[Path, str]:
@@ -36,6 +38,7 @@ def start_run(config: Config) -> tuple[Path, str]:
     resuming = config.run.resume and (folder / "run.json").is_file()
     if not resuming:
         (folder / PUBLISHED).unlink(missing_ok=True)
+        (folder / FAILED).unlink(missing_ok=True)
         for name in OWNED:
             shutil.rmtree(folder / name, ignore_errors=True)
         (folder / "run.json").write_text(json.dumps({"run_id": uuid.uuid4().hex}))
@@ -114,19 +117,67 @@ def run_regions(folder: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "adapter_model.safetensors").is_file())
 
 
-def save_adapters(folder: Path, base: BaseModel, config: Config, states: dict[str, AdapterState]) -> None:
+def save_adapters(folder: Path, base: BaseModel, config: Config, states: dict[str, AdapterState],
+                  publish: bool = True) -> None:
     """Each group's adapter as a peft folder: adapters/<region or global>/, or site_adapters/<site>/ when local;
-    each swapped in whole, then `published.json` says the run's adapters are final."""
+    each swapped in whole, then (unless the run failed) `published.json` says the run's adapters are final."""
     model = attach_adapter(base, "export", config.lora)
     place = site_adapter_dir if config.federation.adapters == LOCAL else adapter_dir
     for group, state in states.items():
         publish_adapter(model, "export", place(folder, group), state=state)
+    if not publish:
+        return
     run_id = json.loads((folder / "run.json").read_text())["run_id"] if (folder / "run.json").is_file() else ""
     marker = {"run_id": run_id, "rounds": config.federation.num_rounds, "adapters": sorted(states),
               "published_at": time.time()}
     staging = folder / f".{PUBLISHED}.tmp"
     staging.write_text(json.dumps(marker))
     staging.replace(folder / PUBLISHED)
+
+
+def never_updated(folder: str | Path, groups: list[str]) -> list[str]:
+    """The adapters (regions, or sites when local) that no round of the run ever aggregated an update for."""
+    rows = round_summaries(folder)
+    return [g for g in groups if not any(row.get("train", {}).get(f"{g}/num-examples", 0) > 0 for row in rows)]
+
+
+def failure_summary(folder: str | Path) -> dict[str, Any]:
+    """How many site-rounds failed or were rejected, and why (the reasons by count), from metrics.jsonl."""
+    reasons: dict[str, int] = {}
+    records = site_records(folder)
+    for record in records:
+        reason = record.get("error") or record.get("rejected")
+        if reason:
+            key = short_reason(str(reason))
+            reasons[key] = reasons.get(key, 0) + 1
+    return {"site_rounds": len(records), "failed_or_rejected": sum(reasons.values()),
+            "reasons": dict(sorted(reasons.items(), key=lambda item: -item[1]))}
+
+
+_RAISED = re.compile(r"^\s*(?:[\w.]+\.)?(\w+(?:Error|Exception|Crash|Exhausted|Interrupt)): (.+)$")
+
+
+def short_reason(reason: str, width: int = 160) -> str:
+    """One line for a site's failure: the last `Error: message` line of a traceback (Flower's simulation returns
+    the whole Ray traceback as the reason), else its first line."""
+    raised = [m for m in map(_RAISED.match, reason.splitlines()) if m]
+    line = f"{raised[-1][1]}: {raised[-1][2]}" if raised else (reason.splitlines() or [""])[0]
+    return line.strip()[:width]
+
+
+def mark_failed(folder: Path, reason: str) -> None:
+    (folder / FAILED).write_text(json.dumps({"reason": reason, "failure_summary": failure_summary(folder)}))
+
+
+def check_not_failed(folder: str | Path) -> None:
+    """A failed run's adapters are not served or evaluated: its folder says why."""
+    path = Path(folder) / FAILED
+    if path.is_file():
+        try:
+            reason = json.loads(path.read_text()).get("reason", "see the file")
+        except ValueError:
+            reason = "see the file"
+        raise RunFolderError(f"{folder} holds a failed run ({reason}); {path} says so. Train it again")
 
 
 def published(folder: str | Path) -> dict[str, Any] | None:

@@ -19,10 +19,14 @@ from fed_netgpt.plots import validation_curves, write_plot
 from fed_netgpt.privacy import privacy_report, recorded_histories
 from fed_netgpt.report import duration, write_report
 from fed_netgpt.runs import (
+    FAILED,
     RunFolderError,
     aggregation_group,
     append_metrics,
+    failure_summary,
     latest_checkpoint,
+    mark_failed,
+    never_updated,
     round_summaries,
     save_adapters,
     save_checkpoint,
@@ -100,8 +104,18 @@ def run_federation(grid: Grid, config: Config) -> Path:
             evaluate_fn=end_of_round,
         ).arrays)
     states = split_regions(arrays)
-    save_adapters(folder, base, config, states)
-    if not config.run.report:
+    untrained = never_updated(folder, regions)
+    if untrained:
+        reason = (f"no valid update ever reached {', '.join(untrained)} in {config.federation.num_rounds} rounds "
+                  f"(its sites failed or were rejected: {_reasons(folder)})")
+        mark_failed(folder, reason)
+        log.error("the run failed: %s; %s marks the folder", reason, FAILED)
+    save_adapters(folder, base, config, states, publish=not untrained)
+    failures = failure_summary(folder)
+    if failures["failed_or_rejected"]:
+        log.warning("%d of %d site-rounds failed or were rejected: %s", failures["failed_or_rejected"],
+                    failures["site_rounds"], _reasons(folder))
+    if not config.run.report or untrained:
         return folder
     if scored_by_sites(config, sites):
         report = federated_report(site_grid, config, folder, base, sites, site_groups, states, message_config)
@@ -109,8 +123,14 @@ def run_federation(grid: Grid, config: Config) -> Path:
         report = evaluate_run(folder, config, load_pairs(config.data), base)
     if config.privacy.mode != "none":
         report["privacy"] = privacy_report(config.privacy, site_records(folder), round_summaries(folder))
+    report["failures"] = failures
     publish_report(folder, config, report)
     return folder
+
+
+def _reasons(folder: Path) -> str:
+    reasons = failure_summary(folder)["reasons"]
+    return "; ".join(f"{count}x {reason}" for reason, count in list(reasons.items())[:3]) or "no site replied"
 
 
 def publish_report(folder: Path, config: Config, report: dict) -> None:

@@ -17,6 +17,7 @@ from fed_netgpt.data.sites import load_pairs
 from fed_netgpt.runs import (
     RunFolderError,
     adapter_dir,
+    check_not_failed,
     published,
     read_run_config,
     run_regions,
@@ -93,6 +94,7 @@ def base_catalog(base_name: str) -> Catalog:
 def run_catalog(folder: Path) -> tuple[Catalog, Config]:
     """Read a finished run folder: its config, every region's adapter and every known site's target."""
     config = read_run_config(folder)
+    check_not_failed(folder)
     marker = published(folder)
     regions = {region: adapter_dir(folder, region) for region in run_regions(folder)}
     try:

@@ -254,3 +254,25 @@ def test_run_finished_needs_the_same_config_and_its_last_round(tmp_path):
     assert not run_finished(tmp_path, _config(f"run.output_dir={tmp_path}", "federation.num_rounds=2",
                                               "train.seed=5"))  # another config: not this run
     assert not run_finished(tmp_path / "missing", config)
+
+
+def test_crashes_are_reproducible_and_as_frequent_as_asked():
+    from fed_netgpt.faults import crashes
+
+    draws = [crashes(0.3, 0, r, f"site-{k}") for r in range(1, 51) for k in range(200)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.01
+    assert draws == [crashes(0.3, 0, r, f"site-{k}") for r in range(1, 51) for k in range(200)]
+    assert draws != [crashes(0.3, 1, r, f"site-{k}") for r in range(1, 51) for k in range(200)]  # the seed matters
+    assert not any(crashes(0.0, 0, 1, f"site-{k}") for k in range(100))
+    assert all(crashes(1.0, 0, 1, f"site-{k}") for k in range(100))
+
+
+def test_short_reason_is_the_raised_line_of_a_traceback():
+    from fed_netgpt.runs import short_reason
+
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
+           "  File \"x.py\", line 3, in f\n    raise InjectedCrash(...)\n"
+           "fed_netgpt.faults.InjectedCrash: injected crash of site lyon in round 2\n")
+    assert short_reason(ray) == "InjectedCrash: injected crash of site lyon in round 2"
+    assert short_reason("out of memory\nmore") == "out of memory"
+    assert short_reason("ValueError: x" + "y" * 500) == "ValueError: x" + "y" * 147

@@ -1,0 +1,53 @@
+"""Sites that crash (faults.crash_probability) in a real Flower simulation: the run finishes without them, or,
+when a region never gets an update, fails loudly and its folder is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fed_netgpt.faults import crashes
+from fed_netgpt.runs import round_summaries, site_records
+from tests.integration.test_simulate import REGIONS, TRAINING_SITES, fed_netgpt
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_run_with_30_percent_of_sites_crashing_completes_and_still_learns(tmp_path: Path) -> None:
+    # Prepare: the smoke run, 4 rounds; which site-rounds crash follows from run.seed alone
+    out = tmp_path / "crashing"
+    rounds = 4
+    expected = {(r, s) for r in range(1, rounds + 1) for s in TRAINING_SITES if crashes(0.3, 0, r, s)}
+    assert 0 < len(expected) < rounds * len(TRAINING_SITES)
+    # Execute
+    done = fed_netgpt("simulate", "preset=smoke", f"federation.num_rounds={rounds}", "faults.crash_probability=0.3",
+                      f"run.output_dir={out}")
+    # Assert: every round ran, the crashed sites are recorded with their reason, every region has its adapter
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [row["round"] for row in round_summaries(out)] == list(range(1, rounds + 1))
+    crashed = {(r["round"], r["site_id"]) for r in site_records(out) if "injected crash" in r.get("error", "")}
+    assert crashed == expected
+    for region in REGIONS:
+        assert (out / "adapters" / region / "adapter_model.safetensors").is_file()
+        losses = [row["evaluate"][f"{region}/eval_loss"] for row in round_summaries(out)]
+        assert losses[-1] < losses[0], (region, losses)  # the validation loss still falls
+    report = json.loads((out / "report.json").read_text())
+    assert report["failures"]["failed_or_rejected"] == len(expected)
+    assert f"{len(expected)} of 16 site-rounds failed or were rejected" in done.stdout + done.stderr
+    assert (out / "published.json").is_file()
+
+
+def test_a_run_whose_regions_never_get_an_update_fails_and_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "dead"
+    done = fed_netgpt("simulate", "preset=smoke", "federation.num_rounds=1", "faults.crash_probability=1.0",
+                      f"run.output_dir={out}")
+    assert done.returncode == 1
+    assert "the run failed: no valid update ever reached france, japan in 1 rounds" in done.stderr
+    assert "1x InjectedCrash: injected crash of site" in done.stderr
+    assert (out / "failed.json").is_file() and not (out / "published.json").exists()
+    for command in (["complete", "--run", str(out), "--site", "paris", "Hi?"], ["evaluate", "--run", str(out)]):
+        refused = fed_netgpt(*command)
+        assert refused.returncode == 2 and "holds a failed run" in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
