@@ -121,15 +121,31 @@ def read_adapter(folder: str | Path) -> tuple[dict, AdapterState]:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise AdapterError(f"{folder} is not an adapter folder: {path.name} is missing")
-    return json.loads(config_path.read_text()), load_file(str(weights_path))
+    try:
+        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(adapter_config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object, got {type(adapter_config).__name__}")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise AdapterError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    return adapter_config, state
 
 
-def lora_config_from_json(adapter_config: dict) -> LoraConfig:
-    return LoraConfig(
-        r=int(adapter_config["r"]), alpha=int(adapter_config["lora_alpha"]),
-        dropout=float(adapter_config.get("lora_dropout", 0.0)),
-        target_modules=sorted(adapter_config["target_modules"]),
-    )
+def lora_config_from_json(adapter_config: dict, where: str = "adapter_config.json") -> LoraConfig:
+    """The LoRA settings of a saved adapter; a missing or malformed key is an AdapterError naming it."""
+    try:
+        return LoraConfig(
+            r=int(adapter_config["r"]), alpha=int(adapter_config["lora_alpha"]),
+            dropout=float(adapter_config.get("lora_dropout", 0.0)),
+            target_modules=sorted(adapter_config["target_modules"]),
+        )
+    except KeyError as err:
+        raise AdapterError(f"{where}: key {err.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"{where}: r, lora_alpha, lora_dropout or target_modules is malformed ({err})") from None
 
 
 def adapter_name_for(folder: str | Path) -> str:
@@ -140,7 +156,7 @@ def adapter_name_for(folder: str | Path) -> str:
 def load_adapter(base: BaseModel, name: str, folder: str | Path) -> PeftModel:
     """Attach a saved adapter to the shared base under `name` and make it active."""
     adapter_config, state = read_adapter(folder)
-    model = attach_adapter(base, name, lora_config_from_json(adapter_config))
+    model = attach_adapter(base, name, lora_config_from_json(adapter_config, f"{folder}/adapter_config.json"))
     try:
         set_state(model, name, state)
     except AdapterError as err:

@@ -422,7 +422,11 @@ def to_yaml(config: Config) -> str:
 def from_yaml(text: str) -> Config:
     """Rebuild a config saved with `to_yaml` (a run folder's config.yaml, a server message)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        saved = OmegaConf.create(text)
+    except Exception as err:  # yaml's scanner and parser errors are not OmegaConf's
+        raise ConfigError(f"not valid YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), _checked_sections(saved, "the saved config"))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None

@@ -124,7 +124,7 @@ def read_states(catalog: Catalog) -> list:
     states = []
     for folder in catalog.adapters:
         adapter_config, state = read_adapter(folder)
-        lora = lora_config_from_json(adapter_config)
+        lora = lora_config_from_json(adapter_config, f"{folder}/adapter_config.json")
         expected = catalog.lora
         if expected is not None and (lora.r, lora.alpha, sorted(lora.target_modules)) != (
                 expected.r, expected.alpha, sorted(expected.target_modules)):

@@ -148,3 +148,26 @@ def test_complete_refuses_an_empty_or_too_long_prompt(tmp_path: Path, capsys: py
     assert code == 2 and "the prompt is empty" in err
     code, err = run_cli(capsys, "complete", "--run", str(tmp_path / "run"), "--site", "paris", "word " * 400)
     assert code == 2 and "limit is serving.max_prompt_tokens=256" in err
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda run: (run / "adapters" / "france" / "adapter_model.safetensors").write_bytes(b"\x00" * 10),
+     "adapter_model.safetensors: not a readable safetensors file"),
+    (lambda run: (run / "adapters" / "france" / "adapter_model.safetensors").write_bytes(b""),
+     "adapter_model.safetensors: not a readable safetensors file"),
+    (lambda run: (run / "adapters" / "france" / "adapter_config.json").write_text("{not json"),
+     "adapter_config.json: not valid JSON"),
+    (lambda run: (run / "adapters" / "france" / "adapter_config.json").write_text(json.dumps({"lora_alpha": 16})),
+     "adapter_config.json: key 'r' is missing"),
+    (lambda run: (run / "config.yaml").write_text("model: [unclosed\n"), "config.yaml: not valid YAML"),
+    (lambda run: (run / "config.yaml").write_text("- a\n- b\n"), "config.yaml: the saved config: a config must be"),
+])
+def test_a_damaged_run_folder_is_named_by_complete(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_base,
+                                                   damage, message) -> None:
+    from tests.serving_runs import write_run
+
+    run = tmp_path / "run"
+    write_run(run, tiny_base)
+    damage(run)
+    code, err = run_cli(capsys, "complete", "--run", str(run), "--site", "marseille", "Hi?")
+    assert code == 2 and message in err, err
