@@ -39,6 +39,7 @@ from fed_netgpt.runs import (
     FAILED,
     RunFolderError,
     check_not_failed,
+    claim_output_dir,
     read_run_config,
     round_summaries,
     run_finished,
@@ -138,6 +139,7 @@ def prepared_config(args: argparse.Namespace) -> Config:
 
 def simulate_command(args: argparse.Namespace) -> int:
     config = prepared_config(args)
+    claim_output_dir(config.run.output_dir)
     sites = load_sites(config.data)  # bad data fails here, before any engine starts
     base = load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
     check_pair_lengths(base.tokenizer, [*sites, *load_heldout_sites(config.data)], config.train.max_length)
@@ -191,10 +193,9 @@ def compare_command(args: argparse.Namespace) -> int:
     With `run.resume=true` a run that finished earlier with the same config is evaluated again, not retrained
     (how `compare.seeds=3` adds a third seed to a two-seed comparison)."""
     config = prepared_config(args)
+    folder = claim_output_dir(config.run.output_dir)
     load_sites(config.data)
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
-    folder = Path(config.run.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(to_yaml(config))
     jobs, seeds = jobs_for(config.compare), config.compare.seeds
     results: dict[str, list[dict]] = {name: [] for job in jobs for name, _ in job.served}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
 import time
@@ -25,6 +27,36 @@ class RunFolderError(ValueError):
 OWNED = ("adapters", "site_adapters", "checkpoints")  # what a fresh run clears of an earlier one in its folder
 PUBLISHED = "published.json"  # written last, once every final adapter is in place: serving reloads on it
 FAILED = "failed.json"  # a run that never trained some adapter: complete, evaluate and serve refuse the folder
+
+
+_LOCKS: list[Any] = []  # open lock files: held until this process exits (a kill -9 releases them too)
+
+
+def claim_output_dir(path: str | Path) -> Path:
+    """Create the run folder and hold its lock for this process: a second run into the same folder while one is
+    running is refused, and a folder that cannot be one (a file, unwritable) is named before anything starts."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"run.output_dir={folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = (folder / ".lock").open("a+")
+    except OSError as err:
+        raise RunFolderError(f"run.output_dir={folder}: cannot write there ({err.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunFolderError(f"run.output_dir={folder} is in use by a running run ({holder}); wait for it or "
+                             "choose another folder") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    _LOCKS.append(lock)
+    return folder
 
 
 def start_run(config: Config) -> tuple[Path, str]:

@@ -111,7 +111,12 @@ def read_jsonl(path: str | Path) -> list[PromptPair]:
 
 def write_jsonl(pairs: Iterable[PromptPair], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; --out names the JSONL file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create {path.parent} ({err.strerror})") from None
     with path.open("w", encoding="utf-8") as out:
         for pair in pairs:
             out.write(json.dumps(pair.to_json(), ensure_ascii=False) + "\n")

@@ -171,3 +171,30 @@ def test_a_damaged_run_folder_is_named_by_complete(tmp_path: Path, capsys: pytes
     damage(run)
     code, err = run_cli(capsys, "complete", "--run", str(run), "--site", "marseille", "Hi?")
     assert code == 2 and message in err, err
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fed_netgpt.runs import claim_output_dir;"
+                               f"claim_output_dir({str(out)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = run_cli(capsys, "simulate", "preset=smoke", f"run.output_dir={out}")
+        assert code == 2 and f"is in use by a running run (pid {holder.pid})" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "metrics.jsonl").exists()  # nothing of the refused run was written
+
+
+@pytest.mark.parametrize(("setup", "args", "message"), [
+    (lambda tmp: (tmp / "afile").touch(), ["simulate", "preset=smoke", "run.output_dir={tmp}/afile"],
+     "afile is a file, not a folder"),
+    (lambda tmp: (tmp / "adir").mkdir(), ["data", "build", "--out", "{tmp}/adir"], "adir is a folder; --out names"),
+])
+def test_output_paths_that_cannot_be_written_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup,
+                                                       args, message) -> None:
+    setup(tmp_path)
+    code, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and message in err
