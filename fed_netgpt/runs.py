@@ -221,13 +221,28 @@ def published(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarray]) -> Path:
-    """checkpoints/round-<n>/: every region's adapter ("<region>/<key>" tensors) and the round number."""
+def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarray],
+                    optimizer: dict[str, np.ndarray] | None = None) -> Path:
+    """checkpoints/round-<n>/: every region's adapter ("<region>/<key>" tensors), the server optimizer's state
+    when there is one (optimizer.safetensors) and the round number; written beside, then renamed into place, so a
+    crash mid-write leaves the previous round's checkpoint the latest."""
     path = folder / "checkpoints" / f"round-{server_round}"
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in merged.items()}, str(path / "adapters.safetensors"))
-    (path / "state.json").write_text(json.dumps({"round": server_round}))
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in merged.items()}, str(staging / "adapters.safetensors"))
+    if optimizer:
+        save_file({k: np.ascontiguousarray(v) for k, v in optimizer.items()}, str(staging / "optimizer.safetensors"))
+    (staging / "state.json").write_text(json.dumps({"round": server_round}))
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
     return path
+
+
+def checkpoint_optimizer(folder: Path, server_round: int) -> dict[str, np.ndarray]:
+    """The server optimizer's state saved with round `server_round` ({} when it had none)."""
+    path = folder / "checkpoints" / f"round-{server_round}" / "optimizer.safetensors"
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def latest_checkpoint(folder: Path) -> tuple[int, dict[str, np.ndarray]] | None:

@@ -23,6 +23,7 @@ from fed_netgpt.runs import (
     RunFolderError,
     aggregation_group,
     append_metrics,
+    checkpoint_optimizer,
     failure_summary,
     latest_checkpoint,
     mark_failed,
@@ -77,14 +78,17 @@ def run_federation(grid: Grid, config: Config) -> Path:
     regions = sorted(set(site_groups.values()))
     done, arrays = starting_point(folder, config, base, regions)
     strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), site_groups,
-                                config.federation.lora_aggregation, config.lora.r, config.federation.wire_dtype)
+                                config.federation.lora_aggregation, config.lora.r, config.federation.wire_dtype,
+                                rounds_done=done)
+    if done:  # the server optimizer continues where the checkpoint left it
+        strategy.restore_optimizer_states(checkpoint_optimizer(folder, done))
     started = time.perf_counter()
 
     def end_of_round(server_round: int, round_arrays: ArrayRecord) -> None:
         if server_round == 0:
             return None
         server_round += done  # a resumed run numbers its rounds after the checkpoint's
-        save_checkpoint(folder, server_round, from_record(round_arrays))
+        save_checkpoint(folder, server_round, from_record(round_arrays), strategy.optimizer_states())
         row = {"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}
         append_metrics(folder, row)
         for number, record in strategy.site_replies.items():

@@ -35,6 +35,7 @@ from strategies.aggregation import (
     svd_average,
     weighted_average,
 )
+from strategies.optimizer_state import export_optimizer, restore_optimizer
 from strategies.records import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class RegionalStrategy(Strategy):
     its region."""
 
     def __init__(self, make_strategy: Callable[[int], Strategy], node_regions: dict[int, str],
-                 lora_aggregation: str = "factors", rank: int = 0, wire_dtype: str = "float32") -> None:
+                 lora_aggregation: str = "factors", rank: int = 0, wire_dtype: str = "float32",
+                 rounds_done: int = 0) -> None:
         if not node_regions:
             raise ValueError("RegionalStrategy needs at least one node with a region")
         if lora_aggregation not in ("factors", "ffa", "svd") or (lora_aggregation == "svd" and rank < 1):
@@ -70,6 +72,7 @@ class RegionalStrategy(Strategy):
                              f"{lora_aggregation!r}, rank {rank}")
         self.lora_aggregation = lora_aggregation
         self.rank = rank
+        self.rounds_done = rounds_done  # a resumed run: Flower counts from 1 again, the regions' strategies go on
         self.wire_dtype = wire_dtype
         self.node_regions = dict(node_regions)
         self.regions = sorted(set(node_regions.values()))
@@ -80,6 +83,16 @@ class RegionalStrategy(Strategy):
         self.site_replies: dict[int, dict[str, Any]] = {}  # node -> its last training reply's metrics or error
         self.downlink_bytes: dict[int, int] = {}  # node -> adapter bytes sent to it this round
 
+    def optimizer_states(self) -> dict[str, Any]:
+        """Every region's server optimizer state, keys prefixed by region (empty for FedAvg)."""
+        return {f"{region}/{key}": value for region, strategy in self.strategies.items()
+                for key, value in export_optimizer(strategy).items()}
+
+    def restore_optimizer_states(self, state: dict[str, Any]) -> None:
+        for region, strategy in self.strategies.items():
+            restore_optimizer(strategy, {k.removeprefix(f"{region}/"): v for k, v in state.items()
+                                         if k.startswith(f"{region}/")})
+
     def summary(self) -> None:
         log.info("\t├──> RegionalStrategy over %d regions:", len(self.regions))
         for region in self.regions:
@@ -89,6 +102,7 @@ class RegionalStrategy(Strategy):
 
     def _configure(self, method: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                    grid: Grid) -> list[Message]:
+        server_round += self.rounds_done  # the run's round: sites seed with it, FedAdam's bias correction uses it
         regions = split_regions(dict(arrays.items()))
         self.current = {region: from_record(ArrayRecord(regions[region])) for region in self.regions}
         messages: list[Message] = []
@@ -128,6 +142,7 @@ class RegionalStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        server_round += self.rounds_done
         self.site_replies = {msg.metadata.src_node_id: {
             **_reply_record(msg), "bytes_down": self.downlink_bytes.get(msg.metadata.src_node_id, 0),
             "bytes_up": 0 if msg.has_error() else array_bytes(msg)} for msg in replies}

@@ -179,3 +179,22 @@ def test_one_node_trains_its_sites_in_one_grouped_pass(tmp_path: Path) -> None:
     (row,) = round_summaries(out)
     assert row["train"]["france/num-examples"] == row["train"]["japan/num-examples"] == 43
     assert sorted(p.name for p in (out / "site_adapters").iterdir()) == sorted(r["site_id"] for r in sites)
+
+
+def test_a_resumed_fedadam_run_ends_with_the_adapters_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    # Prepare: FedAdam keeps moments on the server; the sites seed their training with the round number
+    common = ["preset=smoke", "federation.strategy=fedadam", "personalization.method=none", "run.report=false"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    # Execute: 3 rounds in one go; 2 rounds, then a resumed run to 3
+    for args in ([f"run.output_dir={whole}", "federation.num_rounds=3"],
+                 [f"run.output_dir={cut}", "federation.num_rounds=2"],
+                 [f"run.output_dir={cut}", "federation.num_rounds=3", "run.resume=true"]):
+        done = fed_netgpt("simulate", *common, *args)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Assert: the moments were checkpointed, and the final adapters agree (to float32 summation order)
+    assert (cut / "checkpoints" / "round-2" / "optimizer.safetensors").is_file()
+    final = [load_file(str(run / "checkpoints" / "round-3" / "adapters.safetensors")) for run in (whole, cut)]
+    for key in final[0]:
+        np.testing.assert_allclose(final[1][key], final[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
+    round_2 = load_file(str(cut / "checkpoints" / "round-2" / "adapters.safetensors"))
+    assert any(not np.allclose(round_2[k], final[1][k]) for k in round_2)  # round 3 did move the adapters

@@ -493,3 +493,34 @@ def test_a_region_whose_sites_are_all_gone_sits_out_instead_of_waiting_forever(c
     assert not worker.is_alive(), "configure_train waited for a node that will not come"
     assert sorted(msg.metadata.dst_node_id for msg in sent) == [11, 12]
     assert "region japan has no connected site; it sits out round 3" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
+def test_a_restored_server_optimizer_continues_exactly(name):
+    def strategy_for() -> RegionalStrategy:
+        return RegionalStrategy(lambda n: make_strategy(_config(strategy=name), n), NODE_REGIONS)
+
+    def one_round(strategy: RegionalStrategy, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
+        strategy.configure_train(server_round, arrays, ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS))
+        current = _numpy(arrays)
+        replies = [_reply(node, {k.split("/", 1)[1]: v + server_round * (node % 7) * 0.1 for k, v in current.items()
+                                 if k.startswith(NODE_REGIONS[node] + "/")}, 2, 1.0) for node in NODE_REGIONS]
+        new, _ = strategy.aggregate_train(server_round, replies)
+        return new
+
+    start = _merged({"france": _state(0.0), "japan": _state(10.0)})
+    whole = strategy_for()
+    arrays = start
+    for server_round in (1, 2, 3):
+        arrays = one_round(whole, arrays, server_round)
+    first = strategy_for()
+    mid = one_round(first, one_round(first, start, 1), 2)
+    saved = first.optimizer_states()
+    resumed = strategy_for()
+    resumed.restore_optimizer_states(saved)
+    cut = one_round(resumed, mid, 3)
+    fresh = one_round(strategy_for(), mid, 3)
+    assert saved and all(key.split("/")[0] in ("france", "japan") for key in saved)
+    for key, value in _numpy(arrays).items():
+        np.testing.assert_allclose(_numpy(cut)[key], value, rtol=1e-6)
+    assert any(not np.allclose(_numpy(fresh)[k], v) for k, v in _numpy(arrays).items())  # without it, not
