@@ -89,6 +89,8 @@ class FederationConfig:
     eta: float = 0.01  # fedadam/fedyogi server learning rate (Flower's name)
     tau: float = 0.001  # fedadam/fedyogi adaptivity
     min_nodes: int = 0  # nodes to wait for before round 1; 0 -> until the nodes serve every training site
+    min_replies: int = 1  # valid replies a region needs in a round to update its adapter (else it keeps it)
+    max_update_norm: float = math.inf  # a site's update (L2 over all its arrays) above this is rejected; inf: off
     timeout: float = 3600.0
 
 
@@ -211,6 +213,11 @@ class Config:
                 raise ConfigError(f"{key} must be a finite number > 0, got {value}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be within [0, 1), got {self.lora.dropout}")
+        if self.federation.min_replies < 1:
+            raise ConfigError(f"federation.min_replies must be >= 1, got {self.federation.min_replies}")
+        if not self.federation.max_update_norm > 0:
+            raise ConfigError(f"federation.max_update_norm must be > 0 (inf: no bound), got "
+                              f"{self.federation.max_update_norm}")
         if not 0.0 < self.federation.fraction_train <= 1.0:
             raise ConfigError(f"federation.fraction_train must be within (0, 1] (0 trains no site), got "
                               f"{self.federation.fraction_train}")

@@ -79,7 +79,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
     done, arrays = starting_point(folder, config, base, regions)
     strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), site_groups,
                                 config.federation.lora_aggregation, config.lora.r, config.federation.wire_dtype,
-                                rounds_done=done)
+                                rounds_done=done, min_replies=config.federation.min_replies,
+                                max_update_norm=config.federation.max_update_norm)
     if done:  # the server optimizer continues where the checkpoint left it
         strategy.restore_optimizer_states(checkpoint_optimizer(folder, done))
     started = time.perf_counter()

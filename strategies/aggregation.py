@@ -216,3 +216,10 @@ def shared_factor_mismatch(
                     f"state {i}: tensor {key!r} differs from the shared initialisation (FFA-LoRA keeps {letter} frozen)"
                 )
     return None
+
+
+def update_norm(state: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of a site's update over all its arrays together (state - start): what
+    `federation.max_update_norm` bounds, the same norm client-level DP clips."""
+    return float(np.sqrt(sum(float(np.sum((np.asarray(state[k], np.float64) - np.asarray(start[k], np.float64)) ** 2))
+                             for k in start)))

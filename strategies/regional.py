@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -33,6 +34,7 @@ from strategies.aggregation import (
     shared_factor_mismatch,
     split_regions,
     svd_average,
+    update_norm,
     weighted_average,
 )
 from strategies.optimizer_state import export_optimizer, restore_optimizer
@@ -64,7 +66,7 @@ class RegionalStrategy(Strategy):
 
     def __init__(self, make_strategy: Callable[[int], Strategy], node_regions: dict[int, str],
                  lora_aggregation: str = "factors", rank: int = 0, wire_dtype: str = "float32",
-                 rounds_done: int = 0) -> None:
+                 rounds_done: int = 0, min_replies: int = 1, max_update_norm: float = math.inf) -> None:
         if not node_regions:
             raise ValueError("RegionalStrategy needs at least one node with a region")
         if lora_aggregation not in ("factors", "ffa", "svd") or (lora_aggregation == "svd" and rank < 1):
@@ -73,6 +75,7 @@ class RegionalStrategy(Strategy):
         self.lora_aggregation = lora_aggregation
         self.rank = rank
         self.rounds_done = rounds_done  # a resumed run: Flower counts from 1 again, the regions' strategies go on
+        self.min_replies, self.max_update_norm = min_replies, max_update_norm
         self.wire_dtype = wire_dtype
         self.node_regions = dict(node_regions)
         self.regions = sorted(set(node_regions.values()))
@@ -158,8 +161,16 @@ class RegionalStrategy(Strategy):
             for msg in accepted:
                 if msg not in valid:
                     self._rejected(msg, "its metric keys differ from the region's other replies")
+            if 0 < len(valid) < self.min_replies:
+                log.warning("aggregate_train: region %s got %d valid replies in round %d, fewer than "
+                            "federation.min_replies=%d", region, len(valid), server_round, self.min_replies)
+                valid = []
             arrays, _ = self.strategies[region].aggregate_train(server_round, valid) if valid else (None, None)
             region_metrics = _mean_metrics(valid)
+            if arrays is not None and not all(np.all(np.isfinite(v)) for v in from_record(arrays).values()):
+                log.warning("aggregate_train: region %s: the aggregate of round %d is not finite", region,
+                            server_round)
+                arrays, region_metrics = None, {}
             if arrays is None:
                 log.warning("aggregate_train: region %s has no valid update in round %d; it keeps its previous "
                             "adapter", region, server_round)
@@ -213,6 +224,10 @@ class RegionalStrategy(Strategy):
             reason = describe_mismatch(shapes, state)
             if not reason and self.lora_aggregation == "ffa":
                 reason = shared_factor_mismatch([state], self.current[region])
+            if not reason and math.isfinite(self.max_update_norm):
+                norm = update_norm(state, self.current[region])
+                if norm > self.max_update_norm:
+                    reason = f"update norm {norm:.4g} > federation.max_update_norm={self.max_update_norm:g}"
         if reason:
             log.warning("aggregate_train: rejected the update of node %d (%s): %s", node, region, reason)
             self._rejected(msg, reason)

@@ -524,3 +524,38 @@ def test_a_restored_server_optimizer_continues_exactly(name):
     for key, value in _numpy(arrays).items():
         np.testing.assert_allclose(_numpy(cut)[key], value, rtol=1e-6)
     assert any(not np.allclose(_numpy(fresh)[k], v) for k, v in _numpy(arrays).items())  # without it, not
+
+
+def test_an_update_beyond_max_update_norm_is_rejected_with_its_norm(caplog):
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, max_update_norm=5.0)
+    strategy.configure_train(1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}),
+                             ConnectedNodesGrid(NODE_REGIONS))
+    # node 11 moved every one of its 12 numbers by 3 (norm sqrt(12 * 9) = 10.4), node 12 by 1 (norm 3.46)
+    replies = [_reply(11, _state(3.0), 1, 2.0), _reply(12, _state(1.0), 1, 4.0), _reply(21, _state(10.5), 1, 1.0)]
+    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+        arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
+    assert "update norm 10.39 > federation.max_update_norm=5" in strategy.site_replies[11]["rejected"]
+    assert "rejected" not in strategy.site_replies[12] and "rejected" not in strategy.site_replies[21]
+
+
+def test_a_region_below_min_replies_keeps_its_adapter(caplog):
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, min_replies=2)
+    strategy.configure_train(1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}),
+                             ConnectedNodesGrid(NODE_REGIONS))
+    replies = [_reply(11, _state(1.0), 1, 2.0), _reply(12, _state(3.0), 1, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 2.0))  # 2 replies: fine
+    np.testing.assert_array_equal(_numpy(arrays)["japan/lora_A.weight"], np.full((2, 3), 10.0))  # 1 < 2: kept
+    assert "region japan got 1 valid replies in round 1, fewer than federation.min_replies=2" in caplog.text
+    assert "japan/num-examples" not in metrics
+
+
+def test_update_norm_is_the_l2_norm_over_every_array():
+    from strategies.aggregation import update_norm
+
+    start = {"a": np.zeros((2, 2)), "b": np.ones(3)}
+    state = {"a": np.full((2, 2), 3.0), "b": np.ones(3) + 4.0}  # 4 x 3^2 + 3 x 4^2 = 84
+    assert update_norm(state, start) == pytest.approx(np.sqrt(84))
+    assert update_norm(start, start) == 0.0
