@@ -358,6 +358,12 @@ def load_config(
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # OmegaConf's merge of a mapping into a list (or back) raises these
+        given = list(overrides or [])
+        raise ConfigError(f"a value does not fit the type of its key ({err}); check "
+                          f"{', '.join(map(str, given)) or config_file}") from None
 
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)} - {"preset"}
