@@ -59,6 +59,43 @@ def claim_output_dir(path: str | Path) -> Path:
     return folder
 
 
+MANIFEST_PACKAGES = ("torch", "transformers", "peft", "flwr", "opacus", "numpy", "safetensors")
+
+
+def manifest(config: Config) -> dict[str, Any]:
+    """What produced a run: package versions, the code's commit, the machine's CPU and GPU features, and the
+    device and precision the run resolved (a number is only comparable with this beside it)."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    import torch
+
+    versions = {}
+    for name in MANIFEST_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        cpuinfo = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+    except OSError:
+        cpuinfo = {}
+    cpuinfo = {key.strip(): value.strip() for key, value in cpuinfo.items()}
+    flags = cpuinfo.get("flags", "")
+    return {"python": platform.python_version(), "packages": versions, "commit": commit,
+            "cpu": {"model": cpuinfo.get("model name") or platform.machine(), "cores": os.cpu_count(),
+                    "features": sorted(set(flags.split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                                                             "amx_tile"})},
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "device": config.train.device, "bf16": config.train.bf16}
+
+
 def start_run(config: Config) -> tuple[Path, str]:
     """Create the run folder, write config.yaml, return it and the run's id (kept when resumed).
 
@@ -75,6 +112,7 @@ def start_run(config: Config) -> tuple[Path, str]:
             shutil.rmtree(folder / name, ignore_errors=True)
         (folder / "run.json").write_text(json.dumps({"run_id": uuid.uuid4().hex}))
     (folder / "config.yaml").write_text(to_yaml(config))
+    (folder / "manifest.json").write_text(json.dumps(manifest(config), indent=1))
     if not resuming or not (folder / "metrics.jsonl").is_file():
         (folder / "metrics.jsonl").write_text("")
     return folder, str(json.loads((folder / "run.json").read_text())["run_id"])

@@ -40,7 +40,8 @@ def test_run_folder_has_the_contracted_layout(run_dir: Path) -> None:
     for region in REGIONS:
         assert (run_dir / "adapters" / region / "adapter_config.json").is_file()
         assert (run_dir / "adapters" / region / "adapter_model.safetensors").is_file()
-    for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md", "report.png"):
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md", "report.png", "manifest.json",
+                 "published.json"):
         assert (run_dir / name).is_file(), name
     for n in (1, 2):
         assert (run_dir / "checkpoints" / f"round-{n}" / "adapters.safetensors").is_file()

@@ -276,3 +276,15 @@ def test_short_reason_is_the_raised_line_of_a_traceback():
     assert short_reason(ray) == "InjectedCrash: injected crash of site lyon in round 2"
     assert short_reason("out of memory\nmore") == "out of memory"
     assert short_reason("ValueError: x" + "y" * 500) == "ValueError: x" + "y" * 147
+
+
+def test_a_run_folder_records_its_manifest(tmp_path):
+    from fed_netgpt.config import load_config
+    from fed_netgpt.runs import start_run
+
+    config = load_config(overrides=[f"run.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.bf16=false"])
+    folder, _ = start_run(config)
+    saved = json.loads((folder / "manifest.json").read_text())
+    assert saved["packages"]["torch"] and saved["packages"]["flwr"] == "1.42.0"
+    assert saved["cpu"]["cores"] >= 1 and isinstance(saved["cpu"]["features"], list)
+    assert (saved["device"], saved["bf16"]) == ("cpu", "false")
