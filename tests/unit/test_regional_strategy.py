@@ -81,12 +81,7 @@ def _fedavg(num_sites: int) -> FedAvg:
 
 @pytest.fixture
 def configured() -> RegionalStrategy:
-    """A RegionalStrategy after configure_train of round 1: france at 0.0, japan at 10.0."""
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
-    strategy.configure_train(
-        1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)
-    )
-    return strategy
+    return _configured_strategy()
 
 
 def test_reply_src_node_id_comes_from_the_instruction():
@@ -526,10 +521,16 @@ def test_a_restored_server_optimizer_continues_exactly(name):
     assert any(not np.allclose(_numpy(fresh)[k], v) for k, v in _numpy(arrays).items())  # without it, not
 
 
-def test_an_update_beyond_max_update_norm_is_rejected_with_its_norm(caplog):
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, max_update_norm=5.0)
+def _configured_strategy(**options) -> RegionalStrategy:
+    """A RegionalStrategy with these options after configure_train of round 1: france at 0.0, japan at 10.0."""
+    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, **options)
     strategy.configure_train(1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}),
                              ConnectedNodesGrid(NODE_REGIONS))
+    return strategy
+
+
+def test_an_update_beyond_max_update_norm_is_rejected_with_its_norm(caplog):
+    strategy = _configured_strategy(max_update_norm=5.0)
     # node 11 moved every one of its 12 numbers by 3 (norm sqrt(12 * 9) = 10.4), node 12 by 1 (norm 3.46)
     replies = [_reply(11, _state(3.0), 1, 2.0), _reply(12, _state(1.0), 1, 4.0), _reply(21, _state(10.5), 1, 1.0)]
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
@@ -540,9 +541,7 @@ def test_an_update_beyond_max_update_norm_is_rejected_with_its_norm(caplog):
 
 
 def test_a_region_below_min_replies_keeps_its_adapter(caplog):
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, min_replies=2)
-    strategy.configure_train(1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}),
-                             ConnectedNodesGrid(NODE_REGIONS))
+    strategy = _configured_strategy(min_replies=2)
     replies = [_reply(11, _state(1.0), 1, 2.0), _reply(12, _state(3.0), 1, 4.0), _reply(21, _state(7.0), 5, 1.0)]
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, metrics = strategy.aggregate_train(1, replies)
