@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="run a whole federation on Flower's simulation engine")
     simulate.add_argument("--config", help="a YAML file merged over conf/base.yaml")
+    simulate.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                          help="continue the run in RUN_DIR from its latest checkpoint, with its config.yaml "
+                          "(overrides still apply, e.g. federation.num_rounds=6 to go on further)")
     simulate.add_argument("overrides", nargs="*", metavar="key=value")
     simulate.set_defaults(handler=simulate_command)
 
@@ -138,6 +141,12 @@ def prepared_config(args: argparse.Namespace) -> Config:
 
 
 def simulate_command(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        if args.config:
+            raise ConfigError("--resume RUN_DIR takes the run's own config.yaml; drop --config")
+        read_run_config(args.resume)  # a clear error when RUN_DIR is not a run folder
+        args.config = str(args.resume / "config.yaml")
+        args.overrides = [*args.overrides, "run.resume=true", f"run.output_dir={args.resume.resolve()}"]
     config = prepared_config(args)
     claim_output_dir(config.run.output_dir)
     sites = load_sites(config.data)  # bad data fails here, before any engine starts

@@ -187,10 +187,10 @@ def test_a_resumed_fedadam_run_ends_with_the_adapters_of_an_uninterrupted_one(tm
     common = ["preset=smoke", "federation.strategy=fedadam", "personalization.method=none", "run.report=false"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     # Execute: 3 rounds in one go; 2 rounds, then a resumed run to 3
-    for args in ([f"run.output_dir={whole}", "federation.num_rounds=3"],
-                 [f"run.output_dir={cut}", "federation.num_rounds=2"],
-                 [f"run.output_dir={cut}", "federation.num_rounds=3", "run.resume=true"]):
-        done = fed_netgpt("simulate", *common, *args)
+    for args in ([*common, f"run.output_dir={whole}", "federation.num_rounds=3"],
+                 [*common, f"run.output_dir={cut}", "federation.num_rounds=2"],
+                 ["--resume", str(cut), "federation.num_rounds=3"]):  # the contract's way to continue a run
+        done = fed_netgpt("simulate", *args)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # Assert: the moments were checkpointed, and the final adapters agree (to float32 summation order)
     assert (cut / "checkpoints" / "round-2" / "optimizer.safetensors").is_file()
