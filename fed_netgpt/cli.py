@@ -39,10 +39,10 @@ from fed_netgpt.runs import (
     FAILED,
     RunFolderError,
     check_not_failed,
-    claim_output_dir,
     read_run_config,
     round_summaries,
     run_finished,
+    run_lock,
     site_records,
 )
 
@@ -148,7 +148,11 @@ def simulate_command(args: argparse.Namespace) -> int:
         args.config = str(args.resume / "config.yaml")
         args.overrides = [*args.overrides, "run.resume=true", f"run.output_dir={args.resume.resolve()}"]
     config = prepared_config(args)
-    claim_output_dir(config.run.output_dir)
+    with run_lock(config.run.output_dir):
+        return _simulate(config)
+
+
+def _simulate(config: Config) -> int:
     sites = load_sites(config.data)  # bad data fails here, before any engine starts
     base = load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
     check_pair_lengths(base.tokenizer, [*sites, *load_heldout_sites(config.data)], config.train.max_length)
@@ -202,7 +206,11 @@ def compare_command(args: argparse.Namespace) -> int:
     With `run.resume=true` a run that finished earlier with the same config is evaluated again, not retrained
     (how `compare.seeds=3` adds a third seed to a two-seed comparison)."""
     config = prepared_config(args)
-    folder = claim_output_dir(config.run.output_dir)
+    with run_lock(config.run.output_dir) as folder:
+        return _compare(config, folder)
+
+
+def _compare(config: Config, folder: Path) -> int:
     load_sites(config.data)
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     (folder / "config.yaml").write_text(to_yaml(config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,11 @@ PUBLISHED = "published.json"  # written last, once every final adapter is in pla
 FAILED = "failed.json"  # a run that never trained some adapter: complete, evaluate and serve refuse the folder
 
 
-_LOCKS: list[Any] = []  # open lock files: held until this process exits (a kill -9 releases them too)
-
-
-def claim_output_dir(path: str | Path) -> Path:
-    """Create the run folder and hold its lock for this process: a second run into the same folder while one is
-    running is refused, and a folder that cannot be one (a file, unwritable) is named before anything starts."""
+@contextlib.contextmanager
+def run_lock(path: str | Path) -> Iterator[Path]:
+    """Create the run folder and hold its lock for the block: a second run into the same folder while one is
+    running is refused (a killed run releases it too), and a folder that cannot be one (a file, unwritable) is
+    named before anything starts."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"run.output_dir={folder} is a file, not a folder")
@@ -43,20 +44,22 @@ def claim_output_dir(path: str | Path) -> Path:
         lock = (folder / ".lock").open("a+")
     except OSError as err:
         raise RunFolderError(f"run.output_dir={folder}: cannot write there ({err.strerror})") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise RunFolderError(f"run.output_dir={folder} is in use by a running run ({holder}); wait for it or "
+                                 "choose another folder") from None
         lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise RunFolderError(f"run.output_dir={folder} is in use by a running run ({holder}); wait for it or "
-                             "choose another folder") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()}")
-    lock.flush()
-    _LOCKS.append(lock)
-    return folder
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 MANIFEST_PACKAGES = ("torch", "transformers", "peft", "flwr", "opacus", "numpy", "safetensors")
