@@ -87,10 +87,6 @@ class Catalog:
         raise UnknownTarget(f"unknown model {name!r}; GET /v1/models lists the {len(self.model_names())} served")
 
 
-def base_catalog(base_name: str) -> Catalog:
-    return Catalog(base_name=base_name)
-
-
 def run_catalog(folder: Path) -> tuple[Catalog, Config]:
     """Read a finished run folder: its config, every region's adapter and every known site's target."""
     config = read_run_config(folder)

@@ -26,7 +26,7 @@ from fed_netgpt.data.schema import DataError
 from fed_netgpt.models import load_private_base, resolve_device
 from fed_netgpt.prompting import chat_prompt
 from fed_netgpt.runs import RunFolderError, published
-from fed_netgpt.serving.catalog import Target, UnknownTarget, base_catalog, read_states, run_catalog
+from fed_netgpt.serving.catalog import Catalog, Target, UnknownTarget, read_states, run_catalog
 from fed_netgpt.serving.engine import DecodeRow, Engine, Sampling
 from fed_netgpt.serving.quantize import int8_supported, quantize_linears
 
@@ -83,7 +83,7 @@ class EdgeService:
             catalog, config = run_catalog(run)
             model_name, cache_dir = config.model.name, config.model.cache_dir
         else:
-            catalog = base_catalog(model_name)
+            catalog = Catalog(base_name=model_name)
         self.catalog = catalog
         resolved = resolve_device(device)
         self.base = load_private_base(model_name, cache_dir, str(resolved))

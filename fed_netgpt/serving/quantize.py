@@ -3,9 +3,9 @@ memory bandwidth, and int8 weights read a quarter of fp32's bytes.
 
 Weight-only, per output channel (scale = max |row| / 127), activations in bf16 at the matmul
 (`torch._weight_int8pack_mm`, the kernel gpt-fast uses); everything else stays fp32. The LoRA factors stay fp32
-in the grouped layers on top. Measured on a 2-core EPYC (no AMX), SmolLM2-135M with a LoRA adapter: 32 tokens
-2.05 s fp32 -> 0.91 s int8 (`benchmarks/serving.py`). Completions keep their facts but may differ in wording
-from fp32's: `serving.precision=fp32` reproduces the evaluation's completions exactly.
+in the grouped layers on top. Latency and quality against fp32, measured with `benchmarks/serving.py`, are in
+the README (Serving, measured): completions keep their facts but may differ in wording from fp32's, and
+`serving.precision=fp32` reproduces the evaluation's completions exactly.
 """
 
 from __future__ import annotations
