@@ -26,7 +26,7 @@ from fed_netgpt.config import Config, from_yaml
 from fed_netgpt.data.facts import facts_by_site
 from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
-from fed_netgpt.faults import InjectedCrash, crashes
+from fed_netgpt.faults import InjectedCrash, crashes, poison_update, poisoned_sites
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter, train_personal_adapters_grouped
 from fed_netgpt.privacy import SiteAccountant, longer
@@ -100,6 +100,22 @@ def crash_if_drawn(config: Config, server_round: int, site_id: str) -> None:
     if crashes(config.faults.crash_probability, config.run.seed, server_round, site_id):
         raise InjectedCrash(f"injected crash of site {site_id} in round {server_round} "
                             f"(faults.crash_probability={config.faults.crash_probability})")
+
+
+def poison_if_compromised(config: Config, site: SiteData, server_round: int, state: dict,
+                           start: dict) -> dict:
+    """`faults.poison_fraction`: a compromised site sends a poisoned update instead of `state` (simulation: the
+    node's data names every site of the region, which decides who is compromised)."""
+    faults = config.faults
+    if faults.poison_fraction <= 0:
+        return state
+    regions = {s.site_id: s.region for s in load_sites(config.data)}
+    if site.site_id not in poisoned_sites(faults.poison_fraction, config.run.seed, regions):
+        return state
+    print(f"[round {server_round}] site {site.site_id} ({site.region}): sends a poisoned update "
+          f"({faults.poison_kind} x{faults.poison_scale:g})", flush=True)
+    return poison_update(state, start, faults.poison_kind, faults.poison_scale, config.run.seed, server_round,
+                         site.site_id)
 
 
 def personal_folder(config: Config, context: Context, site_id: str) -> Path:
@@ -192,6 +208,7 @@ def train(msg: Message, context: Context) -> Message:
     print(f"[round {server_round}] site {site.site_id} ({site.region}): {line}, "
           f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads", flush=True)
     state = {key: result.state[key] for key in msg.content["arrays"]}  # in the order received (fixedclipping_mod)
+    state = poison_if_compromised(config, site, server_round, state, from_record(msg.content["arrays"]))
     reply = to_record(state, config.federation.wire_dtype)
     return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -224,8 +241,8 @@ def train_together(msg: Message, context: Context) -> Message:
         metrics = {**result.metrics, "num-examples": result.num_examples}
         if personal:
             metrics["personal_loss"] = personal[k].metrics["train_loss"]
-        content[f"{site.site_id}/arrays"] = to_record({key: result.state[key] for key in start},
-                                                      config.federation.wire_dtype)
+        state = poison_if_compromised(config, site, server_round, {key: result.state[key] for key in start}, start)
+        content[f"{site.site_id}/arrays"] = to_record(state, config.federation.wire_dtype)
         content[f"{site.site_id}/metrics"] = MetricRecord(metrics)
         print(f"[round {server_round}] site {site.site_id} ({site.region}): loss {metrics['train_loss']:.3f} -> "
               f"{metrics['train_loss_last']:.3f}, trained with {len(sites) - 1} more site(s) in one pass", flush=True)

@@ -17,6 +17,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fed_netgpt.faults import POISON_KINDS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -91,6 +93,8 @@ class FederationConfig:
     min_nodes: int = 0  # nodes to wait for before round 1; 0 -> until the nodes serve every training site
     min_replies: int = 1  # valid replies a region needs in a round to update its adapter (else it keeps it)
     max_update_norm: float = math.inf  # a site's update (L2 over all its arrays) above this is rejected; inf: off
+    robust: str = "none"  # none | median | trimmed_mean | clipped_mean | krum: each region's mean made robust
+    robust_fraction: float = 0.2  # share of a region's replies assumed malicious: trimmed at each end, Krum's f
     timeout: float = 3600.0
 
 
@@ -146,6 +150,9 @@ class FaultsConfig:
     """Faults injected into a simulation (fed_netgpt/faults.py)."""
 
     crash_probability: float = 0.0  # each site, each round: its training crashes with this probability
+    poison_fraction: float = 0.0  # sites of each region (rounded to the nearest, halves up) that send poisoned updates
+    poison_kind: str = "sign_flip"  # scale | sign_flip | random (fed_netgpt/faults.py:poison_update)
+    poison_scale: float = 10.0  # how far a poisoned update goes, in multiples of the site's real update
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,8 @@ class Config:
         _check_choice("federation.adapters", self.federation.adapters, ("regional", "global", "local"))
         _check_choice("federation.lora_aggregation", self.federation.lora_aggregation, ("factors", "ffa", "svd"))
         _check_choice("federation.wire_dtype", self.federation.wire_dtype, ("float32", "float16"))
+        _check_choice("federation.robust", self.federation.robust, ROBUST)
+        _check_choice("faults.poison_kind", self.faults.poison_kind, POISON_KINDS)
         _check_choice("data.region_by", self.data.region_by, ("country", "continent", "list"))
         _check_choice("data.context", self.data.context, CONTEXTS)
         _check_choice("train.bf16", str(self.train.bf16).lower(), ("auto", "true", "false"))
@@ -221,6 +230,11 @@ class Config:
         if not 0.0 < self.federation.fraction_train <= 1.0:
             raise ConfigError(f"federation.fraction_train must be within (0, 1] (0 trains no site), got "
                               f"{self.federation.fraction_train}")
+        if not 0.0 <= self.federation.robust_fraction < 0.5:
+            raise ConfigError(f"federation.robust_fraction must be within [0, 0.5) (a majority must be honest), got "
+                              f"{self.federation.robust_fraction}")
+        if not 0.0 <= self.faults.poison_fraction < 1.0:
+            raise ConfigError(f"faults.poison_fraction must be within [0, 1), got {self.faults.poison_fraction}")
         for key in ("federation.fraction_evaluate", "data.test_fraction", "data.valid_fraction",
                     "faults.crash_probability"):
             value = select(self, key)
@@ -272,6 +286,8 @@ def _check_combinations(config: Config) -> None:
     if federation.lora_aggregation == "svd" and not averaging:
         raise ConfigError("federation.lora_aggregation=svd averages the products B·A itself: it works with "
                           f"federation.strategy fedavg or fedprox, not {federation.strategy}")
+    if federation.robust != "none":
+        _check_robust(config)
     if config.train.sites_per_pass > 1 and privacy.mode != "none":
         raise ConfigError(f"train.sites_per_pass={config.train.sites_per_pass} trains sites in one grouped pass, "
                           f"which has no per-sample or per-site clipping; privacy.mode={privacy.mode} needs "
@@ -293,6 +309,21 @@ def _check_combinations(config: Config) -> None:
                           "averages nothing (use privacy.mode=sample_dp to protect each site's own training)")
 
 
+def _check_robust(config: Config) -> None:
+    """A robust aggregator replaces the region's mean; what would be applied on top of that mean would undo it."""
+    federation, robust = config.federation, f"federation.robust={config.federation.robust}"
+    if federation.strategy not in ("fedavg", "fedprox"):
+        raise ConfigError(f"{robust} replaces the mean of the updates; federation.strategy={federation.strategy} "
+                          "would feed it to a server optimizer whose momentum carries a poisoned round on: use fedavg "
+                          "or fedprox")
+    if config.privacy.mode == "client_dp":
+        raise ConfigError(f"{robust}: privacy.mode=client_dp sizes its noise for a plain mean of clipped updates; "
+                          "use federation.robust=none with it")
+    if federation.lora_aggregation == "svd":
+        raise ConfigError(f"{robust}: federation.lora_aggregation=svd replaces the aggregate by the mean of every "
+                          "reply's B·A; use factors or ffa")
+
+
 def _check_compare(compare: CompareConfig, privacy: PrivacyConfig) -> None:
     for variant in compare.variants:
         _check_choice("compare.variants", variant, VARIANTS)
@@ -307,6 +338,7 @@ def _check_compare(compare: CompareConfig, privacy: PrivacyConfig) -> None:
                           f"compare.epsilons; leave privacy.mode=none (got {privacy.mode})")
 
 
+ROBUST = ("none", "median", "trimmed_mean", "clipped_mean", "krum")  # strategies/robust.py says what each does
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 CONTEXTS = ("none", "city", "coordinates")
 # What `fed-netgpt compare` can train and evaluate side by side (fed_netgpt/comparison.py says what each is).
@@ -327,7 +359,7 @@ def _positive_fields(config: Config) -> dict[str, float]:
         "train.learning_rate", "train.max_length", "federation.num_rounds", "evaluation.max_new_tokens",
         "evaluation.max_examples_per_region", "evaluation.batch_size", "serving.max_new_tokens", "serving.max_batch",
         "serving.max_prompt_tokens", "serving.max_body_bytes", "serving.reload_seconds", "serving.cloud_max_tokens",
-        "serving.cloud_timeout", "federation.timeout", "simulation.num_cpus_per_client",
+        "serving.cloud_timeout", "federation.timeout", "simulation.num_cpus_per_client", "faults.poison_scale",
     )
     return {key: select(config, key) for key in keys}
 

@@ -1,23 +1,73 @@
-"""Fault injection for simulations: sites that crash at random, to show a federation finishes without them.
+"""Fault injection for simulations: sites that crash at random, and poisoned sites that send bad updates, to show
+a federation finishes without the first and survives the second (with `federation.robust`).
 
-A crash is decided per (run seed, round, site) by a seeded generator, so a rerun crashes the same sites in the
-same rounds, whichever node or process trains them.
+Every draw is seeded by the run seed (and the round and site where it varies), so a rerun injects the same faults
+whichever node or process trains the site.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import numpy as np
+
+POISON_KINDS = ("scale", "sign_flip", "random")
 
 
 class InjectedCrash(RuntimeError):
     """A site's training stopped on purpose (`faults.crash_probability`)."""
 
 
+def _generator(*parts: object) -> np.random.Generator:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
 def crashes(probability: float, seed: int, server_round: int, site_id: str) -> bool:
     """Whether `site_id` crashes in `server_round` (probability `probability`, reproducible)."""
     if probability <= 0:
         return False
-    digest = hashlib.sha256(f"{seed}/{server_round}/{site_id}".encode()).digest()
-    return bool(np.random.default_rng(int.from_bytes(digest[:8], "little")).random() < probability)
+    return bool(_generator(seed, server_round, site_id).random() < probability)
+
+
+def poisoned_count(fraction: float, num_sites: int) -> int:
+    """How many of a region's `num_sites` sites are poisoned: `fraction` x sites rounded to the nearest whole site,
+    halves up (20 % of 10 -> 2, of 4 -> 1, of 2 -> 0), never all of them."""
+    return min(int(np.floor(fraction * num_sites + 0.5)), max(num_sites - 1, 0))
+
+
+def poisoned_sites(fraction: float, seed: int, site_regions: Mapping[str, str]) -> set[str]:
+    """The sites (`site_regions`: site id -> region) compromised for the whole run: per region a seeded draw of
+    `poisoned_count` of its sites, the same whatever order the sites come in."""
+    by_region: dict[str, list[str]] = {}
+    for site_id, region in site_regions.items():
+        by_region.setdefault(region, []).append(site_id)
+    chosen: set[str] = set()
+    for region, sites in sorted(by_region.items()):
+        ordered = sorted(sites)
+        count = poisoned_count(fraction, len(ordered))
+        order = _generator(seed, "poison", region, *ordered).permutation(len(ordered))
+        chosen.update(ordered[i] for i in order[:count])
+    return chosen
+
+
+def poison_update(state: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], kind: str, scale: float,
+                  seed: int, server_round: int, site_id: str) -> dict[str, np.ndarray]:
+    """What a compromised site sends instead of its trained `state` (received as `start`), with d = state - start:
+    `scale`: start + scale·d (an update boosted to dominate the mean); `sign_flip`: start - scale·d (pushed the
+    other way); `random`: start + Gaussian noise of norm scale·|d| (no signal at all). Same keys and dtypes."""
+    if kind not in POISON_KINDS:
+        raise ValueError(f"poison kind must be one of {', '.join(POISON_KINDS)}; got {kind!r}")
+    deltas = {key: np.asarray(state[key], np.float64) - np.asarray(start[key], np.float64) for key in start}
+    if kind == "random":
+        norm = np.sqrt(sum(float(np.sum(d**2)) for d in deltas.values()))
+        rng = _generator(seed, "poison", server_round, site_id)
+        noise = {key: rng.standard_normal(d.shape) for key, d in deltas.items()}
+        noise_norm = np.sqrt(sum(float(np.sum(n**2)) for n in noise.values())) or 1.0
+        deltas = {key: n * (scale * norm / noise_norm) for key, n in noise.items()}
+    else:
+        factor = scale if kind == "scale" else -scale
+        deltas = {key: factor * d for key, d in deltas.items()}
+    return {key: (np.asarray(start[key], np.float64) + deltas[key]).astype(np.asarray(state[key]).dtype)
+            for key in start}

@@ -14,6 +14,7 @@ from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import Config, load_config, overrides_from_run_config, to_yaml
 from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import evaluate_run
+from fed_netgpt.faults import poisoned_sites
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.plots import validation_curves, write_plot
 from fed_netgpt.privacy import privacy_report, recorded_histories
@@ -81,6 +82,12 @@ def run_federation(grid: Grid, config: Config) -> Path:
                                 config.federation.lora_aggregation, config.lora.r, config.federation.wire_dtype,
                                 rounds_done=done, min_replies=config.federation.min_replies,
                                 max_update_norm=config.federation.max_update_norm)
+    poisoned = poisoned_sites(config.faults.poison_fraction, config.run.seed,
+                              {s.site_id: s.region for s in sites.values()})
+    if poisoned:
+        log.warning("faults.poison_fraction=%g: %s send %s-poisoned updates every round (federation.robust=%s)",
+                    config.faults.poison_fraction, ", ".join(sorted(poisoned)), config.faults.poison_kind,
+                    config.federation.robust)
     if done:  # the server optimizer continues where the checkpoint left it
         strategy.restore_optimizer_states(checkpoint_optimizer(folder, done))
     started = time.perf_counter()
@@ -94,7 +101,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
         append_metrics(folder, row)
         for number, record in strategy.site_replies.items():
             site = sites[number]
-            append_metrics(folder, {"round": server_round, "site_id": site.site_id, "region": site.region, **record})
+            append_metrics(folder, {"round": server_round, "site_id": site.site_id, "region": site.region, **record,
+                                    **({"poisoned": True} if site.site_id in poisoned else {})})
         _log_round(server_round, config.federation.num_rounds, done + 1, time.perf_counter() - started, regions,
                    strategy.round_metrics)
         if DP_HISTORIES_KEY in message_config:  # the next round's messages: a node's own record may lag (two of
@@ -129,6 +137,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
     if config.privacy.mode != "none":
         report["privacy"] = privacy_report(config.privacy, site_records(folder), round_summaries(folder))
     report["failures"] = failures
+    if poisoned:
+        report["poisoned_sites"] = sorted(poisoned)
     publish_report(folder, config, report)
     return folder
 

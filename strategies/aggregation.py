@@ -223,3 +223,27 @@ def update_norm(state: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]
     `federation.max_update_norm` bounds, the same norm client-level DP clips."""
     return float(np.sqrt(sum(float(np.sum((np.asarray(state[k], np.float64) - np.asarray(start[k], np.float64)) ** 2))
                              for k in start)))
+
+
+def clip_update(state: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray],
+                max_norm: float) -> dict[str, np.ndarray]:
+    """start + (state - start) · min(1, max_norm / |state - start|): the update scaled down, all arrays together,
+    to at most `max_norm` in L2 (Flower's client-level DP clipping, `compute_clip_model_update`, does the same)."""
+    norm = update_norm(state, start)
+    factor = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return {key: _cast_like(np.asarray(start[key], np.float64)
+                            + factor * (np.asarray(state[key], np.float64) - np.asarray(start[key], np.float64)),
+                            state[key]) for key in start}
+
+
+def clipped_mean(states: Sequence[Mapping[str, np.ndarray]],
+                 start: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    """The plain mean of the updates, each clipped to the median of their norms (so no update, however scaled,
+    weighs more than a typical one), every site alike (a compromised site can claim any example count).
+    Returns the new state and the clipping norm used."""
+    if not states:
+        raise ValueError("need at least one state")
+    bound = float(np.median([update_norm(state, start) for state in states]))
+    clipped = [clip_update(state, start, bound) for state in states]
+    mean = weighted_average(clipped, [1.0] * len(clipped))
+    return {key: np.asarray(value) for key, value in mean.items()}, bound

@@ -6,6 +6,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, 
 
 from fed_netgpt.config import Config
 from strategies.client_dp import UNIT_WEIGHT, with_client_dp
+from strategies.robust import robust_strategy
 
 NUM_EXAMPLES = "num-examples"
 
@@ -24,7 +25,9 @@ def make_strategy(config: Config, num_sites: int, rounds_done: int = 0) -> Strat
         common["min_evaluate_nodes"] = 0
     name = federation.strategy
     strategy: Strategy
-    if name == "fedavg":
+    if federation.robust != "none":  # in place of FedAvg's mean; FedProx's term comes from train.proximal_mu
+        strategy = robust_strategy(federation.robust, federation.robust_fraction, **common)
+    elif name == "fedavg":
         strategy = FedAvg(**common)
     elif name == "fedprox":
         strategy = FedProx(**common, proximal_mu=config.train.proximal_mu)

@@ -15,8 +15,9 @@ from fed_netgpt.config import Config, ConfigError, FederationConfig, PrivacyConf
 from strategies.client_dp import CLIPPING_NORM, UNIT_WEIGHT, client_noise_multiplier, epsilon_after
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
-from tests.unit.test_regional_strategy import ConnectedNodesGrid, _merged, _numpy, _record, server_identity  # noqa: F401
+from tests.messages import ConnectedNodesGrid, merged, numpy_of, record, server_identity  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("server_identity")
 SHAPES = {"lora_A.weight": (40, 100), "lora_B.weight": (100, 60)}  # 10,000 numbers: enough to measure the noise
 NODE_REGIONS = {11: "france", 12: "france", 21: "japan"}
 
@@ -60,7 +61,7 @@ def _state(value: float) -> dict[str, np.ndarray]:
 
 def _reply(instruction: Message, value: float, num_examples: int) -> Message:
     metrics = MetricRecord({"train_loss": 1.0, "num-examples": num_examples, UNIT_WEIGHT: 1.0})
-    return Message(RecordDict({"arrays": _record(_state(value)), "metrics": metrics}), reply_to=instruction)
+    return Message(RecordDict({"arrays": record(_state(value)), "metrics": metrics}), reply_to=instruction)
 
 
 def test_regional_client_dp_weighs_sites_alike_adds_the_calibrated_noise_and_reports_epsilon():
@@ -68,7 +69,7 @@ def test_regional_client_dp_weighs_sites_alike_adds_the_calibrated_noise_and_rep
     config = Config(federation=FederationConfig(num_rounds=3),
                     privacy=_privacy(noise_multiplier=2.0, max_grad_norm=1.0))
     strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
-    messages = list(strategy.configure_train(1, _merged({"france": _state(0.0), "japan": _state(0.0)}),
+    messages = list(strategy.configure_train(1, merged({"france": _state(0.0), "japan": _state(0.0)}),
                                              ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)))
     by_node = {msg.metadata.dst_node_id: msg for msg in messages}
 
@@ -78,7 +79,7 @@ def test_regional_client_dp_weighs_sites_alike_adds_the_calibrated_noise_and_rep
 
     # Assert
     assert all(msg.content["config"][CLIPPING_NORM] == 1.0 for msg in messages)  # the sites clip to this
-    result = _numpy(arrays)
+    result = numpy_of(arrays)
     france = np.concatenate([result[f"france/{key}"].ravel() - 2.0 for key in SHAPES])
     japan = np.concatenate([result[f"japan/{key}"].ravel() - 1.0 for key in SHAPES])
     assert abs(france.mean()) < 0.05 and france.std() == pytest.approx(1.0, rel=0.05)
@@ -102,7 +103,7 @@ def test_a_resumed_region_counts_the_rounds_released_before():
 
 
 def _train_message(config: dict) -> Message:
-    content = RecordDict({"arrays": _record(_state(0.0)), "config": ConfigRecord(config)})
+    content = RecordDict({"arrays": record(_state(0.0)), "config": ConfigRecord(config)})
     return Message(content, dst_node_id=11, message_type=MessageType.TRAIN)
 
 
@@ -145,7 +146,7 @@ def test_a_region_over_its_budget_sits_out_the_round_and_keeps_its_adapter(caplo
     # Prepare: the noise planned for one round at epsilon 2; a second round would exceed it
     config = Config(federation=FederationConfig(num_rounds=1), privacy=_privacy(target_epsilon=2.0))
     strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
-    start = _merged({"france": _state(0.0), "japan": _state(0.0)})
+    start = merged({"france": _state(0.0), "japan": _state(0.0)})
     first = list(strategy.configure_train(1, start, ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)))
     arrays, metrics = strategy.aggregate_train(1, [_reply(msg, 0.1, 1) for msg in first])
 
@@ -158,5 +159,5 @@ def test_a_region_over_its_budget_sits_out_the_round_and_keeps_its_adapter(caplo
     assert 1.9 < metrics["france/client_epsilon"] <= 2.0
     assert second == []
     assert "region france sits out round 2" in caplog.text and "exceed max_epsilon" in caplog.text
-    for key, value in _numpy(arrays).items():
-        np.testing.assert_array_equal(_numpy(kept)[key], value)
+    for key, value in numpy_of(arrays).items():
+        np.testing.assert_array_equal(numpy_of(kept)[key], value)

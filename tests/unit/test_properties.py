@@ -9,25 +9,26 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fed_netgpt.config import ConfigError, load_config, scalar_defaults
+from fed_netgpt.config import Config, ConfigError, load_config, scalar_defaults
 from fed_netgpt.data.schema import DataError, read_jsonl
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
-from tests.unit.test_regional_strategy import (
+from tests.messages import (  # noqa: F401 - server_identity is a fixture
     NODE_REGIONS,
     SHAPES,
     ConnectedNodesGrid,
-    _config,
-    _instruction,
-    _merged,
-    _state,
-    server_identity,  # noqa: F401 - the autouse fixture that gives instructions a sender
+    instruction,
+    merged,
+    server_identity,
+    state_of,
 )
 
+pytestmark = pytest.mark.usefixtures("server_identity")
 CASES = 200
 GOOD = {"site_id": "lyon", "region": "france", "prompt": "Call me a taxi.",
         "completion": "I am in Lyon, France. Call me a taxi.", "facts": ["Lyon", "France"], "split": "test"}
@@ -114,14 +115,14 @@ def test_random_updates_never_break_aggregation_and_never_reach_an_adapter_unche
     @PROFILE
     @given(st.lists(REPLY, min_size=3, max_size=3))
     def prop(replies: list[dict]) -> None:
-        strategy = RegionalStrategy(lambda n: make_strategy(_config(), n), NODE_REGIONS, max_update_norm=100.0)
-        strategy.configure_train(1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}),
+        strategy = RegionalStrategy(lambda n: make_strategy(Config(), n), NODE_REGIONS, max_update_norm=100.0)
+        strategy.configure_train(1, merged({"france": state_of(0.0), "japan": state_of(10.0)}), ConfigRecord({}),
                                  ConnectedNodesGrid(NODE_REGIONS))
         messages = []
         for node, reply in zip(NODE_REGIONS, replies):
             arrays = ArrayRecord({key: Array(array) for key, array in reply["arrays"].items()})
             metrics = MetricRecord({"num-examples": reply["count"], "train_loss": reply["loss"]})
-            messages.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=_instruction(node)))
+            messages.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=instruction(node)))
         arrays, metrics = strategy.aggregate_train(1, messages)
         result = {key: record.numpy() for key, record in arrays.items()}
         assert all(np.all(np.isfinite(value)) for value in result.values())  # a region's adapter stays finite

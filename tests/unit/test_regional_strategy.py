@@ -8,66 +8,29 @@ their `src_node_id` is set by Flower exactly as on a SuperLink.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
-from flwr.supercore.task_identity import TaskIdentity
 
 from fed_netgpt.config import Config, FederationConfig, TrainConfig
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
-from tests.grids import UnusedTransportGrid
+from tests.messages import (  # noqa: F401 - server_identity is a fixture
+    NODE_REGIONS,
+    SHAPES,
+    ConnectedNodesGrid,
+    instruction,
+    merged,
+    numpy_of,
+    record,
+    reply,
+    server_identity,
+    state_of,
+)
 
-NODE_REGIONS = {11: "france", 12: "france", 21: "japan"}
-SHAPES = {"lora_A.weight": (2, 3), "lora_B.weight": (3, 2)}
-
-
-class ConnectedNodesGrid(UnusedTransportGrid):
-    """Transport double: only `get_node_ids` is needed by configure_*; nothing is sent anywhere."""
-
-    def __init__(self, node_ids: Iterable[int]) -> None:
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
-
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """Instructions carry the sender's identity; the ServerApp runtime sets it (here: the SuperLink node)."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 42)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-
-
-def _state(value: float) -> dict[str, np.ndarray]:
-    return {key: np.full(shape, value, dtype=np.float32) for key, shape in SHAPES.items()}
-
-
-def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in state.items()})
-
-
-def _merged(states: dict[str, dict[str, np.ndarray]]) -> ArrayRecord:
-    return _record({f"{region}/{key}": v for region, state in states.items() for key, v in state.items()})
-
-
-def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
-
-
-def _instruction(node: int) -> Message:
-    return Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
-
-
-def _reply(node: int, state: dict[str, np.ndarray], num_examples: int, loss: float) -> Message:
-    content = RecordDict(
-        {"arrays": _record(state), "metrics": MetricRecord({"train_loss": loss, "num-examples": num_examples})}
-    )
-    return Message(content, reply_to=_instruction(node))
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _config(train: TrainConfig | None = None, **federation) -> Config:
@@ -86,12 +49,12 @@ def configured() -> RegionalStrategy:
 
 def test_reply_src_node_id_comes_from_the_instruction():
     # Execute
-    reply = _reply(12, _state(1.0), 1, 0.5)
+    msg = reply(12, state_of(1.0), 1, 0.5)
 
     # Assert
-    assert reply.metadata.src_node_id == 12
-    assert reply.metadata.dst_node_id == 1
-    assert reply.metadata.message_type == MessageType.TRAIN
+    assert msg.metadata.src_node_id == 12
+    assert msg.metadata.dst_node_id == 1
+    assert msg.metadata.message_type == MessageType.TRAIN
 
 
 def test_constructor_groups_nodes_into_sorted_regions():
@@ -109,7 +72,7 @@ def test_constructor_groups_nodes_into_sorted_regions():
 def test_configure_train_sends_each_node_its_own_regions_adapter():
     # Prepare
     strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
-    arrays = _merged({"france": _state(1.5), "japan": _state(-2.0)})
+    arrays = merged({"france": state_of(1.5), "japan": state_of(-2.0)})
 
     # Execute
     messages = list(strategy.configure_train(3, arrays, ConfigRecord({"lr": 0.1}), ConnectedNodesGrid([11, 12, 21])))
@@ -118,8 +81,8 @@ def test_configure_train_sends_each_node_its_own_regions_adapter():
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12, 21]
     for message in messages:
         region = NODE_REGIONS[message.metadata.dst_node_id]
-        expected = _state(1.5 if region == "france" else -2.0)
-        sent = _numpy(message.content["arrays"])
+        expected = state_of(1.5 if region == "france" else -2.0)
+        sent = numpy_of(message.content["arrays"])
         assert sent.keys() == expected.keys()  # the region prefix is gone
         for key, value in expected.items():
             np.testing.assert_array_equal(sent[key], value)
@@ -137,7 +100,7 @@ def test_configure_train_only_addresses_connected_nodes():
 
     # Execute: node 12 is not connected, node 99 has no region
     messages = strategy.configure_train(
-        1, _merged({"france": _state(0.0), "japan": _state(0.0)}), ConfigRecord({}), ConnectedNodesGrid([11, 21, 99])
+        1, merged({"france": state_of(0.0), "japan": state_of(0.0)}), ConfigRecord({}), ConnectedNodesGrid([11, 21, 99])
     )
 
     # Assert
@@ -150,7 +113,7 @@ def test_configure_evaluate_sends_region_adapters_as_evaluate_messages():
 
     # Execute
     messages = strategy.configure_evaluate(
-        2, _merged({"france": _state(4.0), "japan": _state(5.0)}), ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)
+        2, merged({"france": state_of(4.0), "japan": state_of(5.0)}), ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)
     )
 
     # Assert
@@ -158,18 +121,18 @@ def test_configure_evaluate_sends_region_adapters_as_evaluate_messages():
     for message in messages:
         assert message.metadata.message_type == MessageType.EVALUATE
         value = 4.0 if NODE_REGIONS[message.metadata.dst_node_id] == "france" else 5.0
-        np.testing.assert_array_equal(_numpy(message.content["arrays"])["lora_B.weight"], np.full((3, 2), value))
+        np.testing.assert_array_equal(numpy_of(message.content["arrays"])["lora_B.weight"], np.full((3, 2), value))
 
 
 def test_aggregate_train_fedavg_is_the_example_weighted_mean_per_region(configured):
     # Prepare
-    replies = [_reply(11, _state(1.0), 1, 2.0), _reply(12, _state(3.0), 3, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+    replies = [reply(11, state_of(1.0), 1, 2.0), reply(12, state_of(3.0), 3, 4.0), reply(21, state_of(7.0), 5, 1.0)]
 
     # Execute
     arrays, metrics = configured.aggregate_train(1, replies)
 
     # Assert: france (1*1 + 3*3) / 4 = 2.5; japan has one reply: 7.0
-    result = _numpy(arrays)
+    result = numpy_of(arrays)
     assert sorted(result) == [
         "france/lora_A.weight",
         "france/lora_B.weight",
@@ -192,23 +155,23 @@ def test_float16_on_the_wire_halves_the_bytes_and_averages_in_float32():
     # Prepare: france starts at 1/3 (not a float16 number); replies come back in float16
     strategy = RegionalStrategy(_fedavg, NODE_REGIONS, wire_dtype="float16")
     third = {key: np.full(shape, 1 / 3, dtype=np.float32) for key, shape in SHAPES.items()}
-    messages = list(strategy.configure_train(1, _merged({"france": third, "japan": _state(10.0)}), ConfigRecord({}),
+    messages = list(strategy.configure_train(1, merged({"france": third, "japan": state_of(10.0)}), ConfigRecord({}),
                                              ConnectedNodesGrid(NODE_REGIONS)))
-    replies = [_reply(node, {k: v.astype(np.float16) for k, v in _state(value).items()}, n, 1.0)
+    replies = [reply(node, {k: v.astype(np.float16) for k, v in state_of(value).items()}, n, 1.0)
                for node, value, n in ((11, 1.0 / 3, 1), (12, 2.0 / 3, 2), (21, 7.0, 5))]
 
     # Execute
     arrays, _ = strategy.aggregate_train(1, replies)
 
     # Assert: sent as float16 (the nearest float16 to 1/3), 24 bytes a message instead of 48
-    sent = _numpy(messages[0].content["arrays"])
+    sent = numpy_of(messages[0].content["arrays"])
     assert {v.dtype for v in sent.values()} == {np.dtype(np.float16)}
     assert sent["lora_A.weight"][0, 0] == np.float16(1 / 3) != np.float32(1 / 3)
     assert strategy.round_metrics["bytes"] == {"downlink": 72, "uplink": 72}
     assert {node: (r["bytes_down"], r["bytes_up"]) for node, r in strategy.site_replies.items()} == {
         11: (24, 24), 12: (24, 24), 21: (24, 24)}
     # the mean is taken in float32 over the float16 values: (1 x f16(1/3) + 2 x f16(2/3)) / 3
-    result = _numpy(arrays)
+    result = numpy_of(arrays)
     expected = (float(np.float16(1 / 3)) + 2 * float(np.float16(2 / 3))) / 3
     assert result["france/lora_A.weight"].dtype == np.float32
     np.testing.assert_allclose(result["france/lora_A.weight"], np.full((2, 3), expected), rtol=1e-6)
@@ -224,14 +187,14 @@ def test_float16_on_the_wire_halves_the_bytes_and_averages_in_float32():
 )
 def test_aggregate_train_rejects_and_excludes_a_misfit_reply(configured, caplog, bad_state, reason):
     # Prepare
-    replies = [_reply(11, _state(1.0), 1, 2.0), _reply(12, bad_state, 100, 9.0), _reply(21, _state(7.0), 5, 1.0)]
+    replies = [reply(11, state_of(1.0), 1, 2.0), reply(12, bad_state, 100, 9.0), reply(21, state_of(7.0), 5, 1.0)]
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, metrics = configured.aggregate_train(1, replies)
 
     # Assert: france is node 11 alone, with its metrics alone
-    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
+    np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
     assert metrics["france/train_loss"] == pytest.approx(2.0)
     assert metrics["france/num-examples"] == pytest.approx(1.0)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -242,14 +205,14 @@ def test_aggregate_train_rejects_and_excludes_a_misfit_reply(configured, caplog,
 
 def test_aggregate_train_rejects_a_reply_without_examples(configured, caplog):
     # Prepare
-    replies = [_reply(11, _state(1.0), 0, 2.0), _reply(12, _state(3.0), 2, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+    replies = [reply(11, state_of(1.0), 0, 2.0), reply(12, state_of(3.0), 2, 4.0), reply(21, state_of(7.0), 5, 1.0)]
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, _ = configured.aggregate_train(1, replies)
 
     # Assert
-    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 3.0))
+    np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 3.0))
     assert "rejected the update of node 11 (france)" in caplog.text
     assert "num-examples > 0" in caplog.text
 
@@ -257,15 +220,15 @@ def test_aggregate_train_rejects_a_reply_without_examples(configured, caplog):
 def test_region_without_valid_replies_keeps_its_adapter_and_warns(configured, caplog):
     # Prepare: japan's only reply holds NaN, france's two replies fail or are missing
     nan_state = {k: np.full(shape, np.nan, np.float32) for k, shape in SHAPES.items()}
-    failed = Message(Error(code=0, reason="out of memory"), reply_to=_instruction(11))
-    replies = [failed, _reply(21, nan_state, 5, 1.0)]
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=instruction(11))
+    replies = [failed, reply(21, nan_state, 5, 1.0)]
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, metrics = configured.aggregate_train(4, replies)
 
     # Assert: both regions keep round 1's adapters (france 0.0, japan 10.0), no metrics
-    result = _numpy(arrays)
+    result = numpy_of(arrays)
     np.testing.assert_array_equal(result["france/lora_A.weight"], np.zeros((2, 3)))
     np.testing.assert_array_equal(result["japan/lora_B.weight"], np.full((3, 2), 10.0))
     assert dict(metrics) == {}
@@ -279,28 +242,28 @@ def test_region_without_valid_replies_keeps_its_adapter_and_warns(configured, ca
 def test_a_reply_with_other_metric_keys_is_dropped_not_fatal(configured, caplog):
     # Prepare: node 12 reports no train_loss, its adapter is fine
     odd = Message(
-        RecordDict({"arrays": _record(_state(3.0)), "metrics": MetricRecord({"num-examples": 3})}),
-        reply_to=_instruction(12),
+        RecordDict({"arrays": record(state_of(3.0)), "metrics": MetricRecord({"num-examples": 3})}),
+        reply_to=instruction(12),
     )
-    replies = [_reply(11, _state(1.0), 1, 2.0), odd, _reply(21, _state(7.0), 5, 1.0)]
+    replies = [reply(11, state_of(1.0), 1, 2.0), odd, reply(21, state_of(7.0), 5, 1.0)]
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, _ = configured.aggregate_train(1, replies)
 
     # Assert: the round completes; france aggregates what it can
-    assert "france/lora_A.weight" in _numpy(arrays)
+    assert "france/lora_A.weight" in numpy_of(arrays)
 
 
 def test_aggregate_train_ignores_replies_from_unknown_nodes(configured):
     # Prepare
-    replies = [_reply(11, _state(1.0), 1, 2.0), _reply(99, _state(50.0), 1000, 0.0), _reply(21, _state(7.0), 5, 1.0)]
+    replies = [reply(11, state_of(1.0), 1, 2.0), reply(99, state_of(50.0), 1000, 0.0), reply(21, state_of(7.0), 5, 1.0)]
 
     # Execute
     arrays, metrics = configured.aggregate_train(1, replies)
 
     # Assert
-    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
+    np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
     assert set(metrics) == {"france/train_loss", "france/num-examples", "japan/train_loss", "japan/num-examples"}
 
 
@@ -308,10 +271,10 @@ def test_aggregate_evaluate_prefixes_example_weighted_metrics(configured):
     # Prepare
     def eval_reply(node, loss, n):
         return Message(
-            RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": n})}), reply_to=_instruction(node)
+            RecordDict({"metrics": MetricRecord({"eval_loss": loss, "num-examples": n})}), reply_to=instruction(node)
         )
 
-    failed = Message(Error(code=0, reason="boom"), reply_to=_instruction(21))
+    failed = Message(Error(code=0, reason="boom"), reply_to=instruction(21))
 
     # Execute
     metrics = configured.aggregate_evaluate(1, [eval_reply(11, 1.0, 1), eval_reply(12, 3.0, 3), failed])
@@ -326,16 +289,17 @@ def test_regional_fedavgm_runs_per_region_and_keeps_regions_apart():
     config = _config(strategy="fedavgm", server_learning_rate=1.0, server_momentum=0.0)
     strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
     strategy.configure_train(
-        1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)
+        1, merged({"france": state_of(0.0), "japan": state_of(10.0)}), ConfigRecord({}),
+        ConnectedNodesGrid(NODE_REGIONS),
     )
 
     # Execute
     arrays, _ = strategy.aggregate_train(
-        1, [_reply(11, _state(2.0), 1, 1.0), _reply(12, _state(4.0), 1, 1.0), _reply(21, _state(12.0), 1, 1.0)]
+        1, [reply(11, state_of(2.0), 1, 1.0), reply(12, state_of(4.0), 1, 1.0), reply(21, state_of(12.0), 1, 1.0)]
     )
 
     # Assert
-    result = _numpy(arrays)
+    result = numpy_of(arrays)
     np.testing.assert_allclose(result["france/lora_A.weight"], np.full((2, 3), 3.0), rtol=1e-6)
     np.testing.assert_allclose(result["japan/lora_A.weight"], np.full((2, 3), 12.0), rtol=1e-6)
 
@@ -388,7 +352,7 @@ def test_make_strategy_rejects_an_unknown_name():
 
 def _configured_with(lora_aggregation: str, start: dict[str, np.ndarray]) -> RegionalStrategy:
     strategy = RegionalStrategy(_fedavg, NODE_REGIONS, lora_aggregation=lora_aggregation, rank=2)
-    strategy.configure_train(1, _merged({"france": start, "japan": start}), ConfigRecord({}),
+    strategy.configure_train(1, merged({"france": start, "japan": start}), ConfigRecord({}),
                              ConnectedNodesGrid(NODE_REGIONS))
     return strategy
 
@@ -402,10 +366,10 @@ def test_ffa_rejects_a_reply_that_changed_lora_a_and_averages_b_exactly(caplog):
 
     # Execute
     with caplog.at_level(logging.WARNING):
-        arrays, _ = strategy.aggregate_train(1, [_reply(11, kept, 1, 1.0), _reply(12, moved, 3, 1.0)])
+        arrays, _ = strategy.aggregate_train(1, [reply(11, kept, 1, 1.0), reply(12, moved, 3, 1.0)])
 
     # Assert: only node 11 counts; its B·A is the region's B·A exactly
-    result = _numpy(arrays)
+    result = numpy_of(arrays)
     np.testing.assert_array_equal(result["france/lora_A.weight"], start["lora_A.weight"])
     np.testing.assert_array_equal(result["france/lora_B.weight"], kept["lora_B.weight"])
     assert "rejected the update of node 12" in caplog.text and "FFA-LoRA keeps A frozen" in caplog.text
@@ -416,16 +380,16 @@ def test_svd_aggregation_is_the_best_rank_r_approximation_of_the_weighted_mean_p
     rng = np.random.default_rng(0)
     sites = [{"lora_A.weight": rng.normal(size=(2, 3)).astype(np.float32),
               "lora_B.weight": rng.normal(size=(3, 2)).astype(np.float32)} for _ in range(2)]
-    strategy = _configured_with("svd", _state(0.0))
+    strategy = _configured_with("svd", state_of(0.0))
 
     # Execute
-    arrays, metrics = strategy.aggregate_train(1, [_reply(11, sites[0], 1, 1.0), _reply(12, sites[1], 3, 1.0)])
+    arrays, metrics = strategy.aggregate_train(1, [reply(11, sites[0], 1, 1.0), reply(12, sites[1], 3, 1.0)])
 
     # Assert: numpy's truncated SVD of (1·B1A1 + 3·B2A2)/4, computed here independently
     mean = sum(w * s["lora_B.weight"].astype(np.float64) @ s["lora_A.weight"] for w, s in zip((1, 3), sites)) / 4
     u, sv, vt = np.linalg.svd(mean)
     best = (u[:, :2] * sv[:2]) @ vt[:2]
-    result = _numpy(arrays)
+    result = numpy_of(arrays)
     np.testing.assert_allclose(result["france/lora_B.weight"] @ result["france/lora_A.weight"], best, atol=1e-5)
     assert metrics["france/svd_residual"] == pytest.approx(sv[2] / np.linalg.norm(sv), rel=1e-4)
 
@@ -438,12 +402,12 @@ def test_svd_needs_a_rank():
 @pytest.mark.parametrize("count", [float("inf"), float("nan"), -3.0])
 def test_a_non_finite_or_negative_example_count_is_rejected_not_averaged(configured, caplog, count):
     # Prepare: node 11 claims inf examples (Flower's weighted mean would compute inf/inf = NaN)
-    replies = [_reply(11, _state(1.0), count, 2.0), _reply(12, _state(3.0), 2, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+    replies = [reply(11, state_of(1.0), count, 2.0), reply(12, state_of(3.0), 2, 4.0), reply(21, state_of(7.0), 5, 1.0)]
     # Execute
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, metrics = configured.aggregate_train(1, replies)
     # Assert: france is node 12's update alone, finite; the rejection is logged and in the site's record
-    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 3.0))
+    np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 3.0))
     assert metrics["france/num-examples"] == 2
     assert "rejected the update of node 11 (france)" in caplog.text and "finite num-examples" in caplog.text
     assert "finite num-examples" in configured.site_replies[11]["rejected"]
@@ -454,21 +418,21 @@ def test_the_odd_reply_out_is_dropped_even_when_it_comes_first():
     # Prepare: three french nodes; the first reply lacks train_loss, the other two agree
     regions = {11: "france", 12: "france", 13: "france"}
     strategy = RegionalStrategy(_fedavg, regions)
-    strategy.configure_train(1, _merged({"france": _state(0.0)}), ConfigRecord({}), ConnectedNodesGrid(regions))
-    odd = Message(RecordDict({"arrays": _record(_state(9.0)), "metrics": MetricRecord({"num-examples": 3})}),
-                  reply_to=_instruction(11))
-    replies = [odd, _reply(12, _state(1.0), 1, 2.0), _reply(13, _state(3.0), 1, 4.0)]
+    strategy.configure_train(1, merged({"france": state_of(0.0)}), ConfigRecord({}), ConnectedNodesGrid(regions))
+    odd = Message(RecordDict({"arrays": record(state_of(9.0)), "metrics": MetricRecord({"num-examples": 3})}),
+                  reply_to=instruction(11))
+    replies = [odd, reply(12, state_of(1.0), 1, 2.0), reply(13, state_of(3.0), 1, 4.0)]
     # Execute
     arrays, metrics = strategy.aggregate_train(1, replies)
     # Assert: the two agreeing replies are averaged, the first one is the one dropped
-    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 2.0))
+    np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 2.0))
     assert metrics["france/train_loss"] == pytest.approx(3.0)
     assert "metric keys differ" in strategy.site_replies[11]["rejected"]
 
 
 def test_one_nan_loss_does_not_remove_the_regions_loss(configured):
-    replies = [_reply(11, _state(1.0), 1, float("nan")), _reply(12, _state(3.0), 3, 4.0),
-               _reply(21, _state(7.0), 5, 1.0)]
+    replies = [reply(11, state_of(1.0), 1, float("nan")), reply(12, state_of(3.0), 3, 4.0),
+               reply(21, state_of(7.0), 5, 1.0)]
     _, metrics = configured.aggregate_train(1, replies)
     assert metrics["france/train_loss"] == pytest.approx(4.0)  # the finite one, weighted by its own examples
     assert metrics["france/num-examples"] == 4
@@ -478,7 +442,7 @@ def test_a_region_whose_sites_are_all_gone_sits_out_instead_of_waiting_forever(c
     import threading
 
     strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
-    arrays = _merged({"france": _state(0.0), "japan": _state(10.0)})
+    arrays = merged({"france": state_of(0.0), "japan": state_of(10.0)})
     sent: list[Message] = []
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         worker = threading.Thread(target=lambda: sent.extend(strategy.configure_train(
@@ -497,13 +461,13 @@ def test_a_restored_server_optimizer_continues_exactly(name):
 
     def one_round(strategy: RegionalStrategy, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
         strategy.configure_train(server_round, arrays, ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS))
-        current = _numpy(arrays)
-        replies = [_reply(node, {k.split("/", 1)[1]: v + server_round * (node % 7) * 0.1 for k, v in current.items()
+        current = numpy_of(arrays)
+        replies = [reply(node, {k.split("/", 1)[1]: v + server_round * (node % 7) * 0.1 for k, v in current.items()
                                  if k.startswith(NODE_REGIONS[node] + "/")}, 2, 1.0) for node in NODE_REGIONS]
         new, _ = strategy.aggregate_train(server_round, replies)
         return new
 
-    start = _merged({"france": _state(0.0), "japan": _state(10.0)})
+    start = merged({"france": state_of(0.0), "japan": state_of(10.0)})
     whole = strategy_for()
     arrays = start
     for server_round in (1, 2, 3):
@@ -516,15 +480,15 @@ def test_a_restored_server_optimizer_continues_exactly(name):
     cut = one_round(resumed, mid, 3)
     fresh = one_round(strategy_for(), mid, 3)
     assert saved and all(key.split("/")[0] in ("france", "japan") for key in saved)
-    for key, value in _numpy(arrays).items():
-        np.testing.assert_allclose(_numpy(cut)[key], value, rtol=1e-6)
-    assert any(not np.allclose(_numpy(fresh)[k], v) for k, v in _numpy(arrays).items())  # without it, not
+    for key, value in numpy_of(arrays).items():
+        np.testing.assert_allclose(numpy_of(cut)[key], value, rtol=1e-6)
+    assert any(not np.allclose(numpy_of(fresh)[k], v) for k, v in numpy_of(arrays).items())  # without it, not
 
 
 def _configured_strategy(**options) -> RegionalStrategy:
     """A RegionalStrategy with these options after configure_train of round 1: france at 0.0, japan at 10.0."""
     strategy = RegionalStrategy(_fedavg, NODE_REGIONS, **options)
-    strategy.configure_train(1, _merged({"france": _state(0.0), "japan": _state(10.0)}), ConfigRecord({}),
+    strategy.configure_train(1, merged({"france": state_of(0.0), "japan": state_of(10.0)}), ConfigRecord({}),
                              ConnectedNodesGrid(NODE_REGIONS))
     return strategy
 
@@ -532,21 +496,21 @@ def _configured_strategy(**options) -> RegionalStrategy:
 def test_an_update_beyond_max_update_norm_is_rejected_with_its_norm(caplog):
     strategy = _configured_strategy(max_update_norm=5.0)
     # node 11 moved every one of its 12 numbers by 3 (norm sqrt(12 * 9) = 10.4), node 12 by 1 (norm 3.46)
-    replies = [_reply(11, _state(3.0), 1, 2.0), _reply(12, _state(1.0), 1, 4.0), _reply(21, _state(10.5), 1, 1.0)]
+    replies = [reply(11, state_of(3.0), 1, 2.0), reply(12, state_of(1.0), 1, 4.0), reply(21, state_of(10.5), 1, 1.0)]
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, _ = strategy.aggregate_train(1, replies)
-    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
+    np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
     assert "update norm 10.39 > federation.max_update_norm=5" in strategy.site_replies[11]["rejected"]
     assert "rejected" not in strategy.site_replies[12] and "rejected" not in strategy.site_replies[21]
 
 
 def test_a_region_below_min_replies_keeps_its_adapter(caplog):
     strategy = _configured_strategy(min_replies=2)
-    replies = [_reply(11, _state(1.0), 1, 2.0), _reply(12, _state(3.0), 1, 4.0), _reply(21, _state(7.0), 5, 1.0)]
+    replies = [reply(11, state_of(1.0), 1, 2.0), reply(12, state_of(3.0), 1, 4.0), reply(21, state_of(7.0), 5, 1.0)]
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, metrics = strategy.aggregate_train(1, replies)
-    np.testing.assert_array_equal(_numpy(arrays)["france/lora_A.weight"], np.full((2, 3), 2.0))  # 2 replies: fine
-    np.testing.assert_array_equal(_numpy(arrays)["japan/lora_A.weight"], np.full((2, 3), 10.0))  # 1 < 2: kept
+    np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 2.0))  # 2 replies: fine
+    np.testing.assert_array_equal(numpy_of(arrays)["japan/lora_A.weight"], np.full((2, 3), 10.0))  # 1 < 2: kept
     assert "region japan got 1 valid replies in round 1, fewer than federation.min_replies=2" in caplog.text
     assert "japan/num-examples" not in metrics
 
