@@ -1,4 +1,4 @@
-"""The `fed-netgpt` command: simulate, compare, data build, evaluate, complete, serve.
+"""The `fed-netgpt` command: simulate, compare, data build, evaluate, complete, serve, deploy credentials.
 
 User mistakes (bad config, bad data, missing model or run folder) print one `error:` line and exit 2;
 no traceback. This is the outermost layer: the only module of fed_netgpt that starts Flower apps.
@@ -28,6 +28,16 @@ from fed_netgpt.comparison import jobs_for, mean_over_seeds, privacy_utility, ru
 from fed_netgpt.config import Config, ConfigError, ServingConfig, SimulationConfig, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
+from fed_netgpt.deployment import (
+    DEFAULT_PORT,
+    CredentialsError,
+    check_host,
+    deployment_commands,
+    parse_address,
+    parse_node,
+    render_commands,
+    write_credentials,
+)
 from fed_netgpt.evaluation import evaluate_run
 from fed_netgpt.models import DeviceError, ModelNotFoundError, load_base, resolve_device
 from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
@@ -46,7 +56,8 @@ from fed_netgpt.runs import (
     site_records,
 )
 
-USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError, DeviceError)
+USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError, DeviceError,
+               CredentialsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,6 +126,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-prompts", action="store_true", help="write prompts and completions to the log")
     serve.add_argument("overrides", nargs="*", metavar="key=value", help="serving.* settings")
     serve.set_defaults(handler=serve_command)
+
+    deploy = commands.add_parser("deploy", help="deployment on real edge nodes")
+    deploy_commands = deploy.add_subparsers(dest="deploy_command", required=True)
+    credentials = deploy_commands.add_parser(
+        "credentials", help="write a CA, the SuperLink's TLS certificate and a key pair per node into a new folder, "
+        "and print the commands of a deployment secured with them (TLS + SuperNode authentication)")
+    credentials.add_argument("--out", type=Path, help="a new (or empty) folder for the credentials")
+    credentials.add_argument("--host", action="append", default=[], help="a name or address nodes use to reach the "
+                             "SuperLink, put in its certificate (repeat it; 127.0.0.1 and localhost always are)")
+    credentials.add_argument("--node", action="append", default=[], metavar="NAME[=SITE,...]",
+                             help="a SuperNode to make a key pair for (repeat it), with the sites it serves")
+    credentials.add_argument("--superlink-address", metavar="HOST:PORT", help="where nodes and flwr reach the "
+                             f"SuperLink (default: the first --host, else 127.0.0.1, port {DEFAULT_PORT})")
+    credentials.add_argument("--insecure", action="store_true", help="write nothing; print the commands without "
+                             "TLS or node authentication, for a lab on one machine only")
+    credentials.set_defaults(handler=deploy_credentials_command)
     return parser
 
 
@@ -371,6 +398,26 @@ def serve_command(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}/ {'(token required)' if args.token else ''}", flush=True)
     uvicorn.run(create_app(edge, cloud, settings, args.token), host=args.host, port=args.port, log_level="warning")
     edge.close()
+    return 0
+
+
+def deploy_credentials_command(args: argparse.Namespace) -> int:
+    """Write the credentials and print the commands that use them (fed_netgpt/deployment.py)."""
+    nodes = [parse_node(text) for text in args.node]
+    hosts = [check_host(host) for host in args.host]
+    address = args.superlink_address or f"{hosts[0] if hosts else '127.0.0.1'}:{DEFAULT_PORT}"
+    host, _ = parse_address(address)
+    if args.insecure:
+        if args.out is not None:
+            raise CredentialsError("--insecure writes no credentials: drop --out")
+        print(render_commands(deployment_commands(None, address, nodes)))
+        return 0
+    if args.out is None:
+        raise CredentialsError("--out DIR is required: the folder to write the credentials into")
+    written = write_credentials(args.out, [*hosts, host], nodes)
+    print(f"# wrote to {written.folder}: ca.crt, ca.key (keep it offline), superlink.crt, superlink.key"
+          + (f", nodes/<name>.key and .pub for {', '.join(n.name for n in nodes)}" if nodes else "") + "\n")
+    print(render_commands(deployment_commands(written, address, nodes)))
     return 0
 
 

@@ -107,3 +107,188 @@ def check_host(host: str, flag: str = "--host") -> str:
     if not host or len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
         raise CredentialsError(f"{flag} {host!r}: not an IP address or a DNS name")
     return host.rstrip(".").lower()
+
+
+def subject_alt_names(hosts: list[str]) -> list[str]:
+    """The loopback names (SuperExec reaches the SuperLink on 127.0.0.1) and then `hosts`, each once."""
+    names: list[str] = []
+    for host in [*LOOPBACK_NAMES, *hosts]:
+        checked = check_host(host)
+        if checked not in names:
+            names.append(checked)
+    return names
+
+
+def write_credentials(folder: Path, hosts: list[str], nodes: list[NodeSpec]) -> Credentials:
+    """The CA, the SuperLink's certificate (valid for `hosts` and the loopback names) and a key pair per node,
+    written into `folder`, which must be new or empty. Everything is checked before anything is written."""
+    names = subject_alt_names(hosts)
+    duplicates = sorted({node.name for node in nodes if [n.name for n in nodes].count(node.name) > 1})
+    if duplicates:
+        raise CredentialsError(f"--node {duplicates[0]!r} is given twice: each node needs a key of its own")
+    folder = _fresh_folder(Path(folder))
+    ca_key = ec.generate_private_key(CURVE())
+    ca_cert = _ca_certificate(ca_key)
+    _write(folder / "ca.key", _pem_private_key(ca_key), private=True)
+    _write(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_key = ec.generate_private_key(CURVE())
+    server_cert = _superlink_certificate(server_key, ca_key, ca_cert, names)
+    _write(folder / "superlink.key", _pem_private_key(server_key), private=True)
+    _write(folder / "superlink.crt", server_cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "nodes").mkdir(mode=0o700)
+    node_keys = {node.name: _write_node_keys(folder / "nodes", node.name) for node in nodes}
+    return Credentials(folder, folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key", node_keys)
+
+
+def _fresh_folder(folder: Path) -> Path:
+    """`folder`, created (0700: it holds the CA's key) unless it exists empty; never one with files in it."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise CredentialsError(f"--out {folder}: already exists and is not an empty folder; credentials are never "
+                               "overwritten (choose a new folder)")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder.resolve()
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """A new file (O_EXCL: never overwrite), 0600 for a private key from its creation on, else 0644."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+
+
+def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A node's EC key pair in OpenSSH format, as `ssh-keygen -t ecdsa -b 384 -C NAME` would write it."""
+    key = ec.generate_private_key(CURVE())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write(folder / f"{name}.key", private, private=True)
+    _write(folder / f"{name}.pub", public + f" {name}\n".encode())
+    return folder / f"{name}.key", folder / f"{name}.pub"
+
+
+def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
+    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)  # some clock skew
+    return start, start + datetime.timedelta(days=days)
+
+
+def _ca_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """A self-signed CA that may sign server certificates only (path length 0)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fed-netgpt deployment CA")])
+    start, end = _validity(CA_DAYS)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA384()))
+
+
+def _superlink_certificate(key: ec.EllipticCurvePrivateKey, ca_key: ec.EllipticCurvePrivateKey,
+                           ca_cert: x509.Certificate, names: list[str]) -> x509.Certificate:
+    """The SuperLink's TLS server certificate, signed by the CA, valid for every one of `names`."""
+    alt_names: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
+    start, end = _validity(SERVER_DAYS)
+    ca_key_id = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fed-netgpt SuperLink")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_key_id), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+
+
+def deployment_commands(credentials: Credentials | None, address: str, nodes: list[NodeSpec], *,
+                        database: str = "superlink-state.db") -> Commands:
+    """Every command of the deployment at `address` (HOST:PORT, how nodes and `flwr` reach the SuperLink):
+    with TLS and node authentication from `credentials`, or (None) the insecure lab commands."""
+    host, port = parse_address(address)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bind = "127.0.0.1" if host in LOOPBACK_NAMES else ("::" if ":" in host else "0.0.0.0")
+    common = ["--disable-runtime-dependency-installation", "--host", bind, "--port", str(port),
+              "--database", database]
+    if credentials is None:
+        return Commands(
+            superlink=["flower-superlink", "--insecure", *common],
+            config_toml=f'[superlink.{LAB_CONNECTION}]\naddress = "{address}"\ninsecure = true\n',
+            register={},
+            supernodes={node.name: ["flower-supernode", "--insecure", "--superlink", address,
+                                    "--node-config", node_config(node)] for node in nodes},
+            run=["flwr", "run", ".", LAB_CONNECTION, "--stream"], insecure=True)
+    missing = [node.name for node in nodes if node.name not in credentials.node_keys]
+    if missing:
+        raise CredentialsError(f"no key for node {missing[0]!r} in {credentials.folder}")
+    ca = str(credentials.ca_cert)
+    return Commands(
+        superlink=["flower-superlink", "--ssl-ca-certfile", ca, "--ssl-certfile", str(credentials.superlink_cert),
+                   "--ssl-keyfile", str(credentials.superlink_key), "--enable-supernode-auth", *common],
+        config_toml=f'[superlink.{CONNECTION}]\naddress = "{address}"\nroot-certificates = {_toml_string(ca)}\n',
+        register={node.name: ["flwr", "supernode", "register", str(credentials.node_keys[node.name][1]), CONNECTION,
+                              "--name", node.name] for node in nodes},
+        supernodes={node.name: ["flower-supernode", "--superlink", address, "--root-certificates", ca,
+                                "--auth-supernode-private-key", str(credentials.node_keys[node.name][0]),
+                                "--node-config", node_config(node)] for node in nodes},
+        run=["flwr", "run", ".", CONNECTION, "--stream"], insecure=False)
+
+
+def node_config(node: NodeSpec) -> str:
+    """The node's `--node-config`: the site it serves (`site-id`), or its sites (`site-ids`), or a placeholder."""
+    if len(node.sites) > 1:
+        return f"site-ids='{','.join(node.sites)}'"
+    return f"site-id='{node.sites[0] if node.sites else '<site id>'}'"
+
+
+def _toml_string(text: str) -> str:
+    """A TOML literal string when it can be one (paths keep their backslashes), else a basic one."""
+    if "'" not in text and "\n" not in text:
+        return f"'{text}'"
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_commands(commands: Commands) -> str:
+    """The commands as a shell walkthrough, each step with one comment line saying where it runs."""
+    connection = commands.run[3]
+    steps = []
+    if commands.insecure:
+        steps.append("# LAB ONLY (--insecure): no TLS and no node authentication: anyone who reaches the port joins "
+                     "the federation and reads its traffic. Use it on one machine or a closed lab network, never "
+                     "outside.")
+    steps.append(f"# 1. the server: the SuperLink (its state, with the registered nodes, in the --database file)\n"
+                 f"{shell_join(commands.superlink)}")
+    steps.append(f"# 2. where you launch runs: add this connection to $FLWR_HOME/config.toml "
+                 f"(default ~/.flwr/config.toml)\n{commands.config_toml.rstrip()}")
+    if commands.register:
+        steps.append("# 3. register each node's public key (only registered nodes may join)\n"
+                     + "\n".join(shell_join(argv) for argv in commands.register.values()))
+    steps.append(f"# {4 if commands.register else 3}. on each edge node"
+                 + ("" if commands.insecure else " (copy ca.crt and the node's nodes/<name>.key there first)")
+                 + "\n" + "\n".join(shell_join(argv) for argv in commands.supernodes.values()))
+    steps.append(f"# {5 if commands.register else 4}. a run, from the project folder, over connection "
+                 f"'{connection}'\n{shell_join(commands.run)}")
+    return "\n\n".join(steps)
+
+
+def shell_join(argv: list[str]) -> str:
+    """`shlex.join`, but a word holding single quotes and nothing a shell expands inside double quotes is
+    double-quoted: `--node-config "site-id='paris'"`, as Flower's documentation writes it."""
+    return " ".join(f'"{word}"' if "'" in word and not re.search(r'["$`\\!]', word) else shlex.quote(word)
+                    for word in argv)

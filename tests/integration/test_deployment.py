@@ -1,5 +1,7 @@
-"""The deployment engine on loopback: a real SuperLink, SuperNodes naming their sites (one edge server serves two),
-`flwr run`."""
+"""The README's deployment walkthrough on loopback, secured: credentials from fed_netgpt/deployment.py, a SuperLink
+with TLS and SuperNode authentication, registered SuperNodes naming their sites (one edge server serves two) in
+two regions, `flwr run`. A node whose key was never registered is refused; a node killed mid-round does not stop
+the run."""
 
 from __future__ import annotations
 
@@ -14,19 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from fed_netgpt.runs import round_summaries
+from fed_netgpt.deployment import NodeSpec, deployment_commands, write_credentials
+from fed_netgpt.runs import round_summaries, site_records
+from tests.serving_runs import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SITES = {"paris": "france", "marseille": "france", "tokyo": "japan", "yokohama": "japan"}
-NODES = {"paris": "site-id='paris' share-examples=true", "marseille": "site-id='marseille'",
-         "japan-edge": "site-ids='tokyo,yokohama'"}  # one node, two sites
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+NODES = [NodeSpec("paris", ("paris",)), NodeSpec("marseille", ("marseille",)),
+         NodeSpec("japan-edge", ("tokyo", "yokohama"))]  # one node, two sites
+INTRUDER = NodeSpec("intruder", ("paris",))  # a key pair like the others', never registered
+KILLED = "marseille"  # SIGKILLed once it has received its round-2 train message
 
 
 def wait_for_port(port: int, timeout: float = 60) -> None:
@@ -39,67 +39,169 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def stop_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Flower detaches its SuperExec and app processes into sessions of their own, so
+    a process group does not hold them all); read before the tree is killed, while the parent links exist."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+class Processes:
+    """The deployment's processes, each in its own session with its log file; `kill` ends one like a machine
+    losing power, `stop_all` ends them all (in a finally block)."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs, self.env = logs, env
+        self.started: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], cwd: Path = ROOT) -> subprocess.Popen:
+        with (self.logs / f"{name}.log").open("w") as log:
+            self.started[name] = subprocess.Popen(argv, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                  start_new_session=True)
+        return self.started[name]
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        process = self.started[name]
+        tree = descendants(process.pid)
+        _signal_group(process.pid, signal.SIGKILL)
+        for pid in tree:
+            _signal(pid, signal.SIGKILL)
+        process.wait(timeout=20)
+
+    def stop_all(self) -> None:
+        trees = {name: descendants(p.pid) for name, p in self.started.items() if p.poll() is None}
+        for name in trees:
+            _signal_group(self.started[name].pid, signal.SIGTERM)
+        for name, tree in trees.items():
+            try:
+                self.started[name].wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.started[name].pid, signal.SIGKILL)
+                self.started[name].wait(timeout=20)
+            for pid in tree:  # a detached helper that outlived its parent
+                _signal(pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
-        os.killpg(process.pid, sig)
+        os.killpg(pid, sig)
     except ProcessLookupError:
         pass
 
 
-def test_supernodes_name_their_sites_and_the_server_trains_per_region(tmp_path: Path) -> None:
-    bin_dir = Path(sys.executable).parent
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def test_secured_deployment_refuses_unregistered_nodes_and_survives_a_killed_one(tmp_path: Path) -> None:
+    # Prepare: credentials and commands as `fed-netgpt deploy credentials` writes and prints them
+    link_port = free_port()
+    credentials = write_credentials(tmp_path / "credentials", [], [*NODES, INTRUDER])
+    commands = deployment_commands(credentials, f"127.0.0.1:{link_port}", [*NODES, INTRUDER],
+                                   database=str(tmp_path / "superlink-state.db"))
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
-    link_port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "lab"\n\n[superlink.lab]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
-    )
+    (flwr_home / "config.toml").write_text(commands.config_toml)
+    bin_dir = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live beside this python
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    (tmp_path / "logs").mkdir()
+    processes = Processes(tmp_path / "logs", env)
     out = tmp_path / "run"
-    processes = []
-
-    def start(name: str, *command: str) -> None:
-        log = (logs / f"{name}.log").open("w")
-        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-
     try:
-        start("superlink", str(bin_dir / "flower-superlink"), "--insecure", "--port", str(link_port),
-              "--disable-runtime-dependency-installation", "--database", str(tmp_path / "state.db"))
-        wait_for_port(link_port)
-        for name, node_config in NODES.items():
-            start(name, str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                  "--port", str(free_port()), "--node-config", node_config)
-        overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=1"
-        done = subprocess.run([str(bin_dir / "flwr"), "run", ".", "lab", "--stream", "--run-config", overrides],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        deadline = time.monotonic() + 120
+        registered, refused = _start_federation(processes, commands, link_port, env)
+        overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=2"
+        run = processes.start("flwr-run", [*commands.run, "--run-config", overrides])
+        killed_at = _kill_when_training(processes, KILLED, round_number=2, deadline=time.monotonic() + 300)
+        run.wait(timeout=300)
+        deadline = time.monotonic() + 120  # --stream may return before the ServerApp wrote its report
         while not (out / "report.json").is_file() and time.monotonic() < deadline:
             time.sleep(1)
+        listed = _listed_nodes(env)
     finally:
-        for process in processes:  # each started its own session: end it with the helpers it spawned
-            stop_group(process, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                stop_group(process, signal.SIGKILL)
-    server_log = done.stdout + done.stderr
+        processes.stop_all()
+    # Assert: the run finished with the registered nodes and without the killed one's round-2 update
+    server_log = processes.log("flwr-run")
     assert (out / "report.json").is_file(), server_log[-4000:]
+    assert "Failed to activate SuperNode" in refused, refused[-2000:]
+    assert listed == set(registered.values())  # the intruder never became a node
     for site, region in SITES.items():
         assert f"serves site {site} in region {region}" in server_log
-    row = round_summaries(out)[0]
-    assert row["train"]["france/num-examples"] == 43 and row["train"]["japan/num-examples"] == 43  # 32 + 11
+    served_by = {int(node) for node in _discovered_nodes(server_log)}
+    assert served_by == set(registered.values())
+    assert killed_at and "Sending: train" not in processes.log(KILLED).split("Receiving: train")[2]
+    rows = round_summaries(out)
+    assert [row["round"] for row in rows] == [1, 2]
+    assert rows[0]["train"]["france/num-examples"] == 43 and rows[0]["train"]["japan/num-examples"] == 43  # 32+11
+    second = {r["site_id"]: r for r in site_records(out) if r["round"] == 2}
+    assert "error" in second[KILLED] and all("error" not in second[s] for s in SITES if s != KILLED)
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["france", "japan"]
-    # the final report: each deployed site scored its own test rows and sent counts; only paris shares examples
     report = json.loads((out / "report.json").read_text())
     assert report["scored_by"] == "sites"
-    assert report["sites_scored"] == sorted(SITES) and report["sites_missing"] == []
-    for name in ("base", "regional", "personalized"):
-        variant = report["variants"][name]
-        assert variant["num_examples"] == 8  # smoke: 4 a region, shared out over its 2 sites
-        assert sorted(variant["sites"]) == sorted(SITES)
-        assert {ex["site_id"] for ex in variant["examples"]} == {"paris"}
-        assert variant["heldout_sites"]["num_examples"] > 0  # no node serves them: the server scores them
+    assert report["sites_missing"] == [KILLED] and report["sites_scored"] == sorted(set(SITES) - {KILLED})
+    assert {ex["site_id"] for ex in report["variants"]["regional"]["examples"]} == {"paris"}  # only paris shares
+
+
+def _start_federation(processes: Processes, commands, link_port: int, env: dict[str, str]) -> tuple[dict, str]:
+    """The SuperLink, the registration of every node but the intruder, the SuperNodes (the intruder too: its
+    refusal is waited for). Returns the registered node ids by name and the intruder's log."""
+    processes.start("superlink", commands.superlink, cwd=processes.logs.parent)
+    wait_for_port(link_port)
+    registered = {}
+    for node in NODES:
+        done = subprocess.run([*commands.register[node.name], "--format", "json"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        registered[node.name] = int(json_printed(done.stdout)["node-id"])
+    for node in [*NODES, INTRUDER]:  # several nodes on one machine: each its own Runtime API port
+        argv = [*commands.supernodes[node.name], "--port", str(free_port())]
+        if node.name == "paris":
+            argv[-3] += " share-examples=true"
+        processes.start(node.name, argv)
+    processes.started[INTRUDER.name].wait(timeout=60)
+    return registered, processes.log(INTRUDER.name)
+
+
+def _kill_when_training(processes: Processes, name: str, round_number: int, deadline: float) -> float:
+    """SIGKILL node `name` (its whole process tree) once it has received its `round_number`-th train message and
+    before it replies; returns when it did."""
+    while time.monotonic() < deadline and processes.started["flwr-run"].poll() is None:
+        if processes.log(name).count("Receiving: train") >= round_number:
+            processes.kill(name)
+            return time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError(f"node {name} never received its round-{round_number} train message:\n"
+                         + processes.log("flwr-run")[-3000:])
+
+
+def _listed_nodes(env: dict[str, str]) -> set[int]:
+    """The node ids the SuperLink knows (`flwr supernode ls`), whatever their status."""
+    done = subprocess.run(["flwr", "supernode", "ls", "edge", "--format", "json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    return {int(node["node-id"]) for node in json_printed(done.stdout)["nodes"]}
+
+
+def json_printed(stdout: str) -> dict:
+    """The JSON object `flwr ... --format json` prints (indented, after any other output)."""
+    return json.JSONDecoder().raw_decode(stdout[stdout.index("{"):])[0]
+
+
+def _discovered_nodes(server_log: str) -> set[str]:
+    return {line.split("discover_sites: node ")[1].split()[0] for line in server_log.splitlines()
+            if "discover_sites: node " in line and " serves site " in line}

@@ -51,3 +51,23 @@ def test_a_run_whose_regions_never_get_an_update_fails_and_is_refused(tmp_path: 
         refused = fed_netgpt(*command)
         assert refused.returncode == 2 and "holds a failed run" in refused.stderr, refused.stderr[-2000:]
         assert "Traceback" not in refused.stderr
+
+
+def test_poisoned_sites_drag_fedavg_while_the_median_keeps_learning(tmp_path: Path) -> None:
+    # Prepare: 5 sites a region, one of them (20 %, rounded) sends its update sign-flipped x10 every round
+    poisoned = ["faults.poison_fraction=0.2", "data.sites_per_region=5", "run.report=false"]
+    losses = {}
+    for robust in ("none", "median"):
+        out = tmp_path / robust
+        # Execute
+        done = fed_netgpt("simulate", "preset=smoke", *poisoned, f"federation.robust={robust}", f"run.output_dir={out}")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        # Assert: the poisoned sites are named in the log and in their metrics.jsonl records, one a region
+        flagged = {r["site_id"]: r["region"] for r in site_records(out) if r.get("poisoned")}
+        assert sorted(flagged.values()) == sorted(REGIONS), flagged
+        assert f"send sign_flip-poisoned updates every round (federation.robust={robust})" in done.stderr
+        losses[robust] = {region: [row["evaluate"][f"{region}/eval_loss"] for row in round_summaries(out)]
+                          for region in REGIONS}
+    for region in REGIONS:  # the median's validation loss falls, and ends below the poisoned mean's
+        median, fedavg = losses["median"][region], losses["none"][region]
+        assert median[-1] < median[0] and median[-1] < fedavg[-1], (region, losses)
