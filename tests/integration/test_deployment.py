@@ -126,7 +126,8 @@ def test_secured_deployment_refuses_unregistered_nodes_and_survives_a_killed_one
     out = tmp_path / "run"
     try:
         registered, refused = _start_federation(processes, commands, link_port, env)
-        overrides = f"preset='smoke' run.output_dir='{out}' federation.num_rounds=2"
+        overrides = (f"preset='smoke' run.output_dir='{out}' federation.num_rounds=2 federation.fraction_evaluate=0.0 "
+                     "train.sites_per_pass=2")
         run = processes.start("flwr-run", [*commands.run, "--run-config", overrides])
         killed_at = _kill_when_training(processes, KILLED, round_number=2, deadline=time.monotonic() + 300)
         run.wait(timeout=300)

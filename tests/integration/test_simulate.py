@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,20 +185,31 @@ def test_one_node_trains_its_sites_in_one_grouped_pass(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "site_adapters").iterdir()) == sorted(r["site_id"] for r in sites)
 
 
-def test_a_resumed_fedadam_run_ends_with_the_adapters_of_an_uninterrupted_one(tmp_path: Path) -> None:
+def test_a_fedadam_run_killed_after_round_2_and_resumed_ends_with_the_uninterrupted_adapters(tmp_path: Path) -> None:
     # Prepare: FedAdam keeps moments on the server; the sites seed their training with the round number
-    common = ["preset=smoke", "federation.strategy=fedadam", "personalization.method=none", "run.report=false"]
+    common = ["preset=smoke", "federation.strategy=fedadam", "federation.num_rounds=4", "personalization.method=none",
+              "run.report=false"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    # Execute: 3 rounds in one go; 2 rounds, then a resumed run to 3
-    for args in ([*common, f"run.output_dir={whole}", "federation.num_rounds=3"],
-                 [*common, f"run.output_dir={cut}", "federation.num_rounds=2"],
-                 ["--resume", str(cut), "federation.num_rounds=3"]):  # the contract's way to continue a run
-        done = fed_netgpt("simulate", *args)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # Assert: the moments were checkpointed, and the final adapters agree (to float32 summation order)
-    assert (cut / "checkpoints" / "round-2" / "optimizer.safetensors").is_file()
-    final = [load_file(str(run / "checkpoints" / "round-3" / "adapters.safetensors")) for run in (whole, cut)]
+    done = fed_netgpt("simulate", *common, f"run.output_dir={whole}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Execute: the same run, its whole process group killed with SIGKILL once round 2 is checkpointed
+    killed = subprocess.Popen([sys.executable, "-m", "fed_netgpt.cli", "simulate", *common, f"run.output_dir={cut}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (cut / "checkpoints" / "round-2").is_dir() and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    assert not (cut / "checkpoints" / "round-3").exists(), "the run got past round 2 before the kill"
+    resumed = fed_netgpt("simulate", "--resume", str(cut))  # the config comes from the run folder
+    # Assert: the run went on after round 2, and ends with the adapters of the uninterrupted one
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming after round 2" in resumed.stderr
+    assert [row["round"] for row in round_summaries(cut)] == [1, 2, 3, 4]
+    final = [load_file(str(run / "checkpoints" / "round-4" / "adapters.safetensors")) for run in (whole, cut)]
     for key in final[0]:
         np.testing.assert_allclose(final[1][key], final[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
     round_2 = load_file(str(cut / "checkpoints" / "round-2" / "adapters.safetensors"))
-    assert any(not np.allclose(round_2[k], final[1][k]) for k in round_2)  # round 3 did move the adapters
+    assert any(not np.allclose(round_2[k], final[1][k]) for k in round_2)  # rounds 3 and 4 did move the adapters
