@@ -10,7 +10,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class RunFolderError(ValueError):
 
 OWNED = ("adapters", "site_adapters", "checkpoints")  # what a fresh run clears of an earlier one in its folder
 PUBLISHED = "published.json"  # written last, once every final adapter is in place: serving reloads on it
+METRICS = "metrics.jsonl"  # a run's rounds and sites, one JSON object a line (ARCHITECTURE.md: run folder)
 FAILED = "failed.json"  # a run that never trained some adapter: complete, evaluate and serve refuse the folder
 
 
@@ -116,8 +117,10 @@ def start_run(config: Config) -> tuple[Path, str]:
         (folder / "run.json").write_text(json.dumps({"run_id": uuid.uuid4().hex}))
     (folder / "config.yaml").write_text(to_yaml(config))
     (folder / "manifest.json").write_text(json.dumps(manifest(config), indent=1))
-    if not resuming or not (folder / "metrics.jsonl").is_file():
-        (folder / "metrics.jsonl").write_text("")
+    if resuming:
+        restore_metrics(folder, latest_round(folder))
+    else:
+        (folder / METRICS).write_text("")
     return folder, str(json.loads((folder / "run.json").read_text())["run_id"])
 
 
@@ -263,10 +266,11 @@ def published(folder: str | Path) -> dict[str, Any] | None:
 
 
 def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarray],
-                    optimizer: dict[str, np.ndarray] | None = None) -> Path:
+                    optimizer: dict[str, np.ndarray] | None = None, rows: Sequence[dict[str, Any]] = ()) -> Path:
     """checkpoints/round-<n>/: every region's adapter ("<region>/<key>" tensors), the server optimizer's state
-    when there is one (optimizer.safetensors) and the round number; written beside, then renamed into place, so a
-    crash mid-write leaves the previous round's checkpoint the latest."""
+    when there is one (optimizer.safetensors), the round number and the round's metrics.jsonl rows (with DP they
+    carry each site's accountant state); written beside, then renamed into place, so a crash mid-write leaves the
+    previous round's checkpoint the latest."""
     path = folder / "checkpoints" / f"round-{server_round}"
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -275,6 +279,7 @@ def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarra
     if optimizer:
         save_file({k: np.ascontiguousarray(v) for k, v in optimizer.items()}, str(staging / "optimizer.safetensors"))
     (staging / "state.json").write_text(json.dumps({"round": server_round}))
+    (staging / METRICS).write_text("".join(json.dumps(row) + "\n" for row in rows))
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)
     return path
@@ -286,33 +291,58 @@ def checkpoint_optimizer(folder: Path, server_round: int) -> dict[str, np.ndarra
     return load_file(str(path)) if path.is_file() else {}
 
 
+def latest_round(folder: Path) -> int:
+    """The highest round checkpointed in `folder` (0: none)."""
+    return max((int(path.name.removeprefix("round-")) for path in (folder / "checkpoints").glob("round-*")
+                if path.name.removeprefix("round-").isdigit() and (path / "adapters.safetensors").is_file()),
+               default=0)
+
+
 def latest_checkpoint(folder: Path) -> tuple[int, dict[str, np.ndarray]] | None:
     """The highest round checkpointed in `folder` and its arrays, or None when there is none."""
-    rounds = sorted(
-        int(path.name.removeprefix("round-")) for path in (folder / "checkpoints").glob("round-*")
-        if path.name.removeprefix("round-").isdigit() and (path / "adapters.safetensors").is_file()
-    )
-    if not rounds:
+    done = latest_round(folder)
+    if not done:
         return None
-    return rounds[-1], load_file(str(folder / "checkpoints" / f"round-{rounds[-1]}" / "adapters.safetensors"))
+    return done, load_file(str(folder / "checkpoints" / f"round-{done}" / "adapters.safetensors"))
+
+
+def metrics_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a last line cut short by a crash mid-write is left out."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise RunFolderError(f"{path}:{number}: not a JSON object, expected one row a line") from None
+    return rows
+
+
+def restore_metrics(folder: Path, done: int) -> None:
+    """Before a resumed run goes on after round `done`: metrics.jsonl holds rounds 1..done exactly once. A crash
+    may have struck after the checkpoint was renamed into place and before (or while) its rows were appended:
+    the round's rows come from the checkpoint, and nothing after it is kept."""
+    rows = [row for row in metrics_rows(folder / METRICS) if int(row.get("round", 0)) <= done]
+    saved = folder / "checkpoints" / f"round-{done}" / METRICS
+    if done and saved.is_file():
+        rows = [row for row in rows if int(row.get("round", 0)) < done] + metrics_rows(saved)
+    staging = folder / f".{METRICS}.tmp-{os.getpid()}"
+    staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    staging.rename(folder / METRICS)
 
 
 def round_summaries(folder: str | Path) -> list[dict[str, Any]]:
     """The per-round summary rows of metrics.jsonl, per-site records left out ([] before the first round)."""
-    path = Path(folder) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if "round" in row and "site_id" not in row]
+    return [row for row in metrics_rows(Path(folder) / METRICS) if "round" in row and "site_id" not in row]
 
 
 def site_records(folder: str | Path) -> list[dict[str, Any]]:
     """The per-site records of metrics.jsonl (a site's metrics or error, each round it was asked to train)."""
-    path = Path(folder) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if "site_id" in row]
+    return [row for row in metrics_rows(Path(folder) / METRICS) if "site_id" in row]
 
 
 def run_finished(folder: str | Path, config: Config) -> bool:
@@ -323,6 +353,6 @@ def run_finished(folder: str | Path, config: Config) -> bool:
     return any(row["round"] == config.federation.num_rounds for row in round_summaries(folder))
 
 
-def append_metrics(folder: Path, row: dict[str, Any]) -> None:
-    with (folder / "metrics.jsonl").open("a") as out:
-        out.write(json.dumps(row) + "\n")
+def append_metrics(folder: Path, rows: Sequence[dict[str, Any]]) -> None:
+    with (folder / METRICS).open("a") as out:
+        out.write("".join(json.dumps(row) + "\n" for row in rows))

@@ -96,13 +96,13 @@ def run_federation(grid: Grid, config: Config) -> Path:
         if server_round == 0:
             return None
         server_round += done  # a resumed run numbers its rounds after the checkpoint's
-        save_checkpoint(folder, server_round, from_record(round_arrays), strategy.optimizer_states())
-        row = {"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}
-        append_metrics(folder, row)
+        rows = [{"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}]
         for number, record in strategy.site_replies.items():
             site = sites[number]
-            append_metrics(folder, {"round": server_round, "site_id": site.site_id, "region": site.region, **record,
-                                    **({"poisoned": True} if site.site_id in poisoned else {})})
+            rows.append({"round": server_round, "site_id": site.site_id, "region": site.region, **record,
+                         **({"poisoned": True} if site.site_id in poisoned else {})})
+        save_checkpoint(folder, server_round, from_record(round_arrays), strategy.optimizer_states(), rows)
+        append_metrics(folder, rows)  # after the checkpoint, which keeps them too (a crash between loses nothing)
         _log_round(server_round, config.federation.num_rounds, done + 1, time.perf_counter() - started, regions,
                    strategy.round_metrics)
         if DP_HISTORIES_KEY in message_config:  # the next round's messages: a node's own record may lag (two of

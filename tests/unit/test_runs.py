@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from fed_netgpt.adapters import attach_adapter, save_adapter
@@ -17,11 +18,14 @@ from fed_netgpt.runs import (
     federated_variant,
     is_adapter,
     read_run_config,
+    restore_metrics,
     round_summaries,
     run_finished,
     run_regions,
+    save_checkpoint,
     serving_adapter,
     site_adapter_dir,
+    site_records,
     start_run,
 )
 
@@ -205,6 +209,7 @@ def test_a_resumed_run_keeps_its_adapters_checkpoints_metrics_and_id(tmp_path):
     # Prepare
     _, first_id = start_run(_config(f"run.output_dir={tmp_path}"))
     _leave_earlier_run(tmp_path)
+    save_checkpoint(tmp_path, 1, {"france/a": np.zeros(2)}, rows=[{"round": 1}])
     resumed = _config(f"run.output_dir={tmp_path}", "run.resume=true")
 
     # Execute
@@ -230,6 +235,45 @@ def test_resume_without_run_json_starts_fresh(tmp_path):
     for name in OWNED:
         assert not (tmp_path / name).exists(), name
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def _metrics(folder, *rows, tail=""):
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + tail)
+
+
+ROUND_1 = [{"round": 1, "seconds": 1.0}, {"round": 1, "site_id": "paris", "dp_steps": 6}]
+ROUND_2 = [{"round": 2, "seconds": 2.0}, {"round": 2, "site_id": "paris", "dp_steps": 12}]
+
+
+@pytest.mark.parametrize(("logged", "tail"), [
+    ([*ROUND_1], ""),  # killed after the checkpoint was renamed, before its rows were appended
+    ([*ROUND_1, ROUND_2[0]], '{"round": 2, "site_id": "pa'),  # killed while appending them
+    ([*ROUND_1, *ROUND_2, {"round": 3, "seconds": 3.0}], ""),  # a round logged but never checkpointed
+])
+def test_restore_metrics_leaves_rounds_up_to_the_checkpoint_exactly_once(tmp_path, logged, tail):
+    # Prepare: rounds 1 and 2 checkpointed with their rows
+    for done, rows in ((1, ROUND_1), (2, ROUND_2)):
+        save_checkpoint(tmp_path, done, {"france/a": np.zeros(2)}, rows=rows)
+    _metrics(tmp_path, *logged, tail=tail)
+
+    # Execute
+    restore_metrics(tmp_path, 2)
+
+    # Assert: what an uninterrupted run logged up to round 2; the sites' DP steps of round 2 are counted
+    assert [row["round"] for row in round_summaries(tmp_path)] == [1, 2]
+    assert [row["dp_steps"] for row in site_records(tmp_path)] == [6, 12]
+
+
+def test_a_resume_without_a_checkpoint_keeps_no_round(tmp_path):
+    _metrics(tmp_path, *ROUND_1)
+    restore_metrics(tmp_path, 0)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_damaged_line_inside_metrics_names_the_file_and_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n{"round": \n{"round": 2}\n')
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl:2: not a JSON object"):
+        round_summaries(tmp_path)
 
 
 def test_read_run_config_of_a_folder_without_config(tmp_path):
