@@ -288,7 +288,7 @@ def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarra
 def checkpoint_optimizer(folder: Path, server_round: int) -> dict[str, np.ndarray]:
     """The server optimizer's state saved with round `server_round` ({} when it had none)."""
     path = folder / "checkpoints" / f"round-{server_round}" / "optimizer.safetensors"
-    return load_file(str(path)) if path.is_file() else {}
+    return _checkpoint_file(path) if path.is_file() else {}
 
 
 def latest_round(folder: Path) -> int:
@@ -303,7 +303,21 @@ def latest_checkpoint(folder: Path) -> tuple[int, dict[str, np.ndarray]] | None:
     done = latest_round(folder)
     if not done:
         return None
-    return done, load_file(str(folder / "checkpoints" / f"round-{done}" / "adapters.safetensors"))
+    return done, _checkpoint_file(folder / "checkpoints" / f"round-{done}" / "adapters.safetensors")
+
+
+def _checkpoint_file(path: Path) -> dict[str, np.ndarray]:
+    """A checkpoint's tensors; a damaged file is a RunFolderError that says how to fall back a round."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise RunFolderError(f"{path}: not a readable safetensors file ({err}); remove {path.parent} to resume "
+                             "from the round before it") from None
+    bad = [key for key, value in tensors.items() if not np.all(np.isfinite(value))]
+    if bad:
+        raise RunFolderError(f"{path}: tensor {bad[0]!r} holds NaN or inf; remove {path.parent} to resume from "
+                             "the round before it")
+    return tensors
 
 
 def metrics_rows(path: Path) -> list[dict[str, Any]]:

@@ -116,12 +116,13 @@ class EdgeService:
         return self._wait(_Job(target, ids, max_new_tokens, sampling or Sampling(), on_text))
 
     def encode(self, text: str, user_text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The token ids of `text` (the user's words in the chat template); the limit applies to the user's words
+        alone, checked first so an oversized prompt is refused before the whole template is tokenized."""
         user = len(self.tokenizer(user_text, add_special_tokens=False)["input_ids"])
         if user > self.settings.max_prompt_tokens:
             raise PromptTooLong(f"the prompt is {user} tokens; the limit is serving.max_prompt_tokens="
                                 f"{self.settings.max_prompt_tokens}")
-        return ids
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _wait(self, job: _Job) -> Completion:
         self._queue.put(job)

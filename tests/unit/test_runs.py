@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from fed_netgpt.adapters import attach_adapter, save_adapter
 from fed_netgpt.config import load_config
@@ -17,6 +19,7 @@ from fed_netgpt.runs import (
     aggregation_group,
     federated_variant,
     is_adapter,
+    latest_checkpoint,
     read_run_config,
     restore_metrics,
     round_summaries,
@@ -268,6 +271,21 @@ def test_a_resume_without_a_checkpoint_keeps_no_round(tmp_path):
     _metrics(tmp_path, *ROUND_1)
     restore_metrics(tmp_path, 0)
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda path: path.write_bytes(path.read_bytes()[:40]), "not a readable safetensors file"),
+    (lambda path: save_file({"france/a": np.array([np.nan])}, str(path)), "'france/a' holds NaN or inf"),
+])
+def test_a_damaged_checkpoint_says_which_file_and_how_to_fall_back(tmp_path, damage, message):
+    save_checkpoint(tmp_path, 1, {"france/a": np.zeros(2)})
+    saved = save_checkpoint(tmp_path, 2, {"france/a": np.ones(2)})
+    damage(saved / "adapters.safetensors")
+    with pytest.raises(RunFolderError, match=f"round-2/adapters.safetensors: .*{message}.*remove .*round-2 to "
+                                             "resume from the round before it"):
+        latest_checkpoint(tmp_path)
+    shutil.rmtree(saved)
+    assert latest_checkpoint(tmp_path)[0] == 1
 
 
 def test_a_damaged_line_inside_metrics_names_the_file_and_line(tmp_path):
