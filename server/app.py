@@ -30,6 +30,7 @@ from fed_netgpt.runs import (
     mark_failed,
     never_updated,
     round_summaries,
+    run_lock,
     save_adapters,
     save_checkpoint,
     site_records,
@@ -48,8 +49,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`flwr run .`: the config comes from conf/ plus the keys changed with --run-config."""
-    run_federation(grid, load_config(overrides=overrides_from_run_config(context.run_config)))
+    """`flwr run .`: the config comes from conf/ plus the keys changed with --run-config; the run folder is locked
+    as `fed-netgpt simulate` locks it (which holds the lock itself, around server_app_for)."""
+    config = load_config(overrides=overrides_from_run_config(context.run_config))
+    with run_lock(config.run.output_dir):
+        run_federation(grid, config)
 
 
 def server_app_for(config: Config) -> ServerApp:
