@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fed_netgpt.config import Config, from_yaml
 from fed_netgpt.data.facts import facts_by_site
 from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
-from fed_netgpt.faults import InjectedCrash, crashes, poison_update, poisoned_sites
+from fed_netgpt.faults import InjectedCrash, crashes, is_slow, poison_update, poisoned_sites
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter, train_personal_adapters_grouped
 from fed_netgpt.privacy import SiteAccountant, longer
@@ -57,26 +58,46 @@ def message_config(msg: Message, record: str = "config") -> Config:
     return config
 
 
+NODE_KEYS = ("site-id", "site-ids", "region", "data-path", "adapter-dir", "share-examples",
+             "partition-id", "num-partitions")  # the last two: set by Flower's simulation
+
+
 def node_sites(config: Config, context: Context) -> list[SiteData]:
-    """The sites this node serves: node_config `site-ids` (several, comma-separated) or `site-id` (one); in
-    simulation, node `partition-id` of `num-partitions` serves every num-partitions-th training site from that
-    one (sorted order), so any number of nodes covers every site."""
+    """The sites this node serves: node_config `site-ids` (several, comma-separated) or `site-id` (one), in
+    `region` when that is given (a check against the data); in simulation, node `partition-id` of
+    `num-partitions` serves every num-partitions-th training site from that one (sorted order), so any number of
+    nodes covers every site."""
     node = context.node_config
+    check_node_config(node)
     data = config.data
     if "data-path" in node:
         data = replace(data, path=str(node["data-path"]))
     sites = load_sites(data)
-    if "site-ids" in node or "site-id" in node:
-        key = "site-ids" if "site-ids" in node else "site-id"
-        wanted = [part.strip() for part in str(node[key]).split(",") if part.strip()]
-        by_id = {s.site_id: s for s in sites}
-        unknown = [site_id for site_id in wanted if site_id not in by_id]
-        if unknown or not wanted:
-            raise ValueError(f"node_config {key}={node[key]!r}: {', '.join(map(repr, unknown)) or 'no site'} "
-                             "is not a training site of the data")
-        return [by_id[site_id] for site_id in wanted]
-    partitions = int(node.get("num-partitions", len(sites)))
-    return sites[int(node["partition-id"]) :: max(1, partitions)]
+    if "partition-id" in node and "site-id" not in node and "site-ids" not in node:
+        partitions = int(node.get("num-partitions", len(sites)))
+        return sites[int(node["partition-id"]) :: max(1, partitions)]
+    key = "site-ids" if "site-ids" in node else "site-id"
+    wanted = [part.strip() for part in str(node[key]).split(",") if part.strip()]
+    by_id = {s.site_id: s for s in sites}
+    unknown = [site_id for site_id in wanted if site_id not in by_id]
+    if unknown or not wanted:
+        raise ValueError(f"node_config {key}={node[key]!r}: {', '.join(map(repr, unknown)) or 'no site'} "
+                         "is not a training site of the data")
+    elsewhere = [s for s in (by_id[site_id] for site_id in wanted) if "region" in node and s.region != node["region"]]
+    if elsewhere:
+        raise ValueError(f"node_config region={node['region']!r}: site {elsewhere[0].site_id!r} is in region "
+                         f"{elsewhere[0].region!r} in the data")
+    return [by_id[site_id] for site_id in wanted]
+
+
+def check_node_config(node: dict) -> None:
+    """A SuperNode's --node-config names its sites with known keys (a typo would silently serve nothing)."""
+    unknown = sorted(set(node) - set(NODE_KEYS))
+    if unknown:
+        raise ValueError(f"node_config key {unknown[0]!r} is unknown; expected some of {', '.join(NODE_KEYS[:6])}")
+    if not {"site-id", "site-ids", "partition-id"} & set(node):
+        raise ValueError("node_config names no site: give site-id='...' (or site-ids='a,b'), e.g. "
+                         "--node-config \"site-id='lyon' region='france'\"")
 
 
 def message_site(config: Config, context: Context, msg: Message) -> SiteData:
@@ -95,9 +116,15 @@ def serving_site(config: Config, context: Context, named: object) -> SiteData:
     return matches[0]
 
 
-def crash_if_drawn(config: Config, server_round: int, site_id: str) -> None:
-    """`faults.crash_probability`: this site's training fails this round (the server sees an error reply)."""
-    if crashes(config.faults.crash_probability, config.run.seed, server_round, site_id):
+def inject_faults(config: Config, server_round: int, site_id: str) -> None:
+    """`faults.crash_probability`: this site's training fails this round (the server sees an error reply);
+    `faults.slow_probability`: it stalls first (past `federation.timeout`, the server goes on without it)."""
+    faults = config.faults
+    if is_slow(faults.slow_probability, config.run.seed, server_round, site_id):
+        print(f"[round {server_round}] site {site_id}: stalls {faults.slow_seconds:g}s (faults.slow_probability)",
+              flush=True)
+        time.sleep(faults.slow_seconds)
+    if crashes(faults.crash_probability, config.run.seed, server_round, site_id):
         raise InjectedCrash(f"injected crash of site {site_id} in round {server_round} "
                             f"(faults.crash_probability={config.faults.crash_probability})")
 
@@ -180,7 +207,7 @@ def train(msg: Message, context: Context) -> Message:
     site = message_site(config, context, msg)
     sent = msg.content["config"]
     server_round = int(sent.get("server-round", 0))
-    crash_if_drawn(config, server_round, site.site_id)
+    inject_faults(config, server_round, site.site_id)
     base, model = prepared_model(msg, config)
     train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
     ffa = config.federation.lora_aggregation == "ffa"

@@ -150,6 +150,8 @@ class FaultsConfig:
     """Faults injected into a simulation (fed_netgpt/faults.py)."""
 
     crash_probability: float = 0.0  # each site, each round: its training crashes with this probability
+    slow_probability: float = 0.0  # each site, each round: it stalls `slow_seconds` before training
+    slow_seconds: float = 0.0  # how long a slow site stalls (beyond federation.timeout: its reply comes too late)
     poison_fraction: float = 0.0  # sites of each region (rounded to the nearest, halves up) that send poisoned updates
     poison_kind: str = "sign_flip"  # scale | sign_flip | random (fed_netgpt/faults.py:poison_update)
     poison_scale: float = 10.0  # how far a poisoned update goes, in multiples of the site's real update
@@ -236,7 +238,7 @@ class Config:
         if not 0.0 <= self.faults.poison_fraction < 1.0:
             raise ConfigError(f"faults.poison_fraction must be within [0, 1), got {self.faults.poison_fraction}")
         for key in ("federation.fraction_evaluate", "data.test_fraction", "data.valid_fraction",
-                    "faults.crash_probability"):
+                    "faults.crash_probability", "faults.slow_probability"):
             value = select(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} must be within [0, 1], got {value}")
@@ -246,7 +248,7 @@ class Config:
         for key in ("data.heldout_sites_per_region", "data.num_sites", "data.num_regions", "data.valid_pairs_per_site",
                     "data.size_skew", "personalization.ditto_lambda", "simulation.num_gpus_per_client",
                     "simulation.num_supernodes", "serving.max_wait_ms", "serving.cloud_retries", "federation.min_nodes",
-                    "evaluation.examples_to_show", "train.weight_decay", "train.proximal_mu"):
+                    "evaluation.examples_to_show", "train.weight_decay", "train.proximal_mu", "faults.slow_seconds"):
             if not select(self, key) >= 0:
                 raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:

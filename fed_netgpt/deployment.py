@@ -77,13 +77,13 @@ class Commands:
 
 def parse_node(text: str) -> NodeSpec:
     """`NAME` or `NAME=SITE[,SITE...]` (one edge server may serve several sites)."""
-    name, _, sites_text = text.partition("=")
+    name, equals, sites_text = text.partition("=")
     if not _NODE_NAME.match(name):
         raise CredentialsError(f"--node {text!r}: the name must be letters, digits, '-' or '_' (at most 63, "
                                "starting with a letter or digit): it names the node's key files")
     sites = tuple(part.strip() for part in sites_text.split(",") if part.strip())
     bad = [site for site in sites if not _SITE_ID.match(site)]
-    if bad or (sites_text and not sites):
+    if bad or (equals and not sites):
         raise CredentialsError(f"--node {text!r}: site ids are letters, digits, '.', '-' or '_', comma-separated")
     return NodeSpec(name, sites)
 
@@ -94,7 +94,11 @@ def parse_address(text: str) -> tuple[str, int]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise CredentialsError(f"--superlink-address {text!r}: expected HOST:PORT with a port from 1 to 65535")
-    return check_host(host, "--superlink-address"), int(port)
+    host = check_host(host, "--superlink-address")
+    if host in ("0.0.0.0", "::"):
+        raise CredentialsError(f"--superlink-address {text!r}: {host} is where a server listens, not an address "
+                               "nodes can reach; give the server's name or IP address")
+    return host, int(port)
 
 
 def check_host(host: str, flag: str = "--host") -> str:
@@ -173,7 +177,7 @@ def _write_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
 
 
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
-    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)  # some clock skew
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)  # some clock skew
     return start, start + datetime.timedelta(days=days)
 
 
@@ -223,7 +227,8 @@ def deployment_commands(credentials: Credentials | None, address: str, nodes: li
     with TLS and node authentication from `credentials`, or (None) the insecure lab commands."""
     host, port = parse_address(address)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bind = "127.0.0.1" if host in LOOPBACK_NAMES else ("::" if ":" in host else "0.0.0.0")
+    any_address = "::" if ":" in host else "0.0.0.0"  # a loopback address serves this machine alone
+    bind = host.replace("localhost", "127.0.0.1") if host in LOOPBACK_NAMES else any_address
     common = ["--disable-runtime-dependency-installation", "--host", bind, "--port", str(port),
               "--database", database]
     if credentials is None:
@@ -266,25 +271,26 @@ def _toml_string(text: str) -> str:
 
 def render_commands(commands: Commands) -> str:
     """The commands as a shell walkthrough, each step with one comment line saying where it runs."""
-    connection = commands.run[3]
     steps = []
     if commands.insecure:
         steps.append("# LAB ONLY (--insecure): no TLS and no node authentication: anyone who reaches the port joins "
                      "the federation and reads its traffic. Use it on one machine or a closed lab network, never "
-                     "outside.")
-    steps.append(f"# 1. the server: the SuperLink (its state, with the registered nodes, in the --database file)\n"
-                 f"{shell_join(commands.superlink)}")
-    steps.append(f"# 2. where you launch runs: add this connection to $FLWR_HOME/config.toml "
-                 f"(default ~/.flwr/config.toml)\n{commands.config_toml.rstrip()}")
+                     "outside.\n# 1. the server")
+    else:
+        steps.append("# 1. the server: TLS on its one port (Fleet, Control and Runtime APIs); nodes cannot register "
+                     "themselves")
+    steps[0] += f"\n{shell_join(commands.superlink)}"
+    steps.append("# 2. where you launch runs: a connection in $FLWR_HOME/config.toml (default ~/.flwr/config.toml)\n"
+                 + commands.config_toml.rstrip())
     if commands.register:
-        steps.append("# 3. register each node's public key (only registered nodes may join)\n"
+        steps.append("# 3. register each node's public key through the SuperLink's Control API\n"
                      + "\n".join(shell_join(argv) for argv in commands.register.values()))
-    steps.append(f"# {4 if commands.register else 3}. on each edge node"
-                 + ("" if commands.insecure else " (copy ca.crt and the node's nodes/<name>.key there first)")
+    steps.append(f"# {len(steps) + 1}. on each edge node"
+                 + ("" if commands.insecure else ", with ca.crt and its own nodes/NAME.key copied there")
                  + "\n" + "\n".join(shell_join(argv) for argv in commands.supernodes.values()))
-    steps.append(f"# {5 if commands.register else 4}. a run, from the project folder, over connection "
-                 f"'{connection}'\n{shell_join(commands.run)}")
-    return "\n\n".join(steps)
+    steps.append(f"# {len(steps) + 1}. a run, from the project folder (--run-config \"key=value ...\" changes "
+                 f"settings)\n{shell_join(commands.run)}")
+    return "\n".join(steps)
 
 
 def shell_join(argv: list[str]) -> str:

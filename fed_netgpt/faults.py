@@ -1,5 +1,5 @@
-"""Fault injection for simulations: sites that crash at random, and poisoned sites that send bad updates, to show
-a federation finishes without the first and survives the second (with `federation.robust`).
+"""Fault injection for simulations: sites that crash or stall at random, and poisoned sites that send bad updates,
+to show a federation finishes without the first two and survives the third (with `federation.robust`).
 
 Every draw is seeded by the run seed (and the round and site where it varies), so a rerun injects the same faults
 whichever node or process trains the site.
@@ -24,11 +24,23 @@ def _generator(*parts: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def crashes(probability: float, seed: int, server_round: int, site_id: str) -> bool:
-    """Whether `site_id` crashes in `server_round` (probability `probability`, reproducible)."""
+def drawn(probability: float, seed: int, fault: str, server_round: int, site_id: str) -> bool:
+    """Whether `fault` strikes `site_id` in `server_round` (probability `probability`, reproducible); each fault
+    draws from its own stream (crashes from the first one, unnamed, so earlier runs crash the same sites)."""
     if probability <= 0:
         return False
-    return bool(_generator(seed, server_round, site_id).random() < probability)
+    stream = (fault,) if fault else ()
+    return bool(_generator(seed, *stream, server_round, site_id).random() < probability)
+
+
+def crashes(probability: float, seed: int, server_round: int, site_id: str) -> bool:
+    """Whether `site_id` crashes in `server_round` (`faults.crash_probability`)."""
+    return drawn(probability, seed, "", server_round, site_id)
+
+
+def is_slow(probability: float, seed: int, server_round: int, site_id: str) -> bool:
+    """Whether `site_id` stalls before training in `server_round` (`faults.slow_probability`)."""
+    return drawn(probability, seed, "slow", server_round, site_id)
 
 
 def poisoned_count(fraction: float, num_sites: int) -> int:

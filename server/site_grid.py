@@ -20,6 +20,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fed_netgpt.runs import short_reason
 from server.federated_report import NodeSite
 from strategies.records import PACK_KEY, SITE_KEY
 
@@ -145,7 +146,8 @@ def _query(grid: Grid, nodes: list[int], message_config: ConfigRecord, timeout: 
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("discover_sites: node %d did not answer: %s", node, reply.error.reason)
+            log.warning("discover_sites: node %d serves no site, it failed to say which: %s", node,
+                        short_reason(reply.error.reason))
             continue
         for site in json.loads(str(reply.content["sites"]["json"])):
             answers[node].append(NodeSite(site["site-id"], site["region"], tuple(site.get("facts", [])),

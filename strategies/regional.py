@@ -149,6 +149,11 @@ class RegionalStrategy(Strategy):
         self.site_replies = {msg.metadata.src_node_id: {
             **_reply_record(msg), "bytes_down": self.downlink_bytes.get(msg.metadata.src_node_id, 0),
             "bytes_up": 0 if msg.has_error() else array_bytes(msg)} for msg in replies}
+        for node in self.downlink_bytes.keys() - self.site_replies.keys():
+            log.warning("aggregate_train: node %d (%s) did not reply within federation.timeout in round %d", node,
+                        self.node_regions.get(node, "?"), server_round)
+            self.site_replies[node] = {"error": "no reply within federation.timeout",
+                                       "bytes_down": self.downlink_bytes[node], "bytes_up": 0}
         if self.wire_dtype != "float32":  # 16-bit replies are averaged in float32
             for msg in replies:
                 if not msg.has_error() and ARRAYS in msg.content.array_records:

@@ -522,3 +522,17 @@ def test_update_norm_is_the_l2_norm_over_every_array():
     state = {"a": np.full((2, 2), 3.0), "b": np.ones(3) + 4.0}  # 4 x 3^2 + 3 x 4^2 = 84
     assert update_norm(state, start) == pytest.approx(np.sqrt(84))
     assert update_norm(start, start) == 0.0
+
+
+def test_a_node_sent_a_message_that_never_replied_gets_a_record_saying_so(configured, caplog):
+    # Prepare: configure_train addressed nodes 11, 12 and 21; 12 never answers (timed out)
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        configured.aggregate_train(1, [reply(11, state_of(1.0), 2, 0.5), reply(21, state_of(11.0), 3, 0.5)])
+
+    # Assert: its record says why, with the bytes it was sent and none back
+    record = configured.site_replies[12]
+    assert record["error"] == "no reply within federation.timeout"
+    assert record["bytes_down"] > 0 and record["bytes_up"] == 0
+    assert "node 12 (france) did not reply within federation.timeout in round 1" in caplog.text
+    assert "error" not in configured.site_replies[11]

@@ -123,6 +123,20 @@ def test_a_node_names_its_sites_and_a_message_picks_one_of_them():
         node_sites(config, _client_context({"site-ids": "lyon,atlantis"}))
 
 
+@pytest.mark.parametrize(("node_config", "message"), [
+    ({"site-id": "lyon", "region": "japan"}, "node_config region='japan': site 'lyon' is in region 'france'"),
+    ({"site_id": "lyon"}, "node_config key 'site_id' is unknown; expected some of site-id, site-ids, region"),
+    ({"region": "france"}, "node_config names no site: give site-id="),
+    ({"site-ids": " , "}, "'no site' is not a training site|no site is not a training site"),
+])
+def test_a_node_config_that_cannot_name_the_nodes_sites_is_refused_clearly(node_config, message):
+    config = load_config(overrides=["model.name=tiny-random"])
+    with pytest.raises(ValueError, match=message):
+        node_sites(config, _client_context(node_config))
+    assert [s.site_id for s in node_sites(config, _client_context({"site-id": "lyon", "region": "france"}))] == [
+        "lyon"]
+
+
 def test_discover_sites_numbers_every_served_site_and_keeps_the_first_node_of_a_site_served_twice(caplog):
     # Prepare: node 11 serves lyon and paris, node 12 paris (again) and tokyo, node 13 nothing
     served = {11: ["lyon", "paris"], 12: ["paris", "tokyo"], 13: []}
