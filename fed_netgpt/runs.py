@@ -266,11 +266,13 @@ def published(folder: str | Path) -> dict[str, Any] | None:
 
 
 def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarray],
-                    optimizer: dict[str, np.ndarray] | None = None, rows: Sequence[dict[str, Any]] = ()) -> Path:
+                    optimizer: dict[str, np.ndarray] | None = None, rows: Sequence[dict[str, Any]] = (),
+                    sampling: Any = None) -> Path:
     """checkpoints/round-<n>/: every region's adapter ("<region>/<key>" tensors), the server optimizer's state
-    when there is one (optimizer.safetensors), the round number and the round's metrics.jsonl rows (with DP they
-    carry each site's accountant state); written beside, then renamed into place, so a crash mid-write leaves the
-    previous round's checkpoint the latest."""
+    when there is one (optimizer.safetensors), the round number, the state of the generator that samples sites
+    (`sampling`: Python's `random.getstate()`, which Flower's strategies draw from) and the round's metrics.jsonl
+    rows (with DP they carry each site's accountant state); written beside, then renamed into place, so a crash
+    mid-write leaves the previous round's checkpoint the latest."""
     path = folder / "checkpoints" / f"round-{server_round}"
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -278,11 +280,25 @@ def save_checkpoint(folder: Path, server_round: int, merged: dict[str, np.ndarra
     save_file({k: np.ascontiguousarray(v) for k, v in merged.items()}, str(staging / "adapters.safetensors"))
     if optimizer:
         save_file({k: np.ascontiguousarray(v) for k, v in optimizer.items()}, str(staging / "optimizer.safetensors"))
-    (staging / "state.json").write_text(json.dumps({"round": server_round}))
+    (staging / "state.json").write_text(json.dumps({"round": server_round, "sampling": sampling}))
     (staging / METRICS).write_text("".join(json.dumps(row) + "\n" for row in rows))
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)
     return path
+
+
+def checkpoint_sampling(folder: Path, server_round: int) -> tuple | None:
+    """The site-sampling generator's state saved with round `server_round` (None: an older checkpoint), in the
+    form `random.setstate` takes."""
+    path = folder / "checkpoints" / f"round-{server_round}" / "state.json"
+    try:
+        saved = json.loads(path.read_text()).get("sampling")
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path}: not readable as JSON ({err})") from None
+    if saved is None:
+        return None
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
 
 
 def checkpoint_optimizer(folder: Path, server_round: int) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from fed_netgpt.runs import (
     aggregation_group,
     append_metrics,
     checkpoint_optimizer,
+    checkpoint_sampling,
     failure_summary,
     latest_checkpoint,
     mark_failed,
@@ -92,8 +94,12 @@ def run_federation(grid: Grid, config: Config) -> Path:
         log.warning("faults.poison_fraction=%g: %s send %s-poisoned updates every round (federation.robust=%s)",
                     config.faults.poison_fraction, ", ".join(sorted(poisoned)), config.faults.poison_kind,
                     config.federation.robust)
-    if done:  # the server optimizer continues where the checkpoint left it
+    random.seed(config.run.seed)  # Flower's strategies sample sites with Python's random: a run is reproducible
+    if done:  # the server optimizer and the site sampling continue where the checkpoint left them
         strategy.restore_optimizer_states(checkpoint_optimizer(folder, done))
+        sampling = checkpoint_sampling(folder, done)
+        if sampling is not None:
+            random.setstate(sampling)
     started = time.perf_counter()
 
     def end_of_round(server_round: int, round_arrays: ArrayRecord) -> None:
@@ -105,7 +111,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
             site = sites[number]
             rows.append({"round": server_round, "site_id": site.site_id, "region": site.region, **record,
                          **({"poisoned": True} if site.site_id in poisoned else {})})
-        save_checkpoint(folder, server_round, from_record(round_arrays), strategy.optimizer_states(), rows)
+        save_checkpoint(folder, server_round, from_record(round_arrays), strategy.optimizer_states(), rows,
+                        random.getstate())
         append_metrics(folder, rows)  # after the checkpoint, which keeps them too (a crash between loses nothing)
         _log_round(server_round, config.federation.num_rounds, done + 1, time.perf_counter() - started, regions,
                    strategy.round_metrics)

@@ -186,9 +186,10 @@ def test_one_node_trains_its_sites_in_one_grouped_pass(tmp_path: Path) -> None:
 
 
 def test_a_fedadam_run_killed_after_round_2_and_resumed_ends_with_the_uninterrupted_adapters(tmp_path: Path) -> None:
-    # Prepare: FedAdam keeps moments on the server; the sites seed their training with the round number
+    # Prepare: FedAdam keeps moments on the server; the sites seed their training with the round number; half of
+    # each region's sites are sampled a round, from the generator the checkpoints carry
     common = ["preset=smoke", "federation.strategy=fedadam", "federation.num_rounds=4", "personalization.method=none",
-              "run.report=false"]
+              "federation.fraction_train=0.5", "run.report=false"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     done = fed_netgpt("simulate", *common, f"run.output_dir={whole}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -208,6 +209,9 @@ def test_a_fedadam_run_killed_after_round_2_and_resumed_ends_with_the_uninterrup
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming after round 2" in resumed.stderr
     assert [row["round"] for row in round_summaries(cut)] == [1, 2, 3, 4]
+    sampled = [sorted((r["round"], r["site_id"]) for r in site_records(run)) for run in (whole, cut)]
+    assert sampled[0] == sampled[1]  # the same sites, round by round, before and after the kill
+    assert len({site for _, site in sampled[0]}) > 2  # and the sampling did vary (2 sites a round, 4 in all)
     final = [load_file(str(run / "checkpoints" / "round-4" / "adapters.safetensors")) for run in (whole, cut)]
     for key in final[0]:
         np.testing.assert_allclose(final[1][key], final[0][key], rtol=1e-5, atol=1e-6, err_msg=key)

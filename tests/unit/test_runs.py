@@ -17,6 +17,7 @@ from fed_netgpt.runs import (
     RunFolderError,
     adapter_dir,
     aggregation_group,
+    checkpoint_sampling,
     federated_variant,
     is_adapter,
     latest_checkpoint,
@@ -286,6 +287,20 @@ def test_a_damaged_checkpoint_says_which_file_and_how_to_fall_back(tmp_path, dam
         latest_checkpoint(tmp_path)
     shutil.rmtree(saved)
     assert latest_checkpoint(tmp_path)[0] == 1
+
+
+def test_the_site_sampling_state_survives_a_checkpoint(tmp_path):
+    import random
+
+    generator = random.Random(7)
+    generator.random()
+    save_checkpoint(tmp_path, 1, {"france/a": np.zeros(2)}, sampling=generator.getstate())
+    expected = [generator.random() for _ in range(3)]
+    restored = random.Random()
+    restored.setstate(checkpoint_sampling(tmp_path, 1))
+    assert [restored.random() for _ in range(3)] == expected
+    save_checkpoint(tmp_path, 2, {"france/a": np.zeros(2)})
+    assert checkpoint_sampling(tmp_path, 2) is None
 
 
 def test_a_damaged_line_inside_metrics_names_the_file_and_line(tmp_path):
