@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def summary_text(report: dict[str, Any]) -> str:
 
 def write_report(folder: Path, report: dict[str, Any], shown: int, title: str = "Personalization report") -> str:
     """report.json (NaN written as null) and report.md (the tables, `shown` examples per variant)."""
-    (folder / "report.json").write_text(json.dumps(json_safe(report), indent=2, ensure_ascii=False))
+    write_atomically(folder / "report.json", json.dumps(json_safe(report), indent=2, ensure_ascii=False))
     text = summary_text(report)
     lines = [f"# {title}", "", text, "", "![report](report.png)", ""]
     for name, result in report["variants"].items():
@@ -128,7 +129,7 @@ def write_report(folder: Path, report: dict[str, Any], shown: int, title: str = 
             lines += [f"- `{ex['site_id']}` ({ex['region']}) {ex['prompt']!r}\n  - completion: {ex['completion']}\n"
                       f"  - reference: {ex['reference']}" for ex in examples]
             lines.append("")
-    (folder / "report.md").write_text("\n".join(lines))
+    write_atomically(folder / "report.md", "\n".join(lines))
     return text
 
 
@@ -141,3 +142,10 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write beside, then rename into place: a reader (or a crash) never sees half a file."""
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging.write_text(text)
+    staging.rename(path)

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from fed_netgpt.adapters import AdapterState, attach_adapter, publish_adapter
 from fed_netgpt.config import Config, ConfigError, from_yaml, to_yaml
 from fed_netgpt.models import BaseModel
+from fed_netgpt.report import write_atomically
 
 
 class RunFolderError(ValueError):
@@ -206,9 +207,7 @@ def save_adapters(folder: Path, base: BaseModel, config: Config, states: dict[st
     run_id = json.loads((folder / "run.json").read_text())["run_id"] if (folder / "run.json").is_file() else ""
     marker = {"run_id": run_id, "rounds": config.federation.num_rounds, "adapters": sorted(states),
               "published_at": time.time()}
-    staging = folder / f".{PUBLISHED}.tmp"
-    staging.write_text(json.dumps(marker))
-    staging.replace(folder / PUBLISHED)
+    write_atomically(folder / PUBLISHED, json.dumps(marker))
 
 
 def never_updated(folder: str | Path, groups: list[str]) -> list[str]:
@@ -242,7 +241,7 @@ def short_reason(reason: str, width: int = 160) -> str:
 
 
 def mark_failed(folder: Path, reason: str) -> None:
-    (folder / FAILED).write_text(json.dumps({"reason": reason, "failure_summary": failure_summary(folder)}))
+    write_atomically(folder / FAILED, json.dumps({"reason": reason, "failure_summary": failure_summary(folder)}))
 
 
 def check_not_failed(folder: str | Path) -> None:
@@ -360,9 +359,7 @@ def restore_metrics(folder: Path, done: int) -> None:
     saved = folder / "checkpoints" / f"round-{done}" / METRICS
     if done and saved.is_file():
         rows = [row for row in rows if int(row.get("round", 0)) < done] + metrics_rows(saved)
-    staging = folder / f".{METRICS}.tmp-{os.getpid()}"
-    staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    staging.rename(folder / METRICS)
+    write_atomically(folder / METRICS, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def round_summaries(folder: str | Path) -> list[dict[str, Any]]:
