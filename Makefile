@@ -24,7 +24,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q --durations=12  # the 12 slowest, to keep the suite fast
 
 # test-all adds the slow tests on the real SmolLM2 and a real third-party OpenAI-compatible cloud: llama-cpp-python's
 # server (source only on PyPI: it compiles llama.cpp, 8 min 15 s on a 2-core EPYC).
