@@ -68,23 +68,26 @@ class GroupedLoraLinear(nn.Module):
         self.selection = selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, *inner, width = x.shape
+        out = self.base(x)
+        h = self.dropout(x).reshape(rows, -1, width)
+        # scaling folded into B (exact for the usual alpha = 2r), so the update is added inside the second matmul:
+        # baddbmm writes base + B·(A·h) in one pass instead of three (product, scaling, sum)
+        a, b = self.lora_A.to(h.dtype), (self.scaling * self.lora_B).to(h.dtype)
+        if self.selection.single is not None:  # one adapter for every row
+            k = self.selection.single
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, width) @ a[k].T, b[k].T).view_as(out)
+        if self.selection.blocks:  # K equal runs: [K, rows/K·T, in] against the stacks themselves
+            k = a.shape[0]
+            low = torch.bmm(h.reshape(k, -1, width), a.transpose(1, 2))
+            return torch.baddbmm(out.reshape(k, -1, out.shape[-1]), low, b.transpose(1, 2)).view_as(out)
+        # any order: each row gathers its own factors (the index is read only here: a compiled layer taking the
+        # paths above then has no input whose shape changes with the batch)
         index = self.selection.index
         if index is None:
             raise RuntimeError("GroupedLoraLinear: no row selection set for this forward pass")
-        rows, *inner, width = x.shape
-        h = self.dropout(x).reshape(rows, -1, width)
-        if self.selection.single is not None:  # one adapter for every row
-            k = self.selection.single
-            low = nn.functional.linear(h, self.lora_A[k].to(h.dtype))
-            delta = nn.functional.linear(low, self.lora_B[k].to(h.dtype))
-        elif self.selection.blocks:  # K equal runs: [K, rows/K·T, in] against the stacks themselves
-            k = self.lora_A.shape[0]
-            low = torch.bmm(h.reshape(k, -1, width), self.lora_A.transpose(1, 2).to(h.dtype))
-            delta = torch.bmm(low, self.lora_B.transpose(1, 2).to(h.dtype))
-        else:  # any order: each row gathers its own factors
-            low = torch.bmm(h, self.lora_A[index].transpose(1, 2).to(h.dtype))
-            delta = torch.bmm(low, self.lora_B[index].transpose(1, 2).to(h.dtype))
-        return self.base(x) + (self.scaling * delta).reshape(rows, *inner, -1).to(x.dtype)
+        low = torch.bmm(h, a[index].transpose(1, 2))
+        return torch.baddbmm(out.reshape(rows, -1, out.shape[-1]), low, b[index].transpose(1, 2)).view_as(out)
 
 
 @dataclass
@@ -112,21 +115,41 @@ class GroupedAdapters:
             raise ValueError(f"{self.num_adapters} grouped adapters, {len(states)} states given")
         expected = {_key(path, name): tuple(getattr(layer, name).shape[1:])
                     for path, layer in self.layers.items() for name in ("lora_A", "lora_B")}
-        for k, state in enumerate(states):
-            problem = describe_mismatch(expected, state)
-            if problem:
-                raise AdapterError(f"adapter {k}: {problem}")
+        stacks = _checked_stacks(expected, states)
+        if stacks is None:
+            problems = ((k, describe_mismatch(expected, state)) for k, state in enumerate(states))
+            k, problem = next((k, p) for k, p in problems if p)
+            raise AdapterError(f"adapter {k}: {problem}")
         with torch.no_grad():
             for path, layer in self.layers.items():
                 for name in ("lora_A", "lora_B"):
-                    stack = np.stack([np.asarray(state[_key(path, name)]) for state in states])
-                    getattr(layer, name).copy_(torch.from_numpy(stack))
+                    getattr(layer, name).copy_(torch.from_numpy(stacks[_key(path, name)]))
 
     def states(self) -> list[AdapterState]:
-        """Every adapter in peft's key format, as NumPy copies of its master weights (float32; float64 stays)."""
-        stacks = {_key(path, name): getattr(layer, name).detach().cpu().numpy()
+        """Every adapter in peft's key format, as NumPy views into one host copy of each stack of master weights
+        (float32; float64 stays): adapter k's arrays are its own contiguous slices, apart from the layers' weights
+        (one copy a stack instead of one a tensor: 240 instead of 30,720 for 128 sites on SmolLM2)."""
+        stacks = {_key(path, name): getattr(layer, name).detach().to("cpu", copy=True).numpy()
                   for path, layer in self.layers.items() for name in ("lora_A", "lora_B")}
-        return [{key: stack[k].copy() for key, stack in stacks.items()} for k in range(self.num_adapters)]
+        return [{key: stack[k] for key, stack in stacks.items()} for k in range(self.num_adapters)]
+
+
+def _checked_stacks(expected: dict[str, tuple[int, ...]],
+                    states: Sequence[AdapterState]) -> dict[str, np.ndarray] | None:
+    """Each key's tensors of all states stacked, if every state has exactly the expected keys and shapes and only
+    finite values; None otherwise (`describe_mismatch` then says which and why). One finiteness check a stack
+    instead of one a tensor: 240 for 128 sites on SmolLM2, not 30,720 (0.3 s)."""
+    if any(state.keys() != expected.keys() for state in states):
+        return None
+    stacks = {}
+    for key, shape in expected.items():
+        arrays = [np.asarray(state[key]) for state in states]
+        if any(array.shape != shape for array in arrays):
+            return None
+        stacks[key] = np.stack(arrays)
+        if not np.isfinite(stacks[key]).all():
+            return None
+    return stacks
 
 
 def _key(path: str, name: str) -> str:

@@ -48,15 +48,12 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair]
 
 
 def pad_batch(encoded: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    """`collate` of pairs already encoded (`encode_pair`'s ids and labels)."""
+    """`collate` of pairs already encoded (`encode_pair`'s ids and labels), padded on the right."""
     width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        attention_mask[row, : len(ids)] = 1
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded], dtype=torch.long)
+    labels = torch.tensor([labs + [-100] * (width - len(labs)) for _, labs in encoded], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded],
+                                  dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -172,32 +169,77 @@ def train_adapter(
     return TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)
 
 
-LOGITS_CHUNK_BYTES = 1 << 30  # fp32 logits held at once by `row_loss_sums` (SmolLM2: ~40 rows of 128 tokens)
+LOGITS_CHUNK_BYTES = 1 << 30  # fp32 logits held at once by `row_loss_sums` (SmolLM2: ~5,400 positions)
 
 
 def row_loss_sums(model: PreTrainedModel, batch: dict[str, torch.Tensor],
                   chunk_bytes: int = LOGITS_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed next-token loss and its number of counted tokens (as a float), both [rows].
 
-    The fp32 logits over the vocabulary are the biggest tensor of a LoRA step (32 sites x 8 rows x 256 tokens
-    x 49,152 entries are 13 GB): they are computed a chunk of rows at a time, each chunk recomputed in the
-    backward pass instead of kept, so only the final hidden states stay in memory.
+    Only the positions whose next token counts go through the output head: prompts and padding carry no loss,
+    and on prompt pairs they are ~60 % of the positions. The fp32 logits over the vocabulary are still the
+    biggest tensor of a LoRA step (at 49,152 entries, 4,096 counted positions take 0.8 GB), so they are
+    computed a chunk of positions at a time (`head_losses`). A batch without "attention_mask" must be padded
+    on the right: the causal mask alone then keeps real tokens from seeing the padding.
     """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                  use_cache=False).last_hidden_state
-    head, labels = model.get_output_embeddings(), batch["labels"]
-    rows, width = labels.shape
-    chunk = max(1, chunk_bytes // max(1, width * head.out_features * 4))
+    labels = batch["labels"]
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    positions = (targets != -100).nonzero().squeeze(1)  # on a GPU this waits for the forward pass
+    chunk = max(1, chunk_bytes // (model.config.vocab_size * 4))
+    losses = head_losses(model.get_output_embeddings(), hidden.flatten(0, 1)[positions], targets[positions],
+                         chunk)
+    rows = positions // labels.shape[1]
+    zeros = losses.new_zeros(labels.shape[0])
+    return zeros.index_add(0, rows, losses), zeros.index_add(0, rows, torch.ones_like(losses))
 
-    def sums(h: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        losses, counted = token_losses(head(h), lab)
-        return (losses * counted).sum(dim=1), counted.sum(dim=1).to(losses.dtype)  # a float count: exact division
 
-    if chunk >= rows:
-        return sums(hidden, labels)
-    parts = [torch.utils.checkpoint.checkpoint(sums, hidden[i : i + chunk], labels[i : i + chunk],
-                                               use_reentrant=False) for i in range(0, rows, chunk)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+def head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Cross-entropy of `head(hidden)` ([positions, vocab] logits, log-softmax in at least fp32) against
+    `targets`, `chunk` positions at a time. A frozen Linear head goes through `_FrozenHeadLosses`; a head with
+    trainable weights (LoRA on lm_head) through autograd, each chunk recomputed in the backward pass."""
+    if isinstance(head, torch.nn.Linear) and not any(p.requires_grad for p in head.parameters()):
+        return _FrozenHeadLosses.apply(hidden, targets, head.weight, head.bias, chunk, hidden.requires_grad)
+
+    def losses(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        return -logp.gather(1, t[:, None]).squeeze(1)
+
+    return torch.cat([torch.utils.checkpoint.checkpoint(losses, hidden[i : i + chunk], targets[i : i + chunk],
+                                                        use_reentrant=False)
+                      for i in range(0, len(targets), chunk)])
+
+
+class _FrozenHeadLosses(torch.autograd.Function):
+    """Cross-entropy through a frozen Linear head that computes d(loss)/d(hidden) in the forward pass.
+
+    With the head frozen, that gradient is (softmax - one-hot) · W per position, all of which the forward pass
+    already has: each chunk's logits are used once and dropped, never kept or recomputed for the backward
+    pass, which only scales the stored [positions, hidden] gradient by each loss's incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                bias: torch.Tensor | None, chunk: int, needs_grad: bool) -> torch.Tensor:
+        losses, grads = [], []
+        for i in range(0, len(targets), chunk):
+            logits = torch.nn.functional.linear(hidden[i : i + chunk], weight, bias)
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+            del logits
+            t = targets[i : i + chunk, None]
+            losses.append(-logp.gather(1, t).squeeze(1))
+            if needs_grad:
+                probs = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))
+                grads.append((probs.to(weight.dtype) @ weight).to(hidden.dtype))
+        ctx.save_for_backward(torch.cat(grads) if needs_grad else hidden.new_empty(0))
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None, None
 
 
 def per_site_mean(row_sums: torch.Tensor, row_counts: torch.Tensor, index: torch.Tensor,
@@ -237,25 +279,25 @@ def train_grouped(
         _LOGGED.add(precision.reason)
         log.info("grouped training precision: %s", precision.reason)
     pad = int(tokenizer.pad_token_id)
-    encoded = [encode_pairs(tokenizer, pairs, config.max_length)  # once: a step of 128 sites would otherwise
-               for pairs in sites]                                # spend ~0.3 s tokenizing
-    streams = [batches(rows, config.batch_size, seed=config.seed + seed) for rows, seed in zip(encoded, seeds)]
+    streams = [batches(_Encodings(tokenizer, pairs, config.max_length), config.batch_size, seed=config.seed + seed)
+               for pairs, seed in zip(sites, seeds)]
     with grouped_adapters(model, lora, len(sites)) as group:
         params = group.parameters(freeze_lora_a)
-        group.load(anchors or starts)
-        anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
+        anchor = None
+        if config.proximal_mu > 0:
+            group.load(anchors or starts)
+            anchor = [p.detach().clone() for p in params]
         group.load(starts)
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                      fused=device.type == "cuda")  # one kernel for all K sites' factors
         model.train()
         losses, started = [], time.perf_counter()
         for _ in range(config.local_steps):
-            chosen = [next(stream) for stream in streams]
-            index = torch.tensor([k for k, rows in enumerate(chosen) for _ in rows], device=device)
-            batch = {k: v.to(device) for k, v in pad_batch([row for rows in chosen for row in rows], pad).items()}
+            batch, index = grouped_batch([next(stream) for stream in streams], pad, device)
             group.select(index)
             with autocast(precision.bf16, device):
                 row_sums, row_counts = row_loss_sums(model, batch)
-            site_loss = per_site_mean(row_sums, row_counts, index, len(sites))
+            site_loss = per_site_mean(row_sums, row_counts, index.to(device, non_blocking=True), len(sites))
             objective = site_loss.sum()
             if anchor:
                 distance = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor)]).sum()
@@ -263,12 +305,47 @@ def train_grouped(
             objective.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(site_loss.detach().cpu())
+            losses.append(site_loss.detach())  # kept on the device: no wait for the GPU between steps
         model.eval()
+        per_site = torch.stack(losses).T.cpu()  # [sites, steps]
         elapsed = time.perf_counter() - started
         states = group.states()
-    per_site = torch.stack(losses).T  # [sites, steps]
     return [TrainResult(state=states[k], num_examples=len(sites[k]), metrics={
         "train_loss": float(per_site[k].mean()), "train_loss_last": float(per_site[k, -1]),
         "train_seconds": elapsed / len(sites), "steps": float(config.local_steps), "bf16": float(precision.bf16),
         "group_size": float(len(sites))}) for k in range(len(sites))]
+
+
+class _Encodings(Sequence[tuple[list[int], list[int]]]):
+    """A site's pairs, each tokenized on first use (`encode_pairs`), so that a step's new rows are encoded while
+    the GPU still runs the step before (128 sites' pairs take ~0.3 s to encode on a 2-core CPU)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PromptPair], max_length: int) -> None:
+        self.tokenizer, self.pairs, self.max_length = tokenizer, pairs, max_length
+        self.encoded: dict[int, tuple[list[int], list[int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def,override]
+        if i not in self.encoded:
+            self.encoded[i] = encode_pairs(self.tokenizer, [self.pairs[i]], self.max_length)[0]
+        return self.encoded[i]
+
+
+def grouped_batch(chosen: Sequence[Sequence[tuple[list[int], list[int]]]], pad: int,
+                  device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One grouped step's batch (on `device`, copied without waiting) and each row's site (on the host).
+
+    Rows come site after site, every site's run filled up to the longest with empty rows (one pad token, no
+    counted label): the grouped layers then take their reshaping path, and an empty row adds exactly nothing to
+    any loss or gradient. Padding is on the right and no attention mask is passed: the causal mask alone keeps
+    every real token from seeing the padding after it, and attention runs as plain causal attention (flash).
+    """
+    per = max(len(rows) for rows in chosen)
+    empty = ([pad], [-100])
+    rows = [row for site_rows in chosen for row in [*site_rows, *[empty] * (per - len(site_rows))]]
+    batch = pad_batch(rows, pad)
+    del batch["attention_mask"]
+    index = torch.arange(len(chosen)).repeat_interleave(per)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, index

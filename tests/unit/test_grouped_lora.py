@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fed_netgpt.adapters import AdapterError, attach_adapter, get_state, set_state
 from fed_netgpt.grouped_lora import grouped_adapters
 from fed_netgpt.models import BaseModel, cache_root, tiny_random_folder
-from fed_netgpt.training import collate, row_loss_sums, train_adapter, train_grouped
+from fed_netgpt.training import collate, row_loss_sums, token_losses, train_adapter, train_grouped
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,7 @@ def test_mixed_rows_use_their_own_adapter_and_a_slice_is_a_normal_peft_adapter(b
         with torch.no_grad():
             mixed = base64.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         exported = group.states()
+        group.load(states[::-1])  # the exported arrays are copies: loading other states leaves them as they were
     model = attach_adapter(base64, "slice", lora)
     alone = []
     for row, k in enumerate(order):
@@ -159,26 +160,38 @@ def test_equal_blocks_take_the_reshaping_path_with_the_same_result(base64, site_
     torch.testing.assert_close(by_blocks, gathered, rtol=1e-12, atol=1e-12)
 
 
-def test_chunked_logits_give_the_same_losses_and_gradients(base64, site_pairs, default_config):
-    # Prepare: one adapter, 4 rows; a chunk budget of one row's logits forces 4 chunks
+@pytest.mark.parametrize("head", ["frozen", "lora"])
+def test_head_losses_in_chunks_equal_cross_entropy_over_full_logits(base64, site_pairs, default_config, head):
+    # Prepare: one adapter, 4 rows; the reference is autograd through the model's own full logits. A frozen head
+    # takes the fused path (its gradient computed in the forward pass), LoRA on lm_head the autograd path
     lora = default_config.lora
-    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    if head == "lora":
+        lora = replace(lora, target_modules=[*lora.target_modules, "lm_head"])
+    like = {k: v for k, v in get_state(attach_adapter(base64, f"shape-{head}", lora), f"shape-{head}").items()
+            if ".lora_" in k}  # peft adds the tied lm_head's own weight to the state
     batch = collate(base64.tokenizer, site_pairs[0][:4], 128)
-    one_row = batch["labels"].shape[1] * base64.model.get_output_embeddings().out_features * 4
+    vocab = base64.model.get_output_embeddings().out_features
     results = []
     with grouped_adapters(base64.model, lora, 1) as group:
         group.load([_random_state(like, 31)])
         group.select(torch.zeros(4, dtype=torch.long))
-        layer = next(iter(group.layers.values()))
-        for budget in (1 << 40, one_row):
+        factors = group.parameters()
+        logits = base64.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, counted = token_losses(logits, batch["labels"])
+        reference = ((losses * counted).sum(dim=1), counted.sum(dim=1).to(losses.dtype))
+        for sums, counts in [reference] + [row_loss_sums(base64.model, batch, chunk_bytes=budget)
+                                           for budget in (1 << 40, 16 * vocab * 4)]:  # one chunk; 16 positions
             # Execute
-            sums, counts = row_loss_sums(base64.model, batch, chunk_bytes=budget)
-            (grad,) = torch.autograd.grad(sums.sum() / counts.sum(), layer.lora_A)
-            results.append((sums.detach(), counts, grad))
-    # Assert
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
-    assert torch.equal(results[0][1], results[1][1])
-    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-10, atol=1e-14)
+            grads = torch.autograd.grad((sums * torch.arange(1.0, 5.0, dtype=sums.dtype)).sum() / counts.sum(),
+                                        factors)
+            results.append((sums.detach(), counts, grads))
+    # Assert: the same row sums and counts, and the same gradients for every factor (rows weighted unequally)
+    for sums, counts, grads in results[1:]:
+        torch.testing.assert_close(sums, results[0][0], rtol=1e-12, atol=1e-12)
+        assert torch.equal(counts, results[0][1])
+        for grad, expected in zip(grads, results[0][2]):
+            torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-14)
+    assert any(float(g.abs().max()) > 0 for g in results[0][2])
 
 
 def test_grouped_adapters_refuse_a_state_that_does_not_fit(base64, default_config):
