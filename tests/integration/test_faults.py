@@ -45,7 +45,7 @@ def test_a_run_whose_regions_never_get_an_update_fails_and_is_refused(tmp_path: 
                       f"run.output_dir={out}")
     assert done.returncode == 1
     assert "the run failed: no valid update ever reached france, japan in 1 rounds" in done.stderr
-    assert "1x InjectedCrash: injected crash of site" in done.stderr
+    assert "4x InjectedCrash: injected crash (faults.crash_probability=1.0)" in done.stderr
     assert (out / "failed.json").is_file() and not (out / "published.json").exists()
     for command in (["complete", "--run", str(out), "--site", "paris", "Hi?"], ["evaluate", "--run", str(out)]):
         refused = fed_netgpt(*command)
