@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +128,20 @@ def read_adapter(folder: str | Path) -> tuple[dict, AdapterState]:
         raise AdapterError(f"{config_path}: not valid JSON ({err})") from None
     if not isinstance(adapter_config, dict):
         raise AdapterError(f"{config_path}: expected a JSON object, got {type(adapter_config).__name__}")
+    return adapter_config, read_tensors(weights_path)
+
+
+def read_tensors(path: Path) -> AdapterState:
+    """A safetensors file's tensors; a truncated or foreign file is an AdapterError naming it."""
     try:
-        state = load_file(str(weights_path))
+        return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise AdapterError(f"{weights_path}: not a readable safetensors file ({err})") from None
-    return adapter_config, state
+        raise AdapterError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def l2_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of all `arrays` together, as one vector (in float64)."""
+    return float(np.sqrt(sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in arrays.values())))
 
 
 def lora_config_from_json(adapter_config: dict, where: str = "adapter_config.json") -> LoraConfig:

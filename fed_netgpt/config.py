@@ -17,8 +17,6 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fed_netgpt.faults import POISON_KINDS
-
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -340,6 +338,7 @@ def _check_compare(compare: CompareConfig, privacy: PrivacyConfig) -> None:
                           f"compare.epsilons; leave privacy.mode=none (got {privacy.mode})")
 
 
+POISON_KINDS = ("scale", "sign_flip", "random")  # fed_netgpt/faults.py:poison_update says what each sends
 ROBUST = ("none", "median", "trimmed_mean", "clipped_mean", "krum")  # strategies/robust.py says what each does
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 CONTEXTS = ("none", "city", "coordinates")

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-POISON_KINDS = ("scale", "sign_flip", "random")
+from fed_netgpt.adapters import l2_norm
+from fed_netgpt.config import POISON_KINDS
 
 
 class InjectedCrash(RuntimeError):
@@ -73,11 +74,9 @@ def poison_update(state: Mapping[str, np.ndarray], start: Mapping[str, np.ndarra
         raise ValueError(f"poison kind must be one of {', '.join(POISON_KINDS)}; got {kind!r}")
     deltas = {key: np.asarray(state[key], np.float64) - np.asarray(start[key], np.float64) for key in start}
     if kind == "random":
-        norm = np.sqrt(sum(float(np.sum(d**2)) for d in deltas.values()))
         rng = _generator(seed, "poison", server_round, site_id)
         noise = {key: rng.standard_normal(d.shape) for key, d in deltas.items()}
-        noise_norm = np.sqrt(sum(float(np.sum(n**2)) for n in noise.values())) or 1.0
-        deltas = {key: n * (scale * norm / noise_norm) for key, n in noise.items()}
+        deltas = {key: n * (scale * l2_norm(deltas) / (l2_norm(noise) or 1.0)) for key, n in noise.items()}
     else:
         factor = scale if kind == "scale" else -scale
         deltas = {key: factor * d for key, d in deltas.items()}

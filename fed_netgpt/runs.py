@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from fed_netgpt.adapters import AdapterState, attach_adapter, publish_adapter
+from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_tensors
 from fed_netgpt.config import Config, ConfigError, from_yaml, to_yaml
 from fed_netgpt.models import BaseModel
 from fed_netgpt.report import write_atomically
@@ -324,10 +324,9 @@ def latest_checkpoint(folder: Path) -> tuple[int, dict[str, np.ndarray]] | None:
 def _checkpoint_file(path: Path) -> dict[str, np.ndarray]:
     """A checkpoint's tensors; a damaged file is a RunFolderError that says how to fall back a round."""
     try:
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise RunFolderError(f"{path}: not a readable safetensors file ({err}); remove {path.parent} to resume "
-                             "from the round before it") from None
+        tensors = read_tensors(path)
+    except AdapterError as err:
+        raise RunFolderError(f"{err}; remove {path.parent} to resume from the round before it") from None
     bad = [key for key, value in tensors.items() if not np.all(np.isfinite(value))]
     if bad:
         raise RunFolderError(f"{path}: tensor {bad[0]!r} holds NaN or inf; remove {path.parent} to resume from "

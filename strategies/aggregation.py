@@ -7,6 +7,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from fed_netgpt.adapters import l2_norm
+
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 
@@ -221,8 +223,7 @@ def shared_factor_mismatch(
 def update_norm(state: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]) -> float:
     """L2 norm of a site's update over all its arrays together (state - start): what
     `federation.max_update_norm` bounds, the same norm client-level DP clips."""
-    return float(np.sqrt(sum(float(np.sum((np.asarray(state[k], np.float64) - np.asarray(start[k], np.float64)) ** 2))
-                             for k in start)))
+    return l2_norm({k: np.asarray(state[k], np.float64) - np.asarray(start[k], np.float64) for k in start})
 
 
 def clip_update(state: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray],

@@ -151,7 +151,7 @@ class RegionalStrategy(Strategy):
             "bytes_up": 0 if msg.has_error() else array_bytes(msg)} for msg in replies}
         for node in self.downlink_bytes.keys() - self.site_replies.keys():
             log.warning("aggregate_train: node %d (%s) did not reply within federation.timeout in round %d", node,
-                        self.node_regions.get(node, "?"), server_round)
+                        self.node_regions[node], server_round)
             self.site_replies[node] = {"error": "no reply within federation.timeout",
                                        "bytes_down": self.downlink_bytes[node], "bytes_up": 0}
         if self.wire_dtype != "float32":  # 16-bit replies are averaged in float32
