@@ -39,9 +39,8 @@ from fed_netgpt.deployment import (
     write_credentials,
 )
 from fed_netgpt.evaluation import evaluate_run
-from fed_netgpt.models import DeviceError, ModelNotFoundError, load_base, resolve_device
+from fed_netgpt.models import DeviceError, ModelNotFoundError, cache_root, load_base, resolve_device
 from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
-from fed_netgpt.precision import choose_precision
 from fed_netgpt.privacy import privacy_report
 from fed_netgpt.prompting import check_pair_lengths
 from fed_netgpt.report import duration, json_safe, write_report
@@ -147,22 +146,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def prepared_config(args: argparse.Namespace) -> Config:
     """The config with what this machine decides resolved, logged and saved with the run: an absolute run folder
-    (Ray workers write site adapters there), `train.device=auto` turned into cpu or cuda (with a GPU share per
-    client when none is set), and on the CPU `train.bf16=auto` turned into true/false (a GPU worker decides it
-    with a one-off step benchmark)."""
+    (Ray workers write site adapters there) and `train.device=auto` turned into cpu or cuda (with a GPU share per
+    client when none is set). `train.bf16=auto` stays: the first worker to train times a bf16 and an fp32 step of
+    the real model once per machine, model and batch (fed_netgpt/precision.py) and logs what it chose."""
     config = load_config(args.config, args.overrides)
     device = resolve_device(config.train.device)
     train, simulation = replace(config.train, device=device.type), config.simulation
-    if device.type == "cpu":
-        precision = choose_precision(config.train.bf16, device)
-        train = replace(train, bf16=str(precision.bf16).lower())
-        print(f"device: cpu; precision: {precision.reason}", flush=True)
-    else:
+    where = "cpu"
+    if device.type == "cuda":
         if simulation.num_gpus_per_client == 0:
             at_once = max(1, int((os.cpu_count() or 1) // simulation.num_cpus_per_client))
             simulation = replace(simulation, num_gpus_per_client=min(1.0, torch.cuda.device_count() / at_once))
-        print(f"device: cuda ({torch.cuda.device_count()} x {torch.cuda.get_device_name()}), "
-              f"{simulation.num_gpus_per_client:g} GPU per client; precision: train.bf16={train.bf16}", flush=True)
+        where = (f"cuda ({torch.cuda.device_count()} x {torch.cuda.get_device_name()}), "
+                 f"{simulation.num_gpus_per_client:g} GPU per client")
+    how = (f" (bf16 if a timed step says it is >5% faster; the timing is kept in {cache_root() / 'precision.json'})"
+           if train.bf16 == "auto" else "")
+    print(f"device: {where}; precision: train.bf16={train.bf16}{how}", flush=True)
     return replace(config, train=train, simulation=simulation,
                    run=replace(config.run, output_dir=str(Path(config.run.output_dir).resolve())))
 

@@ -27,7 +27,7 @@ from fed_netgpt.metrics import RowScore, add_tallies, score_row, summarize_tally
 from fed_netgpt.models import BaseModel
 from fed_netgpt.prompting import chat_prompt, end_of_turn_id
 from fed_netgpt.runs import RunFolderError, federated_variant, serving_adapter
-from fed_netgpt.training import collate, token_losses
+from fed_netgpt.training import collate, on_device, token_losses
 
 GROUPS = ("heldout_intents", "heldout_sites")  # test rows of training sites | test rows of held-out sites
 
@@ -40,7 +40,7 @@ def batch_token_losses(
     """Batch by batch, each completion token's cross-entropy and where completion tokens are ([rows, seq])."""
     device = next(model.parameters()).device
     for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate(tokenizer, pairs[start : start + batch_size], max_length).items()}
+        batch = on_device(collate(tokenizer, pairs[start : start + batch_size], max_length), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         yield token_losses(logits, batch["labels"])
 

@@ -45,6 +45,7 @@ from fed_netgpt.training import (
     TrainResult,
     autocast,
     collate,
+    on_device,
     precision_for,
     proximal_term,
     token_losses,
@@ -181,16 +182,18 @@ def train_adapter_private(
         loss_reduction="mean", generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
     )
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
+    # decided before Opacus hooks the model: its timing passes must not add to the per-pair gradients
+    first = collate(tokenizer, pairs[: config.batch_size], config.max_length)
+    precision = precision_for(config, model, on_device(first, device))
     per_pair = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     rng = random.SystemRandom()
     model.train()
-    losses, started, precision = [], time.perf_counter(), None
+    losses, started = [], time.perf_counter()
     try:
         for _ in range(config.local_steps):
             chosen = [pairs[i] for i in poisson_batch(len(pairs), rate, rng)]
             if chosen:
-                batch = {k: v.to(device) for k, v in collate(tokenizer, chosen, config.max_length).items()}
-                precision = precision or precision_for(config, model, batch)
+                batch = on_device(collate(tokenizer, chosen, config.max_length), device)
                 with autocast(precision.bf16, device):
                     logits = per_pair(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 per_sequence = sequence_losses(logits, batch["labels"])
@@ -221,7 +224,7 @@ def train_adapter_private(
         "train_loss_last": losses[-1] if losses else math.nan,
         "train_seconds": time.perf_counter() - started,
         "steps": float(config.local_steps),
-        "bf16": float(bool(precision and precision.bf16)),
+        "bf16": float(precision.bf16),
         **spent.metrics(),
     }
     result = TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,7 +21,7 @@ from fed_netgpt.config import LoraConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.grouped_lora import grouped_adapters
 from fed_netgpt.models import cache_root
-from fed_netgpt.precision import Precision, choose_precision, step_benchmark
+from fed_netgpt.precision import Precision, choose_precision, device_name, step_benchmark
 from fed_netgpt.prompting import encode_pair
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ def batches(pairs: Sequence[Row], batch_size: int, seed: int) -> Iterator[list[R
             yield [pairs[i] for i in order[start : start + batch_size]]
 
 
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast where asked: fp32 master weights, bf16 matmuls (AMX on CPU, tensor cores on GPU)."""
     if not enabled:
@@ -102,17 +107,24 @@ _CHOSEN: dict[tuple[str, str], Precision] = {}
 _LOGGED: set[str] = set()
 
 
-def precision_for(config: TrainConfig, model: PeftModel, batch: dict[str, torch.Tensor]) -> Precision:
+def token_mean_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's mean loss over its completion tokens, through the counted-positions output head."""
+    row_sums, row_counts = row_loss_sums(model.get_base_model(), batch)
+    return row_sums.sum() / row_counts.sum().clamp(min=1)
+
+
+def precision_for(config: TrainConfig, model: PeftModel, batch: dict[str, torch.Tensor],
+                  loss: Callable[..., torch.Tensor] | None = None) -> Precision:
     """bf16 autocast or fp32 for this machine (`train.bf16`), decided once per process and logged.
 
-    On a GPU the choice is a one-off measurement of this model's step, cached per GPU, model and batch size.
+    "auto" is a one-off measurement of this model's step in both precisions, cached per processor (and thread
+    count), model and batch size.
     """
     device = next(model.parameters()).device
     key = (str(config.bf16), str(device))
     if key not in _CHOSEN:
-        gpu = device.type == "cuda"
-        name = f"{torch.cuda.get_device_name(device)}|{model.name_or_path}|{config.batch_size}" if gpu else ""
-        _CHOSEN[key] = choose_precision(config.bf16, device, benchmark=step_benchmark(model, batch) if gpu else None,
+        name = f"{device_name(device)}|{model.name_or_path}|{config.batch_size}"
+        _CHOSEN[key] = choose_precision(config.bf16, device, benchmark=step_benchmark(model, batch, loss=loss),
                                         cache_key=name, cache_file=cache_root() / "precision.json")
         log.info("precision: %s", _CHOSEN[key].reason)
     return _CHOSEN[key]
@@ -144,14 +156,15 @@ def train_adapter(
     anchor = anchor if config.proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay)
     stream = batches(pairs, config.batch_size, seed=config.seed + seed)
+    first = next(stream)  # decides the precision (a one-off timing per machine) before the clock starts
+    precision = precision_for(config, model, on_device(collate(tokenizer, first, config.max_length), device),
+                              loss=token_mean_loss)
     model.train()
-    losses, started, precision = [], time.perf_counter(), None
-    for _ in range(config.local_steps):
-        batch = {k: v.to(device) for k, v in collate(tokenizer, next(stream), config.max_length).items()}
-        precision = precision or precision_for(config, model, batch)
+    losses, started = [], time.perf_counter()
+    for chosen in itertools.islice(itertools.chain([first], stream), config.local_steps):
+        batch = on_device(collate(tokenizer, chosen, config.max_length), device)
         with autocast(precision.bf16, device):
-            row_sums, row_counts = row_loss_sums(model.get_base_model(), batch)
-        loss = row_sums.sum() / row_counts.sum().clamp(min=1)
+            loss = token_mean_loss(model, batch)
         objective = loss + (config.proximal_mu / 2) * proximal_term(model, anchor) if anchor else loss
         objective.backward()
         optimizer.step()
@@ -164,7 +177,7 @@ def train_adapter(
         "train_loss_last": losses[-1],
         "train_seconds": elapsed,
         "steps": float(config.local_steps),
-        "bf16": float(bool(precision and precision.bf16)),
+        "bf16": float(precision.bf16),
     }
     return TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)
 

@@ -24,9 +24,8 @@ from fed_netgpt.adapters import (
 from fed_netgpt.data.schema import DataError
 from fed_netgpt.evaluation import completion_loss, generate_completions
 from fed_netgpt.models import cache_root, tiny_random_folder
-from fed_netgpt.precision import choose_precision
 from fed_netgpt.prompting import chat_prompt
-from fed_netgpt.training import batches, collate, token_losses, train_adapter
+from fed_netgpt.training import batches, collate, precision_for, token_losses, train_adapter
 from tests.states import l2_distance
 
 # 2 layers x (q, k, v, o) x (A, B); hidden 64, 4 heads of 16, 2 key/value heads -> k, v project to 32.
@@ -245,7 +244,8 @@ def test_train_adapter_three_steps_changes_only_the_active_adapter(
     assert result.num_examples == 6
     assert result.metrics["steps"] == 3.0
     assert set(result.metrics) == {"train_loss", "train_loss_last", "train_seconds", "steps", "bf16"}
-    assert result.metrics["bf16"] == float(choose_precision(config.bf16, torch.device("cpu")).bf16)
+    first = collate(tiny_base.tokenizer, paris_train_pairs[:4], config.max_length)
+    assert result.metrics["bf16"] == float(precision_for(config, model, first).bf16)  # the process's one choice
     assert math.isfinite(result.metrics["train_loss"]) and result.metrics["train_loss"] > 0
     assert not model.training  # left in eval mode
 

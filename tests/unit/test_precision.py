@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fed_netgpt import precision
+from fed_netgpt import precision, training
 from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import DeviceError, resolve_device
-from fed_netgpt.precision import Precision, choose_precision, cpu_has_amx, parse_bf16_setting, step_benchmark
-from fed_netgpt.training import collate
+from fed_netgpt.precision import (
+    Precision,
+    choose_precision,
+    cpu_has_amx,
+    device_name,
+    parse_bf16_setting,
+    step_benchmark,
+)
+from fed_netgpt.training import collate, train_adapter
 
 CUDA = torch.device("cuda")
 
@@ -77,17 +85,32 @@ def test_true_and_false_are_obeyed(device, monkeypatch):
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_cpu_auto_follows_amx(amx, monkeypatch):
+def test_cpu_auto_without_a_benchmark_follows_amx(amx, monkeypatch):
     # Prepare
     monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
 
     # Execute
-    chosen = choose_precision("auto", torch.device("cpu"), benchmark=_never)
+    chosen = choose_precision("auto", torch.device("cpu"))
 
     # Assert
     assert chosen.bf16 is amx
-    assert "AMX" in chosen.reason
+    assert "AMX" in chosen.reason and "not measured" in chosen.reason
     assert chosen.reason.startswith("bf16" if amx else "fp32")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_cpu_auto_with_a_benchmark_follows_the_timing_not_the_flags(amx, monkeypatch, tmp_path):
+    # Prepare: the flags say one thing, the timing the opposite (AMD EPYC without AMX: bf16 1.32x faster)
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
+    benchmark, calls = _times(1.0, 0.5) if amx else _times(1.669, 2.212)
+
+    # Execute
+    chosen = choose_precision("auto", torch.device("cpu"), benchmark, cache_key="epyc", cache_file=tmp_path / "p.json")
+
+    # Assert
+    assert chosen.bf16 is not amx
+    assert sorted(calls) == [False, True]
+    assert "this CPU" in chosen.reason and "measured" in chosen.reason
 
 
 def test_other_devices_use_fp32():
@@ -110,6 +133,36 @@ def test_cpu_has_amx_reads_this_machine():
 
     # Execute / Assert
     assert cpu_has_amx() == ("amx_bf16" in flags)
+
+
+def test_device_name_keys_the_cpu_model_and_threads():
+    # Execute
+    name = device_name(torch.device("cpu"))
+
+    # Assert
+    assert name.endswith(f"({torch.get_num_threads()} threads)") and len(name) > len(" (1 threads)")
+
+
+def test_training_with_auto_times_this_cpu_once_and_caches_it(tiny_base, default_config, adapter_name,
+                                                               monkeypatch, tmp_path):
+    # Prepare: a fresh process-wide choice and an empty cache
+    monkeypatch.setenv("FED_NETGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(training, "_CHOSEN", {})
+    model = attach_adapter(tiny_base, adapter_name, default_config.lora)
+    pairs = [PromptPair("paris", "france", "Status of link A?", "Link A is up."),
+             PromptPair("lyon", "france", "Latency to Paris?", "About 4 ms.")]
+    config = replace(default_config.train, bf16="auto", local_steps=1, batch_size=2)
+
+    # Execute
+    result = train_adapter(model, adapter_name, tiny_base.tokenizer, pairs, config)
+
+    # Assert: one entry, keyed on this CPU, the model and the batch, and the step used what it says
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    key = f"{device_name(torch.device('cpu'))}|{model.name_or_path}|2"
+    assert list(cache) == [key]
+    entry = cache[key]
+    assert entry["bf16_seconds"] > 0 and entry["fp32_seconds"] > 0
+    assert result.metrics["bf16"] == float(entry["bf16_seconds"] * precision.MIN_SPEEDUP < entry["fp32_seconds"])
 
 
 # ---- CUDA auto: capability, benchmark, cache --------------------------------------------------
