@@ -4,9 +4,10 @@
 
 RUN is a finished run folder on the embedded SmolLM2 (e.g. `fed-netgpt simulate`'s runs/latest).
 - latency: one request at a time, exactly 32 new tokens (the end-of-turn token ignored), p50/p95 over prompts of
-  the test split, fp32 and int8 weights side by side.
+  the test split: fp32 and int8 weights, each with and without drafted (prompt-lookup) decoding, after one
+  warm-up request an adapter.
 - batch: 16 prompts over 8 adapters in one batch, against the same 16 prompts on one adapter (tokens/s ratio).
-- quality: the edge's completions of the test rows in fp32 and int8, scored as the report scores them.
+- quality: the edge's completions of the test rows in each of those variants, scored as the report scores them.
 - netgpt: the test split (`--rows-per-region` rows a region and test group), edge + cloud against cloud-only
   (no location; and the raw city and country the user allows): latency, cloud input tokens, uplink bytes, and
   the fraction of cloud answers naming the user's local facts (`metrics.carries_local_facts`). The cloud is the
@@ -53,25 +54,39 @@ def decode_rows(service: EdgeService, pairs: list, tokens: int, slots: list[int]
                       tokens, ignore_stop=True) for p, slot in zip(pairs, slots)]
 
 
+VARIANTS = {"fp32": ("fp32", 0), "int8": ("int8", 0), "fp32+draft": ("fp32", 8), "int8+draft": ("int8", 8)}
+
+
+def service_for(run: Path, variant: str) -> EdgeService:
+    precision, draft_tokens = VARIANTS[variant]
+    return EdgeService(ServingConfig(precision=precision, draft_tokens=draft_tokens), run=run)
+
+
 def latency(run: Path, pairs: list, repeats: int) -> dict:
     results = {}
-    for precision in ("fp32", "int8"):
-        service = EdgeService(ServingConfig(precision=precision), run=run)
+    for variant in VARIANTS:
+        service = service_for(run, variant)
         engine, catalog = service.engine, service.catalog
         rows = decode_rows(service, pairs, 32, [catalog.slot(catalog.resolve(p.site_id, p.region)) for p in pairs])
-        engine.generate(rows[:1])  # warm-up
-        times = []
+        started = time.perf_counter()
+        for slot in sorted({row.slot for row in rows}):  # warm-up: one request an adapter (makes its draft source)
+            engine.generate([next(row for row in rows if row.slot == slot)])
+        warm_up = time.perf_counter() - started
+        times, passes = [], engine.stats.passes
         for _ in range(repeats):
             for row in rows:
                 started = time.perf_counter()
                 engine.generate([row])
                 times.append(time.perf_counter() - started)
-        results[precision] = {"p50_s": percentile(times, 0.5), "p95_s": percentile(times, 0.95),
-                              "ms_per_token": 1000 * statistics.median(times) / 32, "requests": len(times)}
-        print(f"latency {precision}: p50 {results[precision]['p50_s']:.3f} s, p95 {results[precision]['p95_s']:.3f} s "
-              f"for 32 new tokens ({len(times)} requests)", flush=True)
+        results[variant] = {"p50_s": percentile(times, 0.5), "p95_s": percentile(times, 0.95),
+                            "ms_per_token": 1000 * statistics.median(times) / 32, "requests": len(times),
+                            "warm_up_s": warm_up, "passes_per_request": (engine.stats.passes - passes) / len(times)}
+        print(f"latency {variant}: p50 {results[variant]['p50_s']:.3f} s, p95 {results[variant]['p95_s']:.3f} s "
+              f"for 32 new tokens ({len(times)} requests; {results[variant]['passes_per_request']:.1f} passes a "
+              f"request; warm-up of {len({row.slot for row in rows})} adapters {warm_up:.1f} s)", flush=True)
         service.close()
     results["int8_speedup_p50"] = results["fp32"]["p50_s"] / results["int8"]["p50_s"]
+    results["draft_speedup_p50"] = results["int8"]["p50_s"] / results["int8+draft"]["p50_s"]
     return results
 
 
@@ -101,23 +116,29 @@ def batching(run: Path, pairs: list, repeats: int) -> dict:
 
 
 def quality(run: Path, pairs: list) -> dict:
-    """Edge completions of the test rows in fp32 and int8, scored as the report scores them."""
+    """Edge completions of the test rows in each variant, scored as the report scores them; drafted decoding is
+    also compared text for text with the same precision without drafts."""
     config = read_run_config(run)
     all_pairs = load_pairs(config.data)
     levels, vocabulary = fact_levels(all_pairs), fact_vocabulary(all_pairs)
-    results = {}
-    for precision in ("fp32", "int8"):
-        service = EdgeService(ServingConfig(precision=precision), run=run)
-        scores = [score_row(service.complete(p.prompt, p.site_id, p.region).text, p.completion, p.prompt, p.facts,
-                            levels_of(p, levels), vocabulary) for p in pairs]
+    results, texts = {}, {}
+    for variant in VARIANTS:
+        service = service_for(run, variant)
+        texts[variant] = [service.complete(p.prompt, p.site_id, p.region).text for p in pairs]
         service.close()
+        scores = [score_row(text, p.completion, p.prompt, p.facts, levels_of(p, levels), vocabulary)
+                  for text, p in zip(texts[variant], pairs)]
         found = sum(s.region_found + s.site_found for s in scores)
         facts = sum(s.region_facts + s.site_facts for s in scores)
-        results[precision] = {"fact_accuracy": found / facts,
-                              "request_kept": statistics.mean(s.request_kept for s in scores),
-                              "wrong_facts_per_row": statistics.mean(s.wrong_facts for s in scores),
-                              "rouge_l": statistics.mean(s.rouge_l for s in scores)}
-        print(f"quality {precision}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[precision].items()), flush=True)
+        results[variant] = {"fact_accuracy": found / facts,
+                            "request_kept": statistics.mean(s.request_kept for s in scores),
+                            "wrong_facts_per_row": statistics.mean(s.wrong_facts for s in scores),
+                            "rouge_l": statistics.mean(s.rouge_l for s in scores)}
+        precision = VARIANTS[variant][0]
+        if variant != precision:
+            same = sum(a == b for a, b in zip(texts[variant], texts[precision])) / len(pairs)
+            results[variant][f"same_text_as_{precision}"] = same
+        print(f"quality {variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[variant].items()), flush=True)
     return results
 
 

@@ -162,6 +162,7 @@ class ServingConfig:
     max_new_tokens: int = 48  # tokens the edge may add to complete a prompt
     precision: str = "auto"  # auto | fp32 | int8: int8 weights of the frozen base (CPU), LoRA factors stay fp32
     max_batch: int = 16  # requests decoded together
+    draft_tokens: int = 8  # greedy decoding checks up to this many prompt-lookup tokens a pass (0: one token a pass)
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_prompt_tokens: int = 256  # longer prompts are refused (413), never cut
     max_body_bytes: int = 65536  # HTTP bodies above this are refused (413)
@@ -245,8 +246,9 @@ class Config:
                               f"data.max_pairs_per_site ({self.data.max_pairs_per_site})")
         for key in ("data.heldout_sites_per_region", "data.num_sites", "data.num_regions", "data.valid_pairs_per_site",
                     "data.size_skew", "personalization.ditto_lambda", "simulation.num_gpus_per_client",
-                    "simulation.num_supernodes", "serving.max_wait_ms", "serving.cloud_retries", "federation.min_nodes",
-                    "evaluation.examples_to_show", "train.weight_decay", "train.proximal_mu", "faults.slow_seconds"):
+                    "simulation.num_supernodes", "serving.max_wait_ms", "serving.cloud_retries", "serving.draft_tokens",
+                    "federation.min_nodes", "evaluation.examples_to_show", "train.weight_decay", "train.proximal_mu",
+                    "faults.slow_seconds"):
             if not select(self, key) >= 0:
                 raise ConfigError(f"{key} must be >= 0, got {select(self, key)}")
         if self.data.region_by == "list" and not self.data.regions and not self.data.path:

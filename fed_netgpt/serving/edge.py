@@ -90,7 +90,8 @@ class EdgeService:
         self.precision, self.precision_reason = choose_serving_precision(settings.precision, resolved)
         if self.precision == "int8":
             quantize_linears(self.base.model)
-        self.engine = Engine(self.base, catalog.lora, read_states(catalog) if catalog.lora else ())
+        self.engine = Engine(self.base, catalog.lora, read_states(catalog) if catalog.lora else (),
+                             draft_tokens=settings.draft_tokens)
         self.tokenizer = self.base.tokenizer
         self.reloads = 0
         self.batch_sizes: list[int] = []  # recent batch sizes (for tests and /metrics)

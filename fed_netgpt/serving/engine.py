@@ -5,9 +5,19 @@ multi-site training uses) that stay installed while the engine lives: slot 0 is 
 itself, for cloud-style chat and the `base` model name), slot k+1 the k-th adapter. A batch whose rows use
 different adapters is one forward pass per token; peft's `adapter_names=` loops over adapters in Python instead.
 
-The decode loop is our own, not `generate()`: it keeps a KV cache, computes logits for the last position only,
-lets each row stop on its own end-of-turn token, samples per row (greedy by default) and calls a row's
-`on_text` with each new piece of text, which is how streaming works.
+The decode loop is our own, not `generate()`: it keeps a KV cache, lets each row stop on its own end-of-turn
+token, samples per row (greedy by default) and calls a row's `on_text` with each new piece of text, which is how
+streaming works.
+
+Greedy batches decode speculatively by prompt lookup (Saxena, 2023; `draft_tokens` > 0): an edge completion is
+mostly text the model has already seen, the site's location sentence (the same for every request of an adapter)
+and then the user's own prompt, copied. So each step proposes up to `draft_tokens` tokens that followed the
+latest earlier occurrence of the row's last few tokens, in its own prompt and output or in the adapter's
+completion of one fixed, neutral prompt (made once per adapter on first use: no user's text is ever a draft for
+another's request). One forward pass scores them all; a row keeps the drafted tokens its own greedy choice
+agrees with, plus that choice at the first disagreement, and the batch keeps the shortest agreement of its rows.
+The output is the greedy output (each kept token is the argmax given the ones before it); decoding on a CPU reads
+every weight once per pass, so checking 9 tokens costs about what decoding 1 does.
 """
 
 from __future__ import annotations
@@ -24,7 +34,11 @@ from fed_netgpt.adapters import AdapterError, AdapterState, describe_mismatch
 from fed_netgpt.config import LoraConfig
 from fed_netgpt.grouped_lora import GroupedAdapters, grouped_adapters, lora_shapes
 from fed_netgpt.models import BaseModel
-from fed_netgpt.prompting import end_of_turn_id
+from fed_netgpt.prompting import chat_prompt, end_of_turn_id
+
+# each adapter's draft sources: its completions of these (no user's text); several, so that more of the ways an
+# adapter phrases its location are there to copy from
+NEUTRAL_PROMPTS = ("What is there to do around here?", "Hello.", "Tell me more.", "Help me, please.")
 
 
 @dataclass(frozen=True)
@@ -48,13 +62,49 @@ class DecodeRow:
     ignore_stop: bool = False  # decode exactly max_new_tokens (benchmarks)
 
 
+def draft(sequence: Sequence[int], sources: Sequence[Sequence[int]], tokens: int, longest: int = 3) -> list[int]:
+    """Up to `tokens` tokens that followed the latest earlier occurrence of the sequence's last n tokens (n from
+    `longest` down to 1): first in the sequence itself, then in each source. Empty when nothing matches."""
+    for n in range(min(longest, len(sequence)), 0, -1):
+        key = list(sequence[-n:])
+        for source in (sequence, *sources):
+            last = len(source) - n - (1 if source is sequence else 0)  # the sequence's own end is not a match
+            for start in range(last, -1, -1):
+                if list(source[start : start + n]) == key:
+                    return list(source[start + n : start + n + tokens])
+    return []
+
+
+def agreed(drafted: Sequence[int], chosen: Sequence[int]) -> int:
+    """How many drafted tokens the model's own choices confirm: `chosen[j]` is its pick after `drafted[:j]`."""
+    count = 0
+    while count < len(drafted) and drafted[count] == chosen[count]:
+        count += 1
+    return count
+
+
+@dataclass
+class DraftStats:
+    """Speculative decoding so far: passes over the model, tokens proposed and tokens kept."""
+
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
 class Engine:
     """One frozen base with `len(states) + 1` adapter slots installed (slot 0: none); `load` replaces them."""
 
-    def __init__(self, base: BaseModel, lora: LoraConfig | None = None, states: Sequence[AdapterState] = ()) -> None:
+    def __init__(self, base: BaseModel, lora: LoraConfig | None = None, states: Sequence[AdapterState] = (),
+                 draft_tokens: int = 0) -> None:
         self.base = base
         self.device = next(base.model.parameters()).device
         self.stop_id = end_of_turn_id(base.tokenizer)
+        self.draft_tokens = draft_tokens
+        self.stats = DraftStats()
+        self._neutral_ids = [base.tokenizer(chat_prompt(base.tokenizer, "", prompt), add_special_tokens=False)
+                             ["input_ids"] for prompt in NEUTRAL_PROMPTS]
+        self._sources: dict[int, list[list[int]]] = {}  # slot -> each neutral prompt with that adapter's completion
         self._installed = contextlib.ExitStack()
         self.grouped: GroupedAdapters | None = None
         if lora is not None:
@@ -68,6 +118,7 @@ class Engine:
             if problem:
                 raise AdapterError(f"adapter {k}: {problem}")
         self.close()
+        self._sources.clear()
         if states:
             self.grouped = self._installed.enter_context(grouped_adapters(self.base.model, lora, len(states) + 1))
             zero = {key: np.zeros_like(value) for key, value in states[0].items()}
@@ -89,6 +140,20 @@ class Engine:
         for row in rows:
             if not 0 <= row.slot < self.slots:
                 raise ValueError(f"adapter slot {row.slot} is not loaded (slots 0..{self.slots - 1})")
+        speculate = self.draft_tokens > 0 and all(row.sampling.temperature <= 0 for row in rows)
+        if speculate:
+            self._learn_sources(sorted({row.slot for row in rows} - self._sources.keys()))
+        return self._decode(rows, speculate)
+
+    def _learn_sources(self, slots: list[int]) -> None:
+        """Each slot's draft sources: the neutral prompts, each followed by that adapter's greedy completion."""
+        wanted = [(slot, ids) for slot in slots for ids in self._neutral_ids]
+        for start in range(0, len(wanted), 16):
+            chunk = wanted[start : start + 16]
+            for (slot, ids), new in zip(chunk, self._decode([DecodeRow(ids, slot, 64) for slot, ids in chunk], False)):
+                self._sources.setdefault(slot, []).append(ids + new)
+
+    def _decode(self, rows: Sequence[DecodeRow], speculate: bool) -> list[list[int]]:
         if self.grouped is not None:
             self.grouped.select(torch.tensor([row.slot for row in rows], device=self.device))
         width = max(len(row.prompt_ids) for row in rows)
@@ -102,26 +167,45 @@ class Engine:
         texts = [_TextStream(self.base.tokenizer, row.on_text) for row in rows]
         new: list[list[int]] = [[] for _ in rows]
         done = [row.max_new_tokens <= 0 for row in rows]
-        budget = max(row.max_new_tokens for row in rows)
-        for _ in range(budget):
-            if all(done):
-                break
+        while not all(done):
+            room = max(row.max_new_tokens - len(got) for row, got, end in zip(rows, new, done) if not end) - 1
+            drafts = [draft(row.prompt_ids + got, self._sources[row.slot], min(self.draft_tokens, room))
+                      if speculate else [] for row, got in zip(rows, new)]
+            span = max(map(len, drafts))
+            if span:  # rows with shorter drafts are padded; the padding never agrees past their own draft
+                drafted = torch.tensor([d + [pad] * (span - len(d)) for d in drafts], device=self.device)
+                ids = torch.cat([ids, drafted], dim=1)
+                mask = torch.cat([mask, torch.ones_like(drafted)], dim=1)
+                positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, span + 1, device=self.device)],
+                                      dim=1)
             logits = self.base.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                      cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            if all(row.sampling.temperature <= 0 for row in rows):
-                chosen = logits.argmax(-1).tolist()
+                                      cache=cache, use_cache=True, logits_to_keep=span + 1).logits
+            if speculate:
+                picks = logits.argmax(-1).tolist()
+                kept = min(agreed(d, p) for d, p in zip(drafts, picks))
+                chosen = [d[:kept] + [p[kept]] for d, p in zip(drafts, picks)]
+                self.stats.passes, self.stats.drafted, self.stats.accepted = (
+                    self.stats.passes + 1, self.stats.drafted + sum(map(len, drafts)),
+                    self.stats.accepted + kept * len(rows))
+                if span > kept:
+                    cache.crop(kept - span)  # forget the drafted positions past the agreement
+                    mask, positions = mask[:, : kept - span], positions[:, : kept - span]
             else:
-                chosen = [_pick(logits[i], row.sampling, generators[i]) for i, row in enumerate(rows)]
-            for i, token in enumerate(chosen):
-                if done[i]:
-                    continue
-                if token == self.stop_id and not rows[i].ignore_stop:
-                    done[i] = True
-                    continue
-                new[i].append(token)
-                texts[i].push(new[i])
-                done[i] = len(new[i]) >= rows[i].max_new_tokens
-            ids = torch.tensor([[token] for token in chosen], device=self.device)
+                last = logits[:, -1]
+                chosen = ([[token] for token in last.argmax(-1).tolist()]
+                          if all(row.sampling.temperature <= 0 for row in rows)
+                          else [[_pick(last[i], row.sampling, generators[i])] for i, row in enumerate(rows)])
+            for i, tokens in enumerate(chosen):
+                for token in tokens:
+                    if done[i]:
+                        break
+                    if token == self.stop_id and not rows[i].ignore_stop:
+                        done[i] = True
+                        break
+                    new[i].append(token)
+                    texts[i].push(new[i])
+                    done[i] = len(new[i]) >= rows[i].max_new_tokens
+            ids = torch.tensor([[tokens[-1]] for tokens in chosen], device=self.device)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
             positions = positions[:, -1:] + 1
         return new

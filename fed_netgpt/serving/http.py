@@ -103,6 +103,13 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
     Gauge("fed_netgpt_adapters", "adapters loaded", registry=registry).set_function(
         lambda: len(edge.catalog.adapters))
     Gauge("fed_netgpt_reloads", "run folder reloads since start", registry=registry).set_function(lambda: edge.reloads)
+    stats = edge.engine.stats  # speculative decoding: how much of what was drafted the model confirmed
+    Gauge("fed_netgpt_draft_tokens_proposed", "prompt-lookup tokens drafted since start",
+          registry=registry).set_function(lambda: stats.drafted)
+    Gauge("fed_netgpt_draft_tokens_accepted", "drafted tokens the model confirmed since start",
+          registry=registry).set_function(lambda: stats.accepted)
+    Gauge("fed_netgpt_decode_passes", "speculative decoding passes over the model since start",
+          registry=registry).set_function(lambda: stats.passes)
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
 
     @app.middleware("http")

@@ -10,7 +10,7 @@ from fed_netgpt.adapters import AdapterError, attach_adapter, set_state
 from fed_netgpt.evaluation import generate_completions
 from fed_netgpt.models import BaseModel, load_private_base
 from fed_netgpt.prompting import chat_prompt
-from fed_netgpt.serving.engine import DecodeRow, Engine, Sampling
+from fed_netgpt.serving.engine import NEUTRAL_PROMPTS, DecodeRow, DraftStats, Engine, Sampling, agreed, draft
 from fed_netgpt.serving.quantize import Int8WeightLinear, quantize_linears
 from tests.serving_runs import random_state, serving_config
 
@@ -149,3 +149,83 @@ def test_int8_decoding_keeps_the_adapters_apart(states) -> None:
     finally:
         engine.close()
     assert np.mean([len(t) for t in mixed]) > 0
+
+
+# ---- speculative decoding by prompt lookup ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sequence", "sources", "tokens", "expected"),
+    [
+        ([1, 2, 3, 9, 1, 2, 3], [], 3, [9, 1, 2]),  # its own earlier text: what followed "1 2 3" last time
+        ([5, 6, 7], [[0, 5, 6, 7, 8, 9], [6, 7, 4]], 4, [8, 9]),  # the longest match wins over a later source
+        ([5, 6, 7], [[7, 1], [0, 6, 7, 2]], 4, [2]),  # no 3-gram anywhere: the 2-gram "6 7"
+        ([4, 1, 4, 2, 4], [], 1, [2]),  # "4" occurs twice before the end: the latest one
+        ([1, 2], [[3, 4]], 5, []),  # nothing matches
+        ([1, 2], [[1, 2]], 5, []),  # a match at a source's very end has nothing to propose
+        ([3, 3, 3], [], 5, [3]),  # the sequence's own last n tokens are not a match of themselves
+        ([1, 2, 3], [[1, 2, 3, 4, 5, 6]], 0, []),  # no room left
+    ],
+)
+def test_draft_proposes_what_followed_the_latest_longest_match(sequence, sources, tokens, expected) -> None:
+    assert draft(sequence, sources, tokens) == expected
+
+
+def test_agreed_counts_the_confirmed_prefix() -> None:
+    assert agreed([4, 5, 6], [4, 5, 7, 8]) == 2
+    assert agreed([4, 5, 6], [4, 5, 6, 1]) == 3
+    assert agreed([9], [4, 1]) == 0 and agreed([], [4]) == 0
+
+
+def test_speculative_decoding_gives_the_greedy_tokens_in_fewer_passes(base, states) -> None:
+    # Prepare: mixed adapters; the neutral prompt (its adapter's draft source is its own completion: every draft
+    # is right), prompts the random model continues with loops (drafts from its own output), and one never drafted
+    config, adapters = states
+    prompts = [NEUTRAL_PROMPTS[0], *PROMPTS[:3], NEUTRAL_PROMPTS[0]]
+    rows = [DecodeRow(ids_of(base, p), slot, 24) for p, slot in zip(prompts, [1, 2, 0, 3, 2])]
+    engine = Engine(base, config.lora, adapters)  # one engine a base: it swaps the base's layers
+    try:
+        # Execute
+        plain = engine.generate(rows)
+        engine.draft_tokens = 6
+        learned = engine.generate(rows[:1])  # learns slot 1's source: the neutral prompt's completion
+        passes = engine.stats.passes
+        alone = engine.generate(rows[:1])
+        alone_passes = engine.stats.passes - passes
+        mixed = engine.generate(rows)
+        singles = [engine.generate([row])[0] for row in rows]
+    finally:
+        engine.close()
+
+    # Assert: the same tokens every way, and the drafted ones were really used
+    assert learned == alone == plain[:1]
+    assert mixed == singles == plain
+    assert alone_passes <= -(-len(plain[0]) // 7) + 1  # 7 tokens a pass: 6 drafted and confirmed, 1 chosen
+    assert engine.stats.accepted > 0 and engine.stats.drafted >= engine.stats.accepted
+
+
+def test_speculative_decoding_obeys_stop_and_budget(base, states) -> None:
+    config, adapters = states
+    engine = Engine(base, config.lora, adapters)
+    row = ids_of(base, NEUTRAL_PROMPTS[0])
+    try:
+        expected = [engine.generate([DecodeRow(row, 1, n)])[0] for n in (40, 5, 0, 1)]
+        stopless_plain = engine.generate([DecodeRow(row, 1, 30, ignore_stop=True)])[0]
+        engine.draft_tokens = 8
+        got = [engine.generate([DecodeRow(row, 1, n)])[0] for n in (40, 5, 0, 1)]
+        stopless = engine.generate([DecodeRow(row, 1, 30, ignore_stop=True)])[0]
+    finally:
+        engine.close()
+    assert got == expected
+    assert engine.stop_id not in got[0] and [len(t) for t in got[2:]] == [0, min(1, len(expected[0]))]
+    assert stopless == stopless_plain and len(stopless) == 30
+
+
+def test_sampled_rows_are_never_drafted(base, states) -> None:
+    config, adapters = states
+    engine = Engine(base, config.lora, adapters, draft_tokens=8)
+    try:
+        engine.generate([DecodeRow(ids_of(base, NEUTRAL_PROMPTS[0]), 1, 16, Sampling(1.0, 0.9, seed=3))])
+    finally:
+        engine.close()
+    assert engine.stats == DraftStats()
