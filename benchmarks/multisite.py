@@ -41,54 +41,64 @@ def tokens_trained(base: BaseModel, config: Config, sites: list, seed: int = 0) 
     return total
 
 
-def timed(fn, device: str, repeats: int):  # type: ignore[no-untyped-def]
-    """Median seconds of `fn()` after one warm-up call, and the last call's result."""
-    seconds = []
+def interleaved(calls: dict, device: str, repeats: int) -> dict:
+    """Per named call: median seconds after one warm-up call, the last result, the warm-up's seconds (compilation
+    shows there) and the peak GPU memory. The calls take turns, so drifting machine load hits them alike."""
+    seconds: dict = {name: [] for name in calls}
+    first, results, peak = {}, {}, {}
     for i in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        result = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds), result
+        for name, fn in calls.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            results[name] = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
+            elapsed = time.perf_counter() - started
+            if i:
+                seconds[name].append(elapsed)
+            else:
+                first[name] = elapsed
+    return {name: (statistics.median(seconds[name]), results[name], first[name], peak.get(name, 0))
+            for name in calls}
 
 
 def measure(args, base: BaseModel, model, config: Config, all_sites: list, start: dict):  # type: ignore[no-untyped-def]
-    """The per-site loop's tokens/s, then each K's grouped run against it; returns the last K's pairs and K."""
-    cuda = args.device == "cuda"
+    """The per-site loop's tokens/s, then each K's grouped run against it (with and/or without fused kernels,
+    taking turns); returns the last K's pairs and K."""
 
     def loop() -> None:
         for k, site in enumerate(all_sites[: args.loop_sites]):
             train_adapter(model, "bench", base.tokenizer, site.train, config.train, seed=k)
 
     with torch.compiler.set_stance("force_eager"):  # peft's layers in the loop would compile graphs of their own
-        loop_seconds = timed(loop, args.device, args.rounds)[0]
+        loop_seconds = interleaved({"loop": loop}, args.device, args.rounds)["loop"][0]
     loop_rate = tokens_trained(base, config, all_sites[: args.loop_sites]) / loop_seconds
     print(f"  per-site loop ({args.loop_sites} sites one by one, peft): {loop_rate:,.0f} tokens/s")
     params = sum(p.numel() for n, p in base.model.named_parameters() if ".lora_" not in n)
+    trains = {f"fused_kernels={v}": replace(config.train, fused_kernels=v == "true") for v in args.fused_kernels}
     for k in args.sites:
         sites = all_sites[:k]
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
         pairs = [s.train for s in sites]
+        calls = {name: functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k, config.lora,
+                                         train, list(range(k))) for name, train in trains.items()}
         try:
-            seconds, results = timed(functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k,
-                                                       config.lora, config.train, list(range(k))),
-                                     args.device, args.rounds)
+            measured = interleaved(calls, args.device, args.rounds)
         except torch.OutOfMemoryError:
             print(f"  grouped K={k}: out of memory")
             break
-        rate = tokens_trained(base, config, sites) / seconds
-        steps_alone = results[0].metrics["train_seconds"] * k / args.steps  # without loading and exporting
-        line = (f"  grouped K={k:4d}: {rate:12,.0f} tokens/s  {rate / loop_rate:6.1f}x the loop  "
-                f"{seconds / args.steps * 1000:7.0f} ms/step ({steps_alone * 1000:4.0f} in the steps)")
-        if cuda:
-            mfu = rate * 4 * params / (args.peak_tflops * 1e12)
-            line += f"  peak {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB  MFU {mfu:5.1%}"
-        print(line, flush=True)
+        for name, (seconds, results, first, peak) in measured.items():
+            rate = tokens_trained(base, config, sites) / seconds
+            steps_alone = results[0].metrics["train_seconds"] * k / args.steps  # without loading and exporting
+            line = (f"  grouped K={k:4d} {name:19s} {rate:10,.0f} tokens/s {rate / loop_rate:6.1f}x the loop "
+                    f"{seconds / args.steps * 1000:6.0f} ms/step ({steps_alone * 1000:4.0f} in the steps), first "
+                    f"call {first:.0f} s")
+            if args.device == "cuda":
+                mfu = rate * 4 * params / (args.peak_tflops * 1e12)
+                line += f"  peak {peak / 2**30:6.1f} GiB  MFU {mfu:5.1%}"
+            print(line, flush=True)
     return pairs, k
 
 
@@ -102,6 +112,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=["none", "layers"], default="none",
                         help="torch.compile the decoder layers (fuses RMSNorm, rotary embedding, SiLU and the "
                              "casts); they share one compiled graph for every K and batch shape")
+    parser.add_argument("--fused-kernels", nargs="+", default=["true"], choices=["false", "true"],
+                        help="train.fused_kernels: both measured taking turns in one run")
     parser.add_argument("--profile", action="store_true", help="print the top operators of the largest K's run")
     args = parser.parse_args()
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}",

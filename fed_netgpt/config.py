@@ -72,6 +72,7 @@ class TrainConfig:
     bf16: str = "auto"  # auto | true | false: bf16 autocast only where it is faster (fed_netgpt/precision.py)
     device: str = "auto"  # auto (cuda where the process sees a GPU) | cpu | cuda
     sites_per_pass: int = 1  # a node's sites trained in one grouped forward/backward (grouped_lora.py); 1: in turn
+    fused_kernels: bool = True  # on a GPU, grouped passes use torch's fused RMSNorm and compiled MLPs (fused.py)
     seed: int = 0
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fed_netgpt.adapters import AdapterState, get_state
 from fed_netgpt.config import LoraConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
+from fed_netgpt.fused import fused_kernels
 from fed_netgpt.grouped_lora import grouped_adapters
 from fed_netgpt.models import cache_root
 from fed_netgpt.precision import Precision, choose_precision, device_name, step_benchmark
@@ -294,7 +295,8 @@ def train_grouped(
     pad = int(tokenizer.pad_token_id)
     streams = [batches(_Encodings(tokenizer, pairs, config.max_length), config.batch_size, seed=config.seed + seed)
                for pairs, seed in zip(sites, seeds)]
-    with grouped_adapters(model, lora, len(sites)) as group:
+    fused = fused_kernels(model) if device.type == "cuda" and config.fused_kernels else contextlib.nullcontext()
+    with grouped_adapters(model, lora, len(sites)) as group, fused:
         params = group.parameters(freeze_lora_a)
         anchor = None
         if config.proximal_mu > 0:

@@ -132,7 +132,8 @@ def test_auth_limits_and_metrics_and_the_service_keeps_serving(services) -> None
     metrics = httpx.get(f"{edge.url}/metrics").text
     assert 'fed_netgpt_requests_total{route="/v1/complete",status="401"}' in metrics
     assert "fed_netgpt_adapters 3.0" in metrics
-    passes = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("fed_netgpt_decode_passes"))
+    passes = next(float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("fed_netgpt_decode_passes"))
     assert passes > 0  # greedy requests decode with drafts (serving.draft_tokens, on by default)
     assert "fed_netgpt_draft_tokens_accepted" in metrics and "fed_netgpt_draft_tokens_proposed" in metrics
 
