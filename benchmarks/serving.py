@@ -10,9 +10,8 @@ RUN is a finished run folder on the embedded SmolLM2 (e.g. `fed-netgpt simulate`
 - quality: the edge's completions of the test rows in each of those variants, scored as the report scores them.
 - netgpt: the test split (`--rows-per-region` rows a region and test group), edge + cloud against cloud-only
   (no location; and the raw city and country the user allows): latency, cloud input tokens, uplink bytes, and
-  the fraction of cloud answers naming the user's local facts (`metrics.carries_local_facts`), after one
-  untimed request an adapter. The cloud is the local SmolLM2 (a LLaMA-class stand-in, fp32), answering up to
-  `--cloud-tokens` tokens.
+  the fraction of cloud answers naming the user's local facts (`metrics.carries_local_facts`). The cloud is the
+  local SmolLM2 (a LLaMA-class stand-in, fp32), answering up to `--cloud-tokens` tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from fed_netgpt.prompting import chat_prompt
 from fed_netgpt.runs import read_run_config
 from fed_netgpt.serving.cloud import LocalCloud
 from fed_netgpt.serving.edge import EdgeService
-from fed_netgpt.serving.engine import NEUTRAL_PROMPTS, DecodeRow
+from fed_netgpt.serving.engine import DecodeRow
 from fed_netgpt.serving.pipeline import cloud_only, generate
 
 
@@ -150,10 +149,6 @@ def netgpt(run: Path, pairs: list, cloud_tokens: int) -> dict:
     edge = EdgeService(ServingConfig(), run=run)
     cloud_service = EdgeService(ServingConfig(precision="fp32"), model_name=config.model.name)
     cloud = LocalCloud(cloud_service, cloud_tokens)
-    started = time.perf_counter()
-    for site, region in sorted({(p.site_id, p.region) for p in pairs}):  # each adapter's first request makes its
-        edge.complete(NEUTRAL_PROMPTS[0], site, region)                   # draft sources: not timed below
-    print(f"netgpt: warm-up, one request an adapter, {time.perf_counter() - started:.1f} s", flush=True)
     ways = {"edge_cloud": [], "cloud_only": [], "cloud_only_raw_location": []}
     for n, pair in enumerate(pairs, 1):
         city = pair.facts[0] if pair.facts else pair.site_id
