@@ -253,7 +253,9 @@ def train_together(msg: Message, context: Context) -> Message:
     if not names:
         raise InjectedCrash(f"injected crash of every packed site ({', '.join(packed)}) in round {server_round}")
     sites = [serving_site(config, context, name) for name in names]
-    starts = [from_record(msg.content[f"{name}/arrays"]) for name in names]
+    pack = msg.content[PACK_KEY]
+    arrays_of = dict(zip(packed, pack["arrays_of"] if "arrays_of" in pack else packed))  # a shared adapter: once
+    starts = [from_record(msg.content[f"{arrays_of[name]}/arrays"]) for name in names]
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
     results = train_grouped(base.model, base.tokenizer, [site.train for site in sites], starts, config.lora,

@@ -106,7 +106,8 @@ def run_federation(grid: Grid, config: Config) -> Path:
         if server_round == 0:
             return None
         server_round += done  # a resumed run numbers its rounds after the checkpoint's
-        rows = [{"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics}]
+        rows = [{"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics,
+                 **site_grid.train_downlink}]
         for number, record in strategy.site_replies.items():
             site = sites[number]
             rows.append({"round": server_round, "site_id": site.site_id, "region": site.region, **record,

@@ -6,23 +6,27 @@ a site goes to the site's node with the site named in its config (`SITE_KEY`), a
 as the site's. So Flower's strategies sample, weigh and aggregate sites (`federation.fraction_train` is a
 fraction of sites), whatever the number of nodes, and a node trains its sites one message at a time on its one
 frozen base. With `train.sites_per_pass` > 1 the train messages for one node's sites travel packed, up to that
-many in one message (each site's records under "<site>/"), and the node trains them in one grouped pass.
+many in one message (each site's records under "<site>/"), and the node trains them in one grouped pass. Sites
+of one region get the same adapter: a pack carries it once (`arrays_of` names, for each site, the site whose
+arrays it trains from), so a node's downlink grows with its regions, not its sites.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fed_netgpt.runs import short_reason
 from server.federated_report import NodeSite
 from strategies.records import PACK_KEY, SITE_KEY
+from strategies.regional import array_bytes
 
 log = logging.getLogger("fed_netgpt.server")
 Route = tuple[int, str]  # (node id, site id)
@@ -35,6 +39,7 @@ class SiteGrid:
         self._grid = grid
         self.routes = dict(routes)
         self.sites_per_pass = sites_per_pass
+        self.train_downlink: dict[str, int] = {}  # the last packed train send: adapter bytes sent, and unshared
 
     def get_node_ids(self) -> list[int]:
         """The sites whose node is connected."""
@@ -52,10 +57,16 @@ class SiteGrid:
                 packs.setdefault(routed.metadata.dst_node_id, []).append((routed, msg))
             else:
                 outgoing.append((routed, [("", msg)]))
+        sent_bytes = unshared_bytes = 0
         for node_messages in packs.values():
             for start in range(0, len(node_messages), self.sites_per_pass):
                 chunk = node_messages[start : start + self.sites_per_pass]
-                outgoing.append((_packed(chunk), [(str(out.content["config"][SITE_KEY]), msg) for out, msg in chunk]))
+                wire = _packed(chunk)
+                outgoing.append((wire, [(str(out.content["config"][SITE_KEY]), msg) for out, msg in chunk]))
+                sent_bytes += array_bytes(wire)
+                unshared_bytes += sum(array_bytes(out) for out, _ in chunk)
+        if packs:
+            self.train_downlink = {"bytes_down_wire": sent_bytes, "bytes_down_unshared": unshared_bytes}
         replies = self._grid.send_and_receive([wire for wire, _ in outgoing], timeout=timeout)
         sent = {wire.metadata.message_id: members for wire, members in outgoing}
         return [_unpacked(reply, site, original)
@@ -73,18 +84,33 @@ class SiteGrid:
 
 
 def _packed(chunk: list[tuple[Message, Message]]) -> Message:
-    """One train message for several sites of a node: each site's records under "<site>/"."""
+    """One train message for several sites of a node: each site's records under "<site>/", an adapter that
+    several of them start from only once (`arrays_of`: whose arrays each site trains from)."""
     first = chunk[0][0]
     content = RecordDict()
-    sites = []
+    sites, owners = [], []
+    first_with: dict[str, str] = {}  # the arrays' content digest -> the first site sent them
     for routed, _ in chunk:
         site = str(routed.content["config"][SITE_KEY])
         sites.append(site)
         for key, record in routed.content.items():
+            if key == "arrays":
+                owner = first_with.setdefault(_digest(record), site)
+                owners.append(owner)
+                if owner != site:
+                    continue
             content[f"{site}/{key}"] = record
-    content[PACK_KEY] = ConfigRecord({"sites": sites})
+    content[PACK_KEY] = ConfigRecord({"sites": sites, "arrays_of": owners})
     return Message(content, dst_node_id=first.metadata.dst_node_id, message_type=MessageType.TRAIN,
                    group_id=first.metadata.group_id, ttl=first.metadata.ttl)
+
+
+def _digest(record: ArrayRecord) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for key, array in record.items():
+        digest.update(f"{key}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
 
 
 def _unpacked(reply: Message, site: str, original: Message) -> Message:

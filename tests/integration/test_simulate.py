@@ -182,6 +182,8 @@ def test_one_node_trains_its_sites_in_one_grouped_pass(tmp_path: Path) -> None:
     assert all(r["group_size"] == 4 and np.isfinite(r["train_loss"]) for r in sites)
     (row,) = round_summaries(out)
     assert row["train"]["france/num-examples"] == row["train"]["japan/num-examples"] == 43
+    # in round 1 every region starts from the same adapter: the node got one copy for its four sites
+    assert row["bytes_down_unshared"] == 4 * row["bytes_down_wire"] > 0
     assert sorted(p.name for p in (out / "site_adapters").iterdir()) == sorted(r["site_id"] for r in sites)
 
 

@@ -230,9 +230,9 @@ def test_a_packed_train_message_trains_each_site_as_it_would_alone(tmp_path):
     start = {k: v + 0.01 for k, v in start.items()}  # B != 0: both factors move from the first step
     context = _client_context({"site-ids": "lyon,paris"})
     record = {RUN_ID_KEY: "run-1", "server-round": 2}
-    packed = RecordDict({"pack": ConfigRecord({"sites": ["lyon", "paris"]})})
+    packed = RecordDict({"pack": ConfigRecord({"sites": ["lyon", "paris"], "arrays_of": ["lyon", "lyon"]})})
+    packed["lyon/arrays"] = to_record(start)  # one adapter for both: paris's is lyon's (the server shares it)
     for site in ("lyon", "paris"):
-        packed[f"{site}/arrays"] = to_record(start)
         packed[f"{site}/config"] = ConfigRecord({CONFIG_KEY: to_yaml(config), **record, SITE_KEY: site})
     alone = RecordDict({"arrays": to_record(start), "config": ConfigRecord({
         CONFIG_KEY: to_yaml(config_in("alone")), **record, SITE_KEY: "paris"})})
@@ -258,3 +258,25 @@ def test_a_packed_train_message_trains_each_site_as_it_would_alone(tmp_path):
         np.testing.assert_allclose(personal_pack[key], personal_alone[key], rtol=0, atol=2e-6, err_msg=key)
     assert any(np.abs(personal_alone[key] - together_state).max() > 1e-4
                for key, together_state in from_record(together.content["paris/arrays"]).items())
+
+
+def test_a_pack_carries_an_adapter_its_sites_share_once():
+    # Prepare: node 11 serves lyon, paris and nice; lyon and nice start from one adapter, paris from another
+    shared, other = {"w": np.ones((4, 3), np.float32)}, {"w": np.zeros((4, 3), np.float32)}
+    routes = {1: (11, "lyon"), 2: (11, "paris"), 3: (11, "nice")}
+    inner = DeliveringGrid([11], lambda msg: Message(RecordDict({f"{s}/echo": ConfigRecord({"site": s})
+                                                                 for s in msg.content["pack"]["sites"]}), reply_to=msg))
+    grid = SiteGrid(inner, routes, sites_per_pass=3)
+    train = [Message(RecordDict({"arrays": to_record(state), "config": ConfigRecord({"server-round": 1})}),
+                     dst_node_id=site, message_type=MessageType.TRAIN)
+             for site, state in ((1, shared), (2, other), (3, dict(shared)))]  # equal content, another object
+
+    # Execute
+    replies = grid.send_and_receive(train)
+
+    # Assert: one message, nice's adapter not in it but named as lyon's; the bytes say what sharing saved
+    (wire,) = inner.sent
+    assert sorted(key for key in wire.content if key.endswith("/arrays")) == ["lyon/arrays", "paris/arrays"]
+    assert list(wire.content["pack"]["arrays_of"]) == ["lyon", "paris", "lyon"]
+    assert grid.train_downlink == {"bytes_down_wire": 2 * 48, "bytes_down_unshared": 3 * 48}
+    assert sorted(r.content["echo"]["site"] for r in replies) == ["lyon", "nice", "paris"]
