@@ -182,10 +182,19 @@ def train_adapter_private(
         loss_reduction="mean", generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
     )
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
-    # decided before Opacus hooks the model: its timing passes must not add to the per-pair gradients
-    first = collate(tokenizer, pairs[: config.batch_size], config.max_length)
-    precision = precision_for(config, model, on_device(first, device))
     per_pair = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+    def pair_loss_sum(_: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = per_pair(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_losses(logits, batch["labels"]).sum()
+
+    # timed with the per-pair gradients (on a CPU without AMX they made bf16 far slower than fp32), then the
+    # timing passes' per-pair gradients are dropped
+    first = on_device(collate(tokenizer, pairs[: config.batch_size], config.max_length), device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+        precision = precision_for(config, model, first, loss=pair_loss_sum, step="dp-sgd")
+    per_pair.zero_grad(set_to_none=True)
     rng = random.SystemRandom()
     model.train()
     losses, started = [], time.perf_counter()

@@ -115,19 +115,21 @@ def token_mean_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.T
 
 
 def precision_for(config: TrainConfig, model: PeftModel, batch: dict[str, torch.Tensor],
-                  loss: Callable[..., torch.Tensor] | None = None) -> Precision:
-    """bf16 autocast or fp32 for this machine (`train.bf16`), decided once per process and logged.
+                  loss: Callable[..., torch.Tensor] | None = None, step: str = "step") -> Precision:
+    """bf16 autocast or fp32 for this machine (`train.bf16`), decided once per process and kind of `step` (a
+    DP-SGD step's per-pair gradients may favour another precision than a plain step's), and logged.
 
-    "auto" is a one-off measurement of this model's step in both precisions, cached per processor (and thread
-    count), model and batch size.
+    "auto" is a one-off measurement of that step in both precisions, cached per processor (and thread count),
+    model, batch size and kind of step.
     """
     device = next(model.parameters()).device
-    key = (str(config.bf16), str(device))
+    key = (str(config.bf16), str(device), step)
     if key not in _CHOSEN:
-        name = f"{device_name(device)}|{model.name_or_path}|{config.batch_size}"
+        name = f"{device_name(device)}|{model.name_or_path}|{config.batch_size}" + ("" if step == "step" else
+                                                                                  f"|{step}")
         _CHOSEN[key] = choose_precision(config.bf16, device, benchmark=step_benchmark(model, batch, loss=loss),
                                         cache_key=name, cache_file=cache_root() / "precision.json")
-        log.info("precision: %s", _CHOSEN[key].reason)
+        log.info("precision (%s): %s", step, _CHOSEN[key].reason)
     return _CHOSEN[key]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fed_netgpt import precision, training
-from fed_netgpt.adapters import attach_adapter, get_state
+from fed_netgpt.adapters import attach_adapter, get_state, set_state
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import DeviceError, resolve_device
 from fed_netgpt.precision import (
@@ -22,6 +22,7 @@ from fed_netgpt.precision import (
     parse_bf16_setting,
     step_benchmark,
 )
+from fed_netgpt.privacy import train_adapter_private
 from fed_netgpt.training import collate, train_adapter
 
 CUDA = torch.device("cuda")
@@ -163,6 +164,37 @@ def test_training_with_auto_times_this_cpu_once_and_caches_it(tiny_base, default
     entry = cache[key]
     assert entry["bf16_seconds"] > 0 and entry["fp32_seconds"] > 0
     assert result.metrics["bf16"] == float(entry["bf16_seconds"] * precision.MIN_SPEEDUP < entry["fp32_seconds"])
+
+
+def test_dp_training_times_its_own_step_and_its_timing_leaves_no_trace(tiny_base, default_config, monkeypatch,
+                                                                       tmp_path):
+    # Prepare: two DP-SGD rounds from one start, every pair in every batch (q = 1), noise and clipping negligible:
+    # one with auto (it times the DP step, made to pick fp32 whatever it measures), one with fp32 set (no timing)
+    monkeypatch.setenv("FED_NETGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(training, "_CHOSEN", {})
+    monkeypatch.setattr(precision, "MIN_SPEEDUP", 1e9)
+    pairs = [PromptPair("paris", "france", "Status of link A?", "Link A is up."),
+             PromptPair("lyon", "france", "Latency to Paris?", "About 4 ms.")]
+    privacy = replace(default_config.privacy, mode="sample_dp", noise_multiplier=1e-12, max_grad_norm=1e3)
+    states = {}
+    for bf16 in ("auto", "false"):
+        name = f"dp-probe-{bf16}"
+        model = attach_adapter(tiny_base, name, default_config.lora, seed=3)
+        set_state(model, name, {k: v + 0.01 for k, v in get_state(model, name).items()})  # B != 0: no weight
+        # with a zero gradient, which AdamW would move by the sign of the (tiny) noise alone
+        config = replace(default_config.train, bf16=bf16, local_steps=2, batch_size=2, learning_rate=1e-2)
+
+        # Execute
+        train_adapter_private(model, name, tiny_base.tokenizer, pairs, config, privacy, [], planned_steps=2)
+        states[bf16] = get_state(model, name)
+        model.delete_adapter(name)
+
+    # Assert: the DP step has a cache entry of its own, and the timing passes' per-pair gradients were not
+    # stepped with (AdamW's second step would show them)
+    for key, value in states["false"].items():
+        np.testing.assert_allclose(states["auto"][key], value, rtol=0, atol=1e-4, err_msg=key)
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    assert list(cache) == [f"{device_name(torch.device('cpu'))}|{tiny_base.model.name_or_path}|2|dp-sgd"]
 
 
 # ---- CUDA auto: capability, benchmark, cache --------------------------------------------------
