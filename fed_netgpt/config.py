@@ -163,7 +163,7 @@ class ServingConfig:
     max_new_tokens: int = 48  # tokens the edge may add to complete a prompt
     precision: str = "auto"  # auto | fp32 | int8: int8 weights of the frozen base (CPU), LoRA factors stay fp32
     max_batch: int = 16  # requests decoded together
-    draft_tokens: int = 8  # greedy decoding checks up to this many prompt-lookup tokens a pass (0: one token a pass)
+    draft_tokens: int = 8  # a greedy request checks up to this many prompt-lookup tokens a pass (0: one token a pass)
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
     max_prompt_tokens: int = 256  # longer prompts are refused (413), never cut
     max_body_bytes: int = 65536  # HTTP bodies above this are refused (413)
