@@ -186,9 +186,9 @@ class Engine:
                 picks = logits.argmax(-1).tolist()
                 kept = min(agreed(d, p) for d, p in zip(drafts, picks))
                 chosen = [d[:kept] + [p[kept]] for d, p in zip(drafts, picks)]
-                self.stats.passes, self.stats.drafted, self.stats.accepted = (
-                    self.stats.passes + 1, self.stats.drafted + sum(map(len, drafts)),
-                    self.stats.accepted + kept * len(rows))
+                self.stats.passes += 1
+                self.stats.drafted += sum(map(len, drafts))
+                self.stats.accepted += kept * len(rows)
                 if span > kept:
                     cache.crop(kept - span)  # forget the drafted positions past the agreement
                     mask, positions = mask[:, : kept - span], positions[:, : kept - span]
