@@ -40,6 +40,7 @@ class RowSelection:
         self.index: torch.Tensor | None = None
         self.blocks = False
         self.single: int | None = None
+        self.row_gradients: RowGradients | None = None  # set: DP-SGD, each row's gradient kept, not summed
 
     def set(self, index: torch.Tensor, num_adapters: int) -> None:
         self.index = index
@@ -73,6 +74,11 @@ class GroupedLoraLinear(nn.Module):
         h = self.dropout(x).reshape(rows, -1, width)
         # scaling folded into B (exact for the usual alpha = 2r), so the update is added inside the second matmul:
         # baddbmm writes base + B·(A·h) in one pass instead of three (product, scaling, sum)
+        if self.selection.row_gradients is not None and torch.is_grad_enabled():
+            if not self.selection.blocks:
+                raise RuntimeError("per-row gradients need the rows as K equal runs in adapter order")
+            update = _RowGradientUpdate.apply(h, self.lora_A, self.lora_B, self, self.selection.row_gradients)
+            return out + update.view_as(out)
         a, b = self.lora_A.to(h.dtype), (self.scaling * self.lora_B).to(h.dtype)
         if self.selection.single is not None:  # one adapter for every row
             k = self.selection.single
@@ -90,6 +96,75 @@ class GroupedLoraLinear(nn.Module):
         return torch.baddbmm(out.reshape(rows, -1, out.shape[-1]), low, b[index].transpose(1, 2)).view_as(out)
 
 
+class RowGradients:
+    """Each row's gradient of every trained factor, kept by the grouped layers' backward pass, and each row's
+    gradient norm over all of them: what DP-SGD clips, one row (one prompt pair) at a time, before anything is
+    summed. A row's gradient of a LoRA factor is small (r x width), so keeping them all costs little memory.
+    """
+
+    def __init__(self, trained: Sequence[nn.Parameter]) -> None:
+        self.trained = {id(p) for p in trained}
+        self.grads: dict[nn.Parameter, torch.Tensor] = {}  # parameter -> [rows, *its shape per adapter]
+        self.squared_norms: torch.Tensor | None = None  # [rows]
+
+    def keep(self, param: nn.Parameter, per_row: torch.Tensor) -> None:
+        """Called by the backward pass: `per_row[i]` is row i's gradient of `param`'s (row's adapter's) slice."""
+        if id(param) not in self.trained:
+            return
+        per_row = per_row.to(param.dtype)
+        self.grads[param] = per_row
+        squared = per_row.pow(2).flatten(1).sum(1)
+        self.squared_norms = squared if self.squared_norms is None else self.squared_norms + squared
+
+    def clipped_sums(self, max_norm: float, num_adapters: int) -> dict[nn.Parameter, torch.Tensor]:
+        """Every row's gradient scaled to norm at most `max_norm` (Opacus's rule: factor
+        min(1, max_norm / (norm + 1e-6))), then summed over the rows of each adapter: `[K, *shape]` a parameter.
+        The kept gradients are dropped."""
+        if self.squared_norms is None:
+            raise RuntimeError("no per-row gradients kept: run a backward pass first")
+        factor = (max_norm / (self.squared_norms.sqrt() + 1e-6)).clamp(max=1.0).view(num_adapters, -1)
+        sums = {p: torch.einsum("kn,kn...->k...", factor.to(g.dtype), g.view(num_adapters, -1, *g.shape[1:]))
+                for p, g in self.grads.items()}
+        self.grads, self.squared_norms = {}, None
+        return sums
+
+
+class _RowGradientUpdate(torch.autograd.Function):
+    """A grouped layer's low-rank update (rows as K equal runs) whose backward pass hands each row's gradient of
+    A and B to a `RowGradients` instead of summing them into `.grad` (the input's gradient flows as usual).
+
+    With u = A·h and the update s·B·u: row i's gradient of B is s·Σ_t g_t u_tᵀ, of A Σ_t (s·Bᵀg_t) h_tᵀ, over
+    its own positions t: two batched matmuls with the rows as the batch.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,  # type: ignore[override]
+                layer: GroupedLoraLinear, sink: RowGradients) -> torch.Tensor:
+        device = h.device.type  # autocast's dtype chosen here, so that the backward pass computes in the same
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        ctx.input_dtype = h.dtype
+        h, a, b = h.to(dtype), lora_a.to(dtype), (layer.scaling * lora_b).to(dtype)
+        with torch.autocast(device, enabled=False):
+            low = torch.bmm(h.reshape(lora_a.shape[0], -1, h.shape[-1]), a.transpose(1, 2))  # [K, rows/K·T, r]
+            update = torch.bmm(low, b.transpose(1, 2))
+        ctx.save_for_backward(h, low, a, b)
+        ctx.layer, ctx.sink = layer, sink
+        return update
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        h, low, a, b = ctx.saved_tensors
+        grad = grad.to(h.dtype)
+        grad_low = torch.bmm(grad, b)  # [K, rows/K·T, r]
+        grad_h = torch.bmm(grad_low, a).view_as(h).to(ctx.input_dtype)
+        per_row = (h.shape[0], h.shape[1], -1)  # [rows, T, ·]
+        layer = ctx.layer
+        ctx.sink.keep(layer.lora_B, layer.scaling * torch.bmm(grad.reshape(per_row).transpose(1, 2),
+                                                              low.reshape(per_row)))
+        ctx.sink.keep(layer.lora_A, torch.bmm(grad_low.reshape(per_row).transpose(1, 2), h))
+        return grad_h, None, None, None, None
+
+
 @dataclass
 class GroupedAdapters:
     """The grouped layers of a model (by module path) and the row selection they share."""
@@ -101,6 +176,15 @@ class GroupedAdapters:
     def select(self, index: torch.Tensor) -> None:
         """Row i of the next forward pass uses adapter index[i]."""
         self.selection.set(index, self.num_adapters)
+
+    @contextlib.contextmanager
+    def per_row_gradients(self, trained: Sequence[nn.Parameter]) -> Iterator[RowGradients]:
+        """Inside, backward passes keep each row's gradient of the `trained` factors (and set no `.grad`)."""
+        self.selection.row_gradients = RowGradients(trained)
+        try:
+            yield self.selection.row_gradients
+        finally:
+            self.selection.row_gradients = None
 
     def parameters(self, freeze_lora_a: bool = False) -> list[nn.Parameter]:
         """The stacked factors to train (B only under FFA-LoRA)."""

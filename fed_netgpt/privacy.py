@@ -27,8 +27,9 @@ import random
 import secrets
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from opacus import GradSampleModule
@@ -36,10 +37,10 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fed_netgpt.adapters import get_state
-from fed_netgpt.config import PrivacyConfig, TrainConfig
+from fed_netgpt.adapters import AdapterState, get_state
+from fed_netgpt.config import LoraConfig, PrivacyConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.training import (
     TrainResult,
@@ -49,9 +50,11 @@ from fed_netgpt.training import (
     precision_for,
     proximal_term,
     token_losses,
+    train_grouped,
     trainable_parameters,
 )
 
+Row = TypeVar("Row")
 History = list[tuple[float, float, int]]  # the RDP accountant's [(noise_multiplier, sample_rate, steps)]
 
 
@@ -131,6 +134,16 @@ def check_budget(privacy: PrivacyConfig, history: History, noise: float, rate: f
                           f"{after:.3f} > privacy.target_epsilon={privacy.target_epsilon}")
 
 
+def plan_round(privacy: PrivacyConfig, history: History, num_pairs: int, config: TrainConfig,
+               planned_steps: int) -> tuple[float, float]:
+    """A site's (noise multiplier, sample rate) for its next `config.local_steps` private steps; `BudgetSpent`
+    when they would take it past `privacy.target_epsilon`."""
+    rate = sample_rate(config.batch_size, num_pairs)
+    noise = noise_multiplier_for(privacy, rate, planned_steps)
+    check_budget(privacy, history, noise, rate, config.local_steps)
+    return noise, rate
+
+
 def poisson_batch(num_pairs: int, rate: float, rng: random.Random) -> list[int]:
     """The indices of one Poisson-sampled batch: each pair in with probability `rate`, independently."""
     return [i for i in range(num_pairs) if rng.random() < rate]
@@ -165,9 +178,7 @@ def train_adapter_private(
     """
     if not pairs:
         raise ValueError("train_adapter_private needs at least one training pair")
-    rate = sample_rate(config.batch_size, len(pairs))
-    noise = noise_multiplier_for(privacy, rate, planned_steps)
-    check_budget(privacy, history, noise, rate, config.local_steps)
+    noise, rate = plan_round(privacy, history, len(pairs), config, planned_steps)
     model.set_adapter(adapter_name)
     device = next(model.parameters()).device
     params = trainable_parameters(model, freeze_lora_a)
@@ -258,9 +269,66 @@ class SiteAccountant:
                                                      freeze_lora_a=freeze_lora_a)
         return result
 
+    def plan(self, num_pairs: int, config: TrainConfig) -> tuple[float, float]:
+        """(noise multiplier, sample rate) of the site's next round; `BudgetSpent` if it would pass the target."""
+        return plan_round(self.privacy, self.history, num_pairs, config, self.planned_steps)
+
     def spent(self) -> dict[str, float]:
         """epsilon, delta, the cumulative step count so far, and the latest steps' noise and sample rate."""
         return privacy_spent(self.history, self.privacy.delta).metrics()
+
+
+class GroupedDPSGD:
+    """DP-SGD for the sites of one grouped pass (`training.train_grouped(private=...)`), each site as
+    `train_adapter_private` trains it alone: Poisson sampling at its own rate, each pair's gradient clipped to
+    `max_grad_norm`, the site's clipped sum plus N(0, (its noise multiplier x max_grad_norm)^2) per number,
+    divided by its expected batch size. Opacus cannot hook the grouped layer, so the layer keeps each pair's
+    gradient (`grouped_lora.RowGradients`) and this applies Opacus's rules; a test holds the result equal to
+    Opacus's own DPOptimizer on the same pairs."""
+
+    def __init__(self, max_grad_norm: float, plans: Sequence[tuple[float, float]], sizes: Sequence[int]) -> None:
+        self.max_grad_norm = max_grad_norm
+        self.plans = list(plans)
+        self.rng = random.SystemRandom()
+        self.noise_std = [noise * max_grad_norm for noise, _ in plans]
+        self.expected = [max(1, round(rate * n)) for (_, rate), n in zip(plans, sizes)]
+        self.generator: torch.Generator | None = None
+
+    def draws(self, sites: Sequence[Sequence[Row]]) -> list[Iterator[list[Row]]]:
+        """Each site's endless Poisson-sampled batches (the operating system's randomness, never a seed)."""
+        def draw(rows: Sequence[Row], rate: float) -> Iterator[list[Row]]:
+            while True:
+                yield [rows[i] for i in poisson_batch(len(rows), rate, self.rng)]
+        return [draw(rows, rate) for rows, (_, rate) in zip(sites, self.plans)]
+
+    def privatize(self, clipped_sums: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+        """Set each stacked factor's `.grad`: site k's slice is its clipped sum, noised and averaged."""
+        for param, total in clipped_sums.items():
+            if self.generator is None or self.generator.device != total.device:
+                self.generator = torch.Generator(device=total.device).manual_seed(secrets.randbits(63))
+            shape = (-1, *[1] * (total.dim() - 1))
+            std = torch.tensor(self.noise_std, dtype=total.dtype, device=total.device).view(shape)
+            expected = torch.tensor(self.expected, dtype=total.dtype, device=total.device).view(shape)
+            noise = torch.randn(total.shape, generator=self.generator, dtype=total.dtype, device=total.device)
+            param.grad = (total + noise * std) / expected
+
+
+def train_grouped_private(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                          sites: Sequence[Sequence[PromptPair]], starts: Sequence[AdapterState], lora: LoraConfig,
+                          config: TrainConfig, accountants: Sequence[SiteAccountant], *,
+                          anchors: Sequence[AdapterState] | None = None,
+                          freeze_lora_a: bool = False) -> list[TrainResult]:
+    """`training.train_grouped` under DP-SGD, each site drawing on its own accountant (whose history grows by
+    the round's steps). Raises `BudgetSpent` before any step if a site's round would pass the target: check
+    each site with `SiteAccountant.plan` first and leave the refused ones out."""
+    plans = [accountant.plan(len(pairs), config) for accountant, pairs in zip(accountants, sites)]
+    private = GroupedDPSGD(accountants[0].privacy.max_grad_norm, plans, [len(pairs) for pairs in sites])
+    results = train_grouped(model, tokenizer, sites, starts, lora, config, [0] * len(sites),
+                            freeze_lora_a=freeze_lora_a, anchors=anchors, private=private)
+    for accountant, (noise, rate), result in zip(accountants, plans, results):
+        accountant.history = with_steps(accountant.history, noise, rate, config.local_steps)
+        result.metrics.update(accountant.spent())
+    return results
 
 
 def recorded_histories(site_records: Sequence[dict]) -> dict[str, History]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.utils.checkpoint
@@ -259,12 +260,23 @@ class _FrozenHeadLosses(torch.autograd.Function):
 
 
 def per_site_mean(row_sums: torch.Tensor, row_counts: torch.Tensor, index: torch.Tensor,
-                  num_sites: int) -> torch.Tensor:
-    """Each site's mean token loss over its own rows ([num_sites]); a site with no counted token gets 0."""
+                  num_sites: int, empty: float = 0.0) -> torch.Tensor:
+    """Each site's mean token loss over its own rows ([num_sites]); a site with no counted token gets `empty`."""
     sums = torch.zeros(num_sites, dtype=row_sums.dtype, device=row_sums.device).index_add(0, index, row_sums)
     counts = torch.zeros(num_sites, dtype=row_sums.dtype, device=row_sums.device).index_add(
         0, index, row_counts)
-    return sums / counts.clamp(min=1)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), empty)
+
+
+class GroupedPrivacy(Protocol):
+    """DP-SGD for a grouped pass (`privacy.GroupedDPSGD`): how each site draws its rows, and what turns the
+    clipped per-row gradients into each site's noised gradient."""
+
+    max_grad_norm: float
+
+    def draws(self, sites: Sequence[Sequence[Row]]) -> list[Iterator[list[Row]]]: ...
+
+    def privatize(self, clipped_sums: dict[torch.nn.Parameter, torch.Tensor]) -> None: ...
 
 
 def train_grouped(
@@ -278,6 +290,7 @@ def train_grouped(
     *,
     freeze_lora_a: bool = False,
     anchors: Sequence[AdapterState] | None = None,
+    private: GroupedPrivacy | None = None,
 ) -> list[TrainResult]:
     """Train K sites' adapters together, one forward/backward a step over the shared frozen `model`, each row with
     its own site's adapter; site k ends where `train_adapter(..., seed=seeds[k])` from `starts[k]` would (with
@@ -286,6 +299,9 @@ def train_grouped(
     That equality holds because each site's loss is the mean over its own tokens and the objective their sum (a
     batch-wide mean would scale each site by its share of tokens), every site steps every step (AdamW's moments
     and bias correction stay per site), and nothing is clipped across sites. FedProx's term is per site too.
+    With `private`, each site trains under DP-SGD as `privacy.train_adapter_private` would train it alone: each
+    pair's loss is the mean over its own tokens, the layers keep every pair's gradient, and `private` clips,
+    sums per site and noises them; the proximal pull (data-independent) is added after.
     """
     if not sites or len(sites) != len(starts) or len(sites) != len(seeds) or not all(sites):
         raise ValueError("train_grouped needs one non-empty pair list, start state and seed per site")
@@ -295,8 +311,9 @@ def train_grouped(
         _LOGGED.add(precision.reason)
         log.info("grouped training precision: %s", precision.reason)
     pad = int(tokenizer.pad_token_id)
-    streams = [batches(_Encodings(tokenizer, pairs, config.max_length), config.batch_size, seed=config.seed + seed)
-               for pairs, seed in zip(sites, seeds)]
+    encodings = [_Encodings(tokenizer, pairs, config.max_length) for pairs in sites]
+    streams = private.draws(encodings) if private else [
+        batches(rows, config.batch_size, seed=config.seed + seed) for rows, seed in zip(encodings, seeds)]
     fused = fused_kernels(model) if device.type == "cuda" and config.fused_kernels else contextlib.nullcontext()
     with grouped_adapters(model, lora, len(sites)) as group, fused:
         params = group.parameters(freeze_lora_a)
@@ -309,28 +326,51 @@ def train_grouped(
                                       fused=device.type == "cuda")  # one kernel for all K sites' factors
         model.train()
         losses, started = [], time.perf_counter()
-        for _ in range(config.local_steps):
-            batch, index = grouped_batch([next(stream) for stream in streams], pad, device)
-            group.select(index)
-            with autocast(precision.bf16, device):
-                row_sums, row_counts = row_loss_sums(model, batch)
-            site_loss = per_site_mean(row_sums, row_counts, index.to(device, non_blocking=True), len(sites))
-            objective = site_loss.sum()
-            if anchor:
-                distance = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor)]).sum()
-                objective = objective + (config.proximal_mu / 2) * distance
-            objective.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(site_loss.detach())  # kept on the device: no wait for the GPU between steps
+        with group.per_row_gradients(params) if private else contextlib.nullcontext() as per_row:
+            for _ in range(config.local_steps):
+                batch, index = grouped_batch([next(stream) for stream in streams], pad, device)
+                group.select(index)
+                with autocast(precision.bf16, device):
+                    row_sums, row_counts = row_loss_sums(model, batch)
+                index = index.to(device, non_blocking=True)
+                if private is None:
+                    site_loss = per_site_mean(row_sums, row_counts, index, len(sites))
+                    objective = site_loss.sum()
+                    if anchor:
+                        distance = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor)]).sum()
+                        objective = objective + (config.proximal_mu / 2) * distance
+                    objective.backward()
+                else:
+                    pair_loss = row_sums / row_counts.clamp(min=1)
+                    pair_loss.sum().backward()
+                    private.privatize(per_row.clipped_sums(private.max_grad_norm, len(sites)))
+                    if anchor:  # the pull's gradient mu·(p - anchor), after privatisation
+                        for p, a in zip(params, anchor):
+                            p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
+                    site_loss = per_site_mean(pair_loss.detach(), (row_counts > 0).to(pair_loss.dtype), index,
+                                              len(sites), empty=math.nan)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(site_loss.detach())  # kept on the device: no wait for the GPU between steps
         model.eval()
         per_site = torch.stack(losses).T.cpu()  # [sites, steps]
         elapsed = time.perf_counter() - started
         states = group.states()
     return [TrainResult(state=states[k], num_examples=len(sites[k]), metrics={
-        "train_loss": float(per_site[k].mean()), "train_loss_last": float(per_site[k, -1]),
+        "train_loss": _mean_of_taken(per_site[k]), "train_loss_last": _last_taken(per_site[k]),
         "train_seconds": elapsed / len(sites), "steps": float(config.local_steps), "bf16": float(precision.bf16),
         "group_size": float(len(sites))}) for k in range(len(sites))]
+
+
+def _mean_of_taken(losses: torch.Tensor) -> float:
+    """The mean over the steps that had rows of the site (under DP-SGD a draw may take none: nan)."""
+    taken = losses[~losses.isnan()]
+    return float(taken.mean()) if len(taken) else math.nan
+
+
+def _last_taken(losses: torch.Tensor) -> float:
+    taken = losses[~losses.isnan()]
+    return float(taken[-1]) if len(taken) else math.nan
 
 
 class _Encodings(Sequence[tuple[list[int], list[int]]]):
@@ -359,7 +399,7 @@ def grouped_batch(chosen: Sequence[Sequence[tuple[list[int], list[int]]]], pad: 
     any loss or gradient. Padding is on the right and no attention mask is passed: the causal mask alone keeps
     every real token from seeing the padding after it, and attention runs as plain causal attention (flash).
     """
-    per = max(len(rows) for rows in chosen)
+    per = max(1, *(len(rows) for rows in chosen))  # a Poisson draw may take no row of any site
     empty = ([pad], [-100])
     rows = [row for site_rows in chosen for row in [*site_rows, *[empty] * (per - len(site_rows))]]
     batch = pad_batch(rows, pad)

@@ -1,0 +1,142 @@
+"""DP-SGD in a grouped pass: each site's clipped, noised gradient as Opacus computes it when the site trains alone."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import fed_netgpt.privacy as privacy_module
+from fed_netgpt.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.config import PrivacyConfig
+from fed_netgpt.grouped_lora import grouped_adapters
+from fed_netgpt.models import BaseModel, cache_root, tiny_random_folder
+from fed_netgpt.privacy import (
+    BudgetSpent,
+    GroupedDPSGD,
+    SiteAccountant,
+    train_adapter_private,
+    train_grouped_private,
+)
+from fed_netgpt.training import collate, row_loss_sums
+
+
+@pytest.fixture(scope="module")
+def base64() -> BaseModel:
+    """A float64 copy of the tiny random LLaMA, apart from the session's shared base."""
+    folder = tiny_random_folder(cache_root())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).requires_grad_(False).eval()
+    return BaseModel(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), name="tiny-random-fp64")
+
+
+@pytest.fixture(scope="module")
+def site_pairs(default_pairs):
+    """Two sites of different data and sizes (5 and 3 pairs): the small one's run is padded with empty rows."""
+    train = [p for p in default_pairs if p.split == "train"]
+    return [[p for p in train if p.site_id == "paris"][:5], [p for p in train if p.site_id == "tokyo"][:3]]
+
+
+def _random_state(like, seed):
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0.0, 0.05, v.shape) for k, v in like.items()}
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")  # epsilon at zero noise: infinite
+@pytest.mark.parametrize("case", ["clipped", "unclipped", "fedprox", "ffa"])
+def test_grouped_dp_sgd_equals_opacus_training_each_site_alone(base64, site_pairs, default_config, monkeypatch,
+                                                               case):
+    # Prepare: no noise (so the runs can be compared), q = 1 (every pair every step), 3 AdamW steps; a clipping
+    # norm that clips every pair's gradient, or none
+    monkeypatch.setattr(privacy_module, "noise_multiplier_for", lambda privacy, rate, steps: 0.0)
+    lora = default_config.lora
+    train = replace(default_config.train, batch_size=8, local_steps=3, bf16="false", learning_rate=1e-2,
+                    proximal_mu=1.0 if case == "fedprox" else 0.0)
+    privacy = PrivacyConfig(mode="sample_dp", max_grad_norm=1e6 if case == "unclipped" else 0.05)
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    starts = [_random_state(like, seed) for seed in (1, 2)]
+    ffa = case == "ffa"
+
+    # Execute: each site alone through Opacus, then both in one grouped pass
+    model = attach_adapter(base64, f"alone-{case}", lora)
+    alone = []
+    for pairs, start in zip(site_pairs, starts):
+        set_state(model, f"alone-{case}", start)
+        train_adapter_private(model, f"alone-{case}", base64.tokenizer, pairs, train, privacy, [], planned_steps=3,
+                              freeze_lora_a=ffa)
+        alone.append({k: v.detach().numpy().copy()
+                      for k, v in get_peft_model_state_dict(model, adapter_name=f"alone-{case}").items()})
+    accountants = [SiteAccountant(privacy, 3, []) for _ in site_pairs]
+    together = train_grouped_private(base64.model, base64.tokenizer, site_pairs, starts, lora, train, accountants,
+                                     freeze_lora_a=ffa)
+
+    # Assert: every site ends with the adapter Opacus gives it, which moved from its start
+    for k, result in enumerate(together):
+        for key in alone[k]:
+            np.testing.assert_allclose(result.state[key], alone[k][key], rtol=0, atol=1e-9, err_msg=key)
+        assert max(np.abs(alone[k][key] - starts[k][key]).max() for key in starts[k]) > 1e-3
+        if ffa:
+            assert all(np.array_equal(result.state[key], starts[k][key]) for key in starts[k] if ".lora_A." in key)
+        assert result.metrics["dp_steps"] == 3.0 and result.metrics["sample_rate"] == 1.0
+    assert [a.history for a in accountants] == [[(0.0, 1.0, 3)]] * 2
+
+
+def test_clipping_the_batch_instead_of_each_pair_would_not_equal_opacus(base64, site_pairs, default_config):
+    # Prepare: one site's per-row gradients at a clipping norm below every pair's gradient norm
+    lora = default_config.lora
+    start = _random_state(get_state(attach_adapter(base64, "shape", lora), "shape"), 1)
+    batch = collate(base64.tokenizer, site_pairs[0], default_config.train.max_length)
+    with grouped_adapters(base64.model, lora, 1) as group:
+        group.load([start])
+        group.select(torch.zeros(len(site_pairs[0]), dtype=torch.long))
+        params = group.parameters()
+        with group.per_row_gradients(params) as rows:
+            sums, counts = row_loss_sums(base64.model, {k: v for k, v in batch.items() if k != "attention_mask"})
+            (sums / counts).sum().backward()
+            per_row = dict(rows.grads)
+            norms = rows.squared_norms.sqrt()
+            clipped = rows.clipped_sums(0.05, 1)
+
+    # Assert: each row was scaled to norm 0.05 on its own (norms differ, so one batch-wide factor cannot do it)
+    assert (norms > 0.05).all() and norms.max() / norms.min() > 1.2
+    factor = 0.05 / (norms + 1e-6)
+    for p, g in per_row.items():
+        torch.testing.assert_close(clipped[p][0], torch.einsum("n,n...->...", factor, g))
+        batch_wide = g.sum(0) * (0.05 * len(norms) / norms.sum())
+        assert not torch.allclose(clipped[p][0], batch_wide)
+
+
+def test_each_site_gets_noise_of_its_own_std_over_its_expected_batch():
+    # Prepare: zero clipped sums for two sites, noise multipliers 1 and 3, expected batches 4 and 2
+    private = GroupedDPSGD(0.5, plans=[(1.0, 0.5), (3.0, 1.0)], sizes=[8, 2])
+    param = torch.nn.Parameter(torch.zeros(2, 200, 50))
+
+    # Execute
+    private.privatize({param: torch.zeros(2, 200, 50)})
+
+    # Assert: site k's gradient is N(0, (sigma_k * C)^2) / expected_k, independently drawn
+    assert private.expected == [4, 2]
+    assert param.grad[0].std().item() == pytest.approx(1.0 * 0.5 / 4, rel=0.05)
+    assert param.grad[1].std().item() == pytest.approx(3.0 * 0.5 / 2, rel=0.05)
+    assert abs(param.grad[0].mean().item()) < 0.01
+    assert not torch.equal(param.grad[0] * 4 / 0.5, param.grad[1] * 2 / 1.5)
+
+
+def test_a_site_past_its_budget_is_refused_before_any_step(base64, site_pairs, default_config):
+    # Prepare: a site past epsilon 1 already, and a fresh one
+    lora = default_config.lora
+    train = replace(default_config.train, batch_size=2, local_steps=5, bf16="false")
+    privacy = PrivacyConfig(mode="sample_dp", noise_multiplier=0.8, target_epsilon=1.0)
+    spent = SiteAccountant(privacy, 5, [(0.8, 0.4, 40)])
+    fresh = SiteAccountant(privacy, 5, [])
+    starts = [get_state(attach_adapter(base64, "shape", lora), "shape")] * 2
+
+    # Execute / Assert: refused by name of the budget; nothing spent by either site
+    with pytest.raises(BudgetSpent, match="privacy budget spent"):
+        spent.plan(len(site_pairs[0]), train)
+    with pytest.raises(BudgetSpent):
+        train_grouped_private(base64.model, base64.tokenizer, site_pairs, starts, lora, train, [fresh, spent])
+    assert fresh.history == [] and spent.history == [(0.8, 0.4, 40)]
