@@ -23,14 +23,14 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from fed_netgpt.adapters import adapter_name_for, attach_adapter, save_adapter, set_state
-from fed_netgpt.config import Config, from_yaml
+from fed_netgpt.config import Config, TrainConfig, from_yaml
 from fed_netgpt.data.facts import facts_by_site
 from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
 from fed_netgpt.faults import InjectedCrash, crashes, is_slow, poison_update, poisoned_sites
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter, train_personal_adapters_grouped
-from fed_netgpt.privacy import SiteAccountant, longer
+from fed_netgpt.privacy import BudgetSpent, SiteAccountant, longer, train_grouped_private
 from fed_netgpt.runs import site_adapter_dir
 from fed_netgpt.training import train_adapter, train_grouped
 from strategies.client_dp import CLIPPING_NORM, UNIT_WEIGHT
@@ -40,6 +40,7 @@ from strategies.records import (
     FINAL_REPORT_KEY,
     PACK_KEY,
     RUN_ID_KEY,
+    SITE_ERROR_KEY,
     SITE_KEY,
     from_record,
     tallies_to_metrics,
@@ -243,7 +244,8 @@ def train(msg: Message, context: Context) -> Message:
 def train_together(msg: Message, context: Context) -> Message:
     """Several sites of this node (a packed message, `train.sites_per_pass` > 1) trained in one grouped pass:
     one forward/backward a step for all of them, each row with its own site's adapter; each site's reply is what
-    it would send alone (`training.train_grouped` equals the per-site loop), under "<site>/"."""
+    it would send alone (`training.train_grouped` equals the per-site loop), under "<site>/". Under sample_dp a
+    site whose round would pass its budget replies with an error under "<site>/" and the others train."""
     packed = [str(name) for name in msg.content[PACK_KEY]["sites"]]  # type: ignore[union-attr]
     config = message_config(msg, f"{packed[0]}/config")
     sent = msg.content[f"{packed[0]}/config"]
@@ -252,30 +254,66 @@ def train_together(msg: Message, context: Context) -> Message:
                                                          name)]  # a crashed site is missing from the reply
     if not names:
         raise InjectedCrash(f"injected crash of every packed site ({', '.join(packed)}) in round {server_round}")
+    train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
+    content = RecordDict()
     sites = [serving_site(config, context, name) for name in names]
+    accountants = {name: site_accountant(config, context, name, sent) for name in names}
+    refused = refused_sites(config, sites, accountants, train_config)
+    for name, reason in refused.items():
+        print(f"[round {server_round}] site {name}: {reason}", flush=True)
+        content[f"{name}/{SITE_ERROR_KEY}"] = ConfigRecord({"reason": reason})
+    sites = [site for site in sites if site.site_id not in refused]
+    if not sites:
+        return Message(content, reply_to=msg)
+    names = [site.site_id for site in sites]
+    private = [accountants[name] for name in names] if config.privacy.mode == "sample_dp" else None
     pack = msg.content[PACK_KEY]
     arrays_of = dict(zip(packed, pack["arrays_of"] if "arrays_of" in pack else packed))  # a shared adapter: once
     starts = [from_record(msg.content[f"{arrays_of[name]}/arrays"]) for name in names]
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
-    train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
-    results = train_grouped(base.model, base.tokenizer, [site.train for site in sites], starts, config.lora,
-                            train_config, [server_round] * len(sites),
-                            freeze_lora_a=config.federation.lora_aggregation == "ffa")
-    personal = train_personal_adapters_grouped(
-        base, config, [site.train for site in sites], starts,
-        [personal_folder(config, context, site.site_id) for site in sites], str(sent[RUN_ID_KEY]), server_round,
-    ) if personalized(config) else []
-    content = RecordDict()
+    pairs, ffa = [site.train for site in sites], config.federation.lora_aggregation == "ffa"
+    try:
+        results = (train_grouped_private(base.model, base.tokenizer, pairs, starts, config.lora, train_config,
+                                         private, freeze_lora_a=ffa) if private else
+                   train_grouped(base.model, base.tokenizer, pairs, starts, config.lora, train_config,
+                                 [server_round] * len(sites), freeze_lora_a=ffa))
+        personal = train_personal_adapters_grouped(
+            base, config, pairs, starts, [personal_folder(config, context, site.site_id) for site in sites],
+            str(sent[RUN_ID_KEY]), server_round, accountants=private,
+        ) if personalized(config) else []
+    finally:  # every private step taken is kept
+        for accountant, name in zip(private or [], names):
+            context.state[f"{PRIVACY_STATE}/{name}"] = ConfigRecord({"history": json.dumps(accountant.history)})
     for k, (site, start, result) in enumerate(zip(sites, starts, results)):
         metrics = {**result.metrics, "num-examples": result.num_examples}
+        line = f"loss {metrics['train_loss']:.3f} -> {metrics['train_loss_last']:.3f}"
         if personal:
             metrics["personal_loss"] = personal[k].metrics["train_loss"]
+        if private:
+            metrics.update(private[k].spent())
+            line += f", epsilon {metrics['epsilon']:.2f} after {int(metrics['dp_steps'])} DP steps"
         state = poison_if_compromised(config, site, server_round, {key: result.state[key] for key in start}, start)
         content[f"{site.site_id}/arrays"] = to_record(state, config.federation.wire_dtype)
         content[f"{site.site_id}/metrics"] = MetricRecord(metrics)
-        print(f"[round {server_round}] site {site.site_id} ({site.region}): loss {metrics['train_loss']:.3f} -> "
-              f"{metrics['train_loss_last']:.3f}, trained with {len(sites) - 1} more site(s) in one pass", flush=True)
+        print(f"[round {server_round}] site {site.site_id} ({site.region}): {line}, trained with {len(sites) - 1} "
+              "more site(s) in one pass", flush=True)
     return Message(content, reply_to=msg)
+
+
+def refused_sites(config: Config, sites: list[SiteData], accountants: dict[str, SiteAccountant | None],
+                  train: TrainConfig) -> dict[str, str]:
+    """The sites whose round (federated and personal steps) would pass their DP budget, with the reason."""
+    round_steps = replace(train, local_steps=train.local_steps + (
+        config.personalization.steps if personalized(config) else 0))
+    refused = {}
+    for site in sites:
+        accountant = accountants[site.site_id]
+        try:
+            if accountant is not None:
+                accountant.plan(len(site.train), round_steps)
+        except BudgetSpent as err:
+            refused[site.site_id] = str(err)
+    return refused
 
 
 @app.evaluate()

@@ -291,10 +291,10 @@ def _check_combinations(config: Config) -> None:
                           f"federation.strategy fedavg or fedprox, not {federation.strategy}")
     if federation.robust != "none":
         _check_robust(config)
-    if config.train.sites_per_pass > 1 and privacy.mode != "none":
-        raise ConfigError(f"train.sites_per_pass={config.train.sites_per_pass} trains sites in one grouped pass, "
-                          f"which has no per-sample or per-site clipping; privacy.mode={privacy.mode} needs "
-                          "train.sites_per_pass=1")
+    if config.train.sites_per_pass > 1 and privacy.mode == "client_dp":
+        raise ConfigError(f"train.sites_per_pass={config.train.sites_per_pass} packs several sites' updates in one "
+                          "reply, and client_dp clips each site's update on its own reply; privacy.mode=client_dp "
+                          "needs train.sites_per_pass=1")
     if privacy.mode != "client_dp":
         return
     if not averaging:

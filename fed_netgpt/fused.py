@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from fed_netgpt.grouped_lora import GroupedLoraLinear
+
 
 def _rms_norm(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """LlamaRMSNorm.forward in one kernel: normalized in fp32, rounded to the input's dtype, then scaled."""
@@ -31,7 +33,10 @@ def _rms_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if type(m).__name__.endswith("MLP") and hasattr(m, "act_fn")]
+    """Gated MLP blocks without a grouped LoRA layer inside (under DP-SGD its backward pass keeps each row's
+    gradient from Python, which a compiled graph would not run)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("MLP") and hasattr(m, "act_fn")
+            and not any(isinstance(child, GroupedLoraLinear) for child in m.modules())]
 
 
 @contextlib.contextmanager

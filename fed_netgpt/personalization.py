@@ -22,6 +22,7 @@ from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publ
 from fed_netgpt.config import Config, TrainConfig
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import BaseModel
+from fed_netgpt.privacy import SiteAccountant, train_grouped_private
 from fed_netgpt.runs import is_adapter
 from fed_netgpt.training import TrainResult, train_adapter, train_grouped, trainable_parameters
 
@@ -46,12 +47,17 @@ def train_personal_adapter(
 
 def train_personal_adapters_grouped(
     base: BaseModel, config: Config, sites: Sequence[Sequence[PromptPair]], regionals: Sequence[AdapterState],
-    folders: Sequence[Path], run_id: str, seed: int,
+    folders: Sequence[Path], run_id: str, seed: int, accountants: Sequence[SiteAccountant] | None = None,
 ) -> list[TrainResult]:
-    """`train_personal_adapter` for several sites of a node in one grouped pass (`training.train_grouped`)."""
+    """`train_personal_adapter` for several sites of a node in one grouped pass (`training.train_grouped`, or
+    under DP-SGD `privacy.train_grouped_private` drawing on each site's accountant)."""
     starts = [_own_adapter(folder, run_id) or regional for folder, regional in zip(folders, regionals)]
-    results = train_grouped(base.model, base.tokenizer, sites, starts, config.lora, ditto_settings(config),
-                            [seed] * len(sites), anchors=regionals)
+    if accountants:
+        results = train_grouped_private(base.model, base.tokenizer, sites, starts, config.lora,
+                                        ditto_settings(config), accountants, anchors=regionals)
+    else:
+        results = train_grouped(base.model, base.tokenizer, sites, starts, config.lora, ditto_settings(config),
+                                [seed] * len(sites), anchors=regionals)
     model = attach_adapter(base, PERSONAL, config.lora, seed=config.run.seed)  # its config goes with each file
     for folder, result in zip(folders, results):
         _publish(model, folder, run_id, result.state)

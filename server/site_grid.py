@@ -25,11 +25,12 @@ from flwr.serverapp import Grid
 
 from fed_netgpt.runs import short_reason
 from server.federated_report import NodeSite
-from strategies.records import PACK_KEY, SITE_KEY
+from strategies.records import PACK_KEY, SITE_ERROR_KEY, SITE_KEY
 from strategies.regional import array_bytes
 
 log = logging.getLogger("fed_netgpt.server")
 Route = tuple[int, str]  # (node id, site id)
+CLIENT_APP_RAISED_EXCEPTION = 2  # Flower's error code for a ClientApp that raised (flwr.common.constant.ErrorCode)
 
 
 class SiteGrid:
@@ -124,6 +125,9 @@ def _unpacked(reply: Message, site: str, original: Message) -> Message:
                if key.startswith(f"{site}/")}
     if not records:
         return Message(Error(code=0, reason=f"the node's reply holds nothing for site {site}"), reply_to=original)
+    if SITE_ERROR_KEY in records:  # this site was refused (its DP budget), its packmates trained
+        reason = str(records[SITE_ERROR_KEY]["reason"])  # type: ignore[index]
+        return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=original)
     return Message(RecordDict(records), reply_to=original)
 
 

@@ -12,6 +12,7 @@ DP_HISTORIES_KEY = "dp-histories"  # {site: DP accountant history} recorded by t
 RUN_ID_KEY = "run-id"  # which run a message belongs to: a site adapter of another run is never continued
 SITE_KEY = "site-id"  # which of its node's sites a message is for (server/site_grid.py)
 PACK_KEY = "pack"  # a train message for several sites of a node, trained in one grouped pass: {"sites": [...]}
+SITE_ERROR_KEY = "error"  # in a packed reply, "<site>/error": {"reason": ...}: that site did not train, the others did
 
 
 def to_record(state: Mapping[str, np.ndarray], dtype: str = "") -> ArrayRecord:

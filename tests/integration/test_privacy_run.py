@@ -26,11 +26,15 @@ def _recomputed(record: dict) -> float:
     return float(get_privacy_spent(orders=orders, rdp=rdp, delta=record["delta"])[0])
 
 
-def test_sample_dp_reports_recomputable_epsilon_within_its_budget_across_a_resume(tmp_path: Path) -> None:
-    # Prepare / Execute: one round planned at a budget of epsilon 4
+@pytest.mark.parametrize("grouped", [False, True], ids=["each-site-with-opacus", "four-sites-in-one-pass"])
+def test_sample_dp_reports_recomputable_epsilon_within_its_budget_across_a_resume(tmp_path: Path,
+                                                                                 grouped: bool) -> None:
+    # Prepare / Execute: one round planned at a budget of epsilon 4; the sites trained one by one through Opacus,
+    # or all four on one node in one grouped pass (grouped_lora's per-pair clipping)
     out = tmp_path / "dp"
+    packing = ["simulation.num_supernodes=1", "train.sites_per_pass=4"] if grouped else []
     done = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={out}", "privacy.mode=sample_dp",
-                      f"privacy.target_epsilon={TARGET}", "federation.num_rounds=1")
+                      f"privacy.target_epsilon={TARGET}", "federation.num_rounds=1", *packing)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     # Assert: every site's line carries what recomputes its epsilon; the budget is used, never exceeded
@@ -42,6 +46,7 @@ def test_sample_dp_reports_recomputable_epsilon_within_its_budget_across_a_resum
         assert record["epsilon"] >= 0.95 * TARGET  # the noise was planned to spend the budget over the run
         assert record["dp_steps"] == 2 + 4  # smoke: 2 local + 4 Ditto steps a round
         assert record["delta"] == 1e-5
+        assert record.get("group_size", 1) == (4 if grouped else 1)
     report = json.loads((out / "report.json").read_text())
     assert report["privacy"]["epsilon_max"] <= TARGET
     assert sorted(report["privacy"]["sites"]) == TRAINING_SITES and report["privacy"]["budget_spent"] == []
@@ -49,7 +54,7 @@ def test_sample_dp_reports_recomputable_epsilon_within_its_budget_across_a_resum
 
     # Execute: resume for a second round, in a fresh process (the sites' in-memory state is gone)
     more = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={out}", "privacy.mode=sample_dp",
-                      f"privacy.target_epsilon={TARGET}", "run.resume=true", "federation.num_rounds=2")
+                      f"privacy.target_epsilon={TARGET}", "run.resume=true", "federation.num_rounds=2", *packing)
 
     # Assert: the server handed back what each site spent; none trains past its budget, the run still ends
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
