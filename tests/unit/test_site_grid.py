@@ -190,7 +190,8 @@ def test_train_messages_travel_packed_per_node_and_come_back_as_each_sites_reply
         sites = list(msg.content["pack"]["sites"])
         if "tokyo" in sites:
             return Message(Error(code=0, reason="node 12 crashed"), reply_to=msg)
-        content = RecordDict({f"{s}/echo": ConfigRecord({"site": s}) for s in sites if s != "osaka"})
+        content = RecordDict({f"{s}/echo": ConfigRecord({"site": s}) for s in sites if s not in ("osaka", "lyon")})
+        content["lyon/error"] = ConfigRecord({"reason": "privacy budget spent: epsilon is 4.000"})  # lyon refused
         return Message(content, reply_to=msg)
 
     inner = DeliveringGrid([11, 12, 13], answer)
@@ -209,8 +210,9 @@ def test_train_messages_travel_packed_per_node_and_come_back_as_each_sites_reply
                     (11, MessageType.TRAIN, ["lyon", "paris"]), (12, MessageType.TRAIN, ["tokyo"]),
                     (13, MessageType.TRAIN, ["osaka"])]
     assert inner.sent[1].content["lyon/config"][SITE_KEY] == "lyon"
-    # each site gets its own records back; a failed node fails its sites; a site missing from a reply fails
-    assert replies[(1, MessageType.TRAIN)].content["echo"]["site"] == "lyon"
+    # each site gets its own records back (or its own error); a failed node fails its sites; a site missing from a
+    # reply fails
+    assert replies[(1, MessageType.TRAIN)].error.reason == "privacy budget spent: epsilon is 4.000"
     assert replies[(2, MessageType.TRAIN)].content["echo"]["site"] == "paris"
     assert replies[(3, MessageType.TRAIN)].error.reason == "node 12 crashed"
     assert "holds nothing for site osaka" in replies[(4, MessageType.TRAIN)].error.reason
