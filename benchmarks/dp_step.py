@@ -1,74 +1,82 @@
-"""Cost of DP-SGD: one local step with Opacus (per-pair gradients, clipping, noise) against a plain step on the
-same batch, side by side.
+"""Cost of DP-SGD: a private local step against a plain step on the same batch, side by side.
 
-    python benchmarks/dp_step.py [--model smollm2-135m] [--batch 8] [--steps 4] [--device cpu|cuda] [key=value ...]
+    python benchmarks/dp_step.py [--model smollm2-135m] [--batch 8] [--steps 4] [--device cpu|cuda]
+                                 [--grouped K [K ...]] [--base-dtype bfloat16] [-- key=value ...]
 
-Both train the same LoRA adapter on the same `--batch` pairs: the private step draws every pair with
-probability 1 (q = batch / pairs = 1), so both see the full batch each step. Rounds alternate so machine noise
-hits both alike; prints median step times, their ratio, and on a GPU the peak memory of each.
+One site alone: a plain step (`train_adapter`, peft) against a DP-SGD step through Opacus (per-pair gradients,
+clipping, noise: `train_adapter_private`). With --grouped, K sites in one grouped pass (`train_grouped`) against
+the same K sites under DP-SGD in one grouped pass (`train_grouped_private`: the grouped layers keep each pair's
+gradient). Every site has exactly --batch pairs and the private steps draw each pair with probability 1, so both
+sides of a ratio train the same rows each step. The calls take turns, so machine noise hits them alike; prints
+median step times, the ratios, and on a GPU the peak memory of each.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
+from dataclasses import replace
 
 import torch
-from train_step import random_base, step_parser  # benchmarks/ is the running script's folder
+from multisite import interleaved  # benchmarks/ is the running script's folder
+from train_step import random_base, step_parser
 
-from fed_netgpt.adapters import attach_adapter
+from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.models import load_base
-from fed_netgpt.privacy import train_adapter_private
-from fed_netgpt.training import train_adapter
+from fed_netgpt.privacy import SiteAccountant, train_adapter_private, train_grouped_private
+from fed_netgpt.training import train_adapter, train_grouped
 
 
 def main() -> None:
     parser = step_parser()
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--grouped", type=int, nargs="*", default=[], metavar="K",
+                        help="also K sites in one grouped pass, plain against DP-SGD")
+    parser.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the frozen base's weights (LoRA weights stay float32)")
     args = parser.parse_args()
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}",
                                     f"train.batch_size={args.batch}", "privacy.mode=sample_dp",
                                     "privacy.noise_multiplier=1.0", *args.overrides])
     base = random_base(args.model) if args.random_init else load_base(config.model.name)
-    base.model.to(args.device)
-    pairs = max(load_sites(config.data), key=lambda site: len(site.train)).train[: args.batch]
-    if len(pairs) < args.batch:
-        parser.error(f"the biggest site has {len(pairs)} training pairs; --batch must be at most that")
+    base.model.to(args.device, getattr(torch, args.base_dtype))
+    sites = load_sites(replace(config.data, min_pairs_per_site=args.batch))
+    if len(sites) < max(args.grouped, default=0):
+        sites = load_sites(replace(config.data, num_sites=max(args.grouped), min_pairs_per_site=args.batch))
+    pairs = [site.train[: args.batch] for site in sites]
     model = attach_adapter(base, "bench", config.lora)
+    start = get_state(model, "bench")
+    steps = config.train.local_steps
+
+    def private_grouped(k: int) -> None:
+        accountants = [SiteAccountant(config.privacy, steps, []) for _ in range(k)]
+        train_grouped_private(base.model, base.tokenizer, pairs[:k], [start] * k, config.lora, config.train,
+                              accountants)
+
+    calls = {
+        "one site, peft": functools.partial(train_adapter, model, "bench", base.tokenizer, pairs[0], config.train),
+        "one site, Opacus": functools.partial(train_adapter_private, model, "bench", base.tokenizer, pairs[0],
+                                              config.train, config.privacy, [], planned_steps=steps),
+    }
+    for k in args.grouped:
+        calls[f"grouped K={k}"] = functools.partial(train_grouped, base.model, base.tokenizer, pairs[:k],
+                                                    [start] * k, config.lora, config.train, list(range(k)))
+        calls[f"grouped K={k}, DP-SGD"] = functools.partial(private_grouped, k)
+    measured = interleaved(calls, args.device, args.rounds)
     cuda = args.device == "cuda"
-
-    def plain() -> None:
-        train_adapter(model, "bench", base.tokenizer, pairs, config.train)
-
-    def private() -> None:
-        train_adapter_private(model, "bench", base.tokenizer, pairs, config.train, config.privacy, [],
-                              planned_steps=args.steps)
-
-    runs = {"plain": plain, "dp-sgd": private}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    peaks: dict[str, int] = {}
-    for run in runs.values():  # warm-up
-        run()
-    for _ in range(args.rounds):
-        for name, run in runs.items():
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            run()
-            if cuda:
-                torch.cuda.synchronize()
-                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
-            times[name].append((time.perf_counter() - started) / args.steps)
-    plain_s, private_s = statistics.median(times["plain"]), statistics.median(times["dp-sgd"])
     device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{args.model} LoRA r={config.lora.r}, batch {args.batch}, on {device}")
-    print(f"step plain {plain_s * 1000:.0f} ms | DP-SGD {private_s * 1000:.0f} ms | ratio {private_s / plain_s:.2f}x")
-    if cuda:
-        print(f"peak memory plain {peaks['plain'] / 2**20:.0f} MiB | DP-SGD {peaks['dp-sgd'] / 2**20:.0f} MiB | "
-              f"ratio {peaks['dp-sgd'] / peaks['plain']:.2f}x")
+    print(f"{args.model} LoRA r={config.lora.r} on {','.join(config.lora.target_modules)}, {args.batch} pairs a "
+          f"site, {steps} steps a call, on {device}")
+    names = list(calls)
+    for plain, private in zip(names[::2], names[1::2]):  # each plain call is followed by its private one
+        (plain_s, _, _, plain_peak), (private_s, _, _, private_peak) = measured[plain], measured[private]
+        line = (f"{plain:16s} {plain_s / steps * 1000:7.0f} ms/step | {private:24s} {private_s / steps * 1000:7.0f} "
+                f"ms/step | time {private_s / plain_s:.2f}x")
+        if cuda:
+            line += (f" | peak {plain_peak / 2**20:,.0f} vs {private_peak / 2**20:,.0f} MiB, "
+                     f"{private_peak / plain_peak:.2f}x")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

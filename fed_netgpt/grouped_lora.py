@@ -105,7 +105,7 @@ class RowGradients:
     def __init__(self, trained: Sequence[nn.Parameter]) -> None:
         self.trained = {id(p) for p in trained}
         self.grads: dict[nn.Parameter, torch.Tensor] = {}  # parameter -> [rows, *its shape per adapter]
-        self.squared_norms: torch.Tensor | None = None  # [rows]
+        self.norms: list[torch.Tensor] = []  # each kept gradient's norm per row
 
     def keep(self, param: nn.Parameter, per_row: torch.Tensor) -> None:
         """Called by the backward pass: `per_row[i]` is row i's gradient of `param`'s (row's adapter's) slice."""
@@ -113,19 +113,22 @@ class RowGradients:
             return
         per_row = per_row.to(param.dtype)
         self.grads[param] = per_row
-        squared = per_row.pow(2).flatten(1).sum(1)
-        self.squared_norms = squared if self.squared_norms is None else self.squared_norms + squared
+        self.norms.append(torch.linalg.vector_norm(per_row.flatten(1), dim=1))
+
+    def row_norms(self) -> torch.Tensor:
+        """Each row's gradient norm over every kept factor ([rows])."""
+        if not self.norms:
+            raise RuntimeError("no per-row gradients kept: run a backward pass first")
+        return torch.linalg.vector_norm(torch.stack(self.norms), dim=0)
 
     def clipped_sums(self, max_norm: float, num_adapters: int) -> dict[nn.Parameter, torch.Tensor]:
         """Every row's gradient scaled to norm at most `max_norm` (Opacus's rule: factor
         min(1, max_norm / (norm + 1e-6))), then summed over the rows of each adapter: `[K, *shape]` a parameter.
         The kept gradients are dropped."""
-        if self.squared_norms is None:
-            raise RuntimeError("no per-row gradients kept: run a backward pass first")
-        factor = (max_norm / (self.squared_norms.sqrt() + 1e-6)).clamp(max=1.0).view(num_adapters, -1)
+        factor = (max_norm / (self.row_norms() + 1e-6)).clamp(max=1.0).view(num_adapters, -1)
         sums = {p: torch.einsum("kn,kn...->k...", factor.to(g.dtype), g.view(num_adapters, -1, *g.shape[1:]))
                 for p, g in self.grads.items()}
-        self.grads, self.squared_norms = {}, None
+        self.grads, self.norms = {}, []
         return sums
 
 

@@ -293,6 +293,7 @@ class GroupedDPSGD:
         self.noise_std = [noise * max_grad_norm for noise, _ in plans]
         self.expected = [max(1, round(rate * n)) for (_, rate), n in zip(plans, sizes)]
         self.generator: torch.Generator | None = None
+        self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def draws(self, sites: Sequence[Sequence[Row]]) -> list[Iterator[list[Row]]]:
         """Each site's endless Poisson-sampled batches (the operating system's randomness, never a seed)."""
@@ -304,13 +305,21 @@ class GroupedDPSGD:
     def privatize(self, clipped_sums: dict[torch.nn.Parameter, torch.Tensor]) -> None:
         """Set each stacked factor's `.grad`: site k's slice is its clipped sum, noised and averaged."""
         for param, total in clipped_sums.items():
-            if self.generator is None or self.generator.device != total.device:
-                self.generator = torch.Generator(device=total.device).manual_seed(secrets.randbits(63))
-            shape = (-1, *[1] * (total.dim() - 1))
-            std = torch.tensor(self.noise_std, dtype=total.dtype, device=total.device).view(shape)
-            expected = torch.tensor(self.expected, dtype=total.dtype, device=total.device).view(shape)
-            noise = torch.randn(total.shape, generator=self.generator, dtype=total.dtype, device=total.device)
-            param.grad = (total + noise * std) / expected
+            std, expected = self._per_site(total)
+            param.grad = torch.addcmul(total, torch.randn(total.shape, generator=self.generator, dtype=total.dtype,
+                                                          device=total.device), std).div_(expected)
+
+    def _per_site(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each site's noise std and expected batch size as [K, 1, ...] tensors on `like`'s device, made once (a
+        copy to the GPU for each of 240 factors a step cost more than the noise itself)."""
+        key = (like.device, like.dtype, like.dim())
+        if key not in self._tensors:
+            if self.generator is None or self.generator.device != like.device:
+                self.generator = torch.Generator(device=like.device).manual_seed(secrets.randbits(63))
+            shape = (-1, *[1] * (like.dim() - 1))
+            self._tensors[key] = tuple(torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+                                       for values in (self.noise_std, self.expected))  # type: ignore[assignment]
+        return self._tensors[key]
 
 
 def train_grouped_private(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
