@@ -21,7 +21,7 @@ from fed_netgpt.adapters import AdapterState, get_state
 from fed_netgpt.config import LoraConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.fused import fused_kernels
-from fed_netgpt.grouped_lora import grouped_adapters
+from fed_netgpt.grouped_lora import RowGradients, grouped_adapters
 from fed_netgpt.models import cache_root
 from fed_netgpt.precision import Precision, choose_precision, device_name, step_benchmark
 from fed_netgpt.prompting import encode_pair
@@ -333,22 +333,9 @@ def train_grouped(
                 with autocast(precision.bf16, device):
                     row_sums, row_counts = row_loss_sums(model, batch)
                 index = index.to(device, non_blocking=True)
-                if private is None:
-                    site_loss = per_site_mean(row_sums, row_counts, index, len(sites))
-                    objective = site_loss.sum()
-                    if anchor:
-                        distance = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor)]).sum()
-                        objective = objective + (config.proximal_mu / 2) * distance
-                    objective.backward()
-                else:
-                    pair_loss = row_sums / row_counts.clamp(min=1)
-                    pair_loss.sum().backward()
-                    private.privatize(per_row.clipped_sums(private.max_grad_norm, len(sites)))
-                    if anchor:  # the pull's gradient mu·(p - anchor), after privatisation
-                        for p, a in zip(params, anchor):
-                            p.grad.add_(p.detach() - a, alpha=config.proximal_mu)
-                    site_loss = per_site_mean(pair_loss.detach(), (row_counts > 0).to(pair_loss.dtype), index,
-                                              len(sites), empty=math.nan)
+                pull = (params, anchor, config.proximal_mu) if anchor else None
+                site_loss = (_backward(row_sums, row_counts, index, len(sites), pull) if private is None else
+                             _private_backward(row_sums, row_counts, index, len(sites), pull, private, per_row))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(site_loss.detach())  # kept on the device: no wait for the GPU between steps
@@ -360,6 +347,36 @@ def train_grouped(
         "train_loss": _mean_of_taken(per_site[k]), "train_loss_last": _last_taken(per_site[k]),
         "train_seconds": elapsed / len(sites), "steps": float(config.local_steps), "bf16": float(precision.bf16),
         "group_size": float(len(sites))}) for k in range(len(sites))]
+
+
+Pull = tuple[list[torch.nn.Parameter], list[torch.Tensor], float]  # FedProx / Ditto: (params, anchor, mu)
+
+
+def _backward(row_sums: torch.Tensor, row_counts: torch.Tensor, index: torch.Tensor, num_sites: int,
+              pull: Pull | None) -> torch.Tensor:
+    """Gradients of the sum of each site's token-mean loss (plus each site's proximal term); the site losses."""
+    site_loss = per_site_mean(row_sums, row_counts, index, num_sites)
+    objective = site_loss.sum()
+    if pull:
+        params, anchor, mu = pull
+        objective = objective + (mu / 2) * torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor)]).sum()
+    objective.backward()
+    return site_loss
+
+
+def _private_backward(row_sums: torch.Tensor, row_counts: torch.Tensor, index: torch.Tensor, num_sites: int,
+                      pull: Pull | None, private: GroupedPrivacy, per_row: RowGradients) -> torch.Tensor:
+    """DP-SGD gradients: each pair's own token-mean loss, its gradient kept by the layers, clipped, summed per
+    site and noised by `private`; a proximal pull mu·(p - anchor) added after (it depends on no data). Each
+    site's mean pair loss (nan where its draw was empty)."""
+    pair_loss = row_sums / row_counts.clamp(min=1)
+    pair_loss.sum().backward()
+    private.privatize(per_row.clipped_sums(private.max_grad_norm, num_sites))
+    if pull:
+        params, anchor, mu = pull
+        for p, a in zip(params, anchor):
+            p.grad.add_(p.detach() - a, alpha=mu)  # type: ignore[union-attr]
+    return per_site_mean(pair_loss.detach(), (row_counts > 0).to(pair_loss.dtype), index, num_sites, empty=math.nan)
 
 
 def _mean_of_taken(losses: torch.Tensor) -> float:
