@@ -6,12 +6,13 @@ import itertools
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fed_netgpt.config import Config, load_config
 from fed_netgpt.data.geography import select_sites
 from fed_netgpt.data.prompts import build_pairs
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.models import BaseModel, load_base
+from fed_netgpt.models import BaseModel, cache_root, load_base, tiny_random_folder
 
 _ADAPTER_NUMBERS = itertools.count()
 
@@ -34,6 +35,14 @@ def _one_torch_thread_in_unit_tests(request: pytest.FixtureRequest):
 def tiny_base() -> BaseModel:
     """The process-wide tiny random LLaMA (2 layers, 64 wide, SmolLM2 tokenizer)."""
     return load_base("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def base64() -> BaseModel:
+    """A float64 copy of the tiny random LLaMA, apart from the session's shared base (one per test module)."""
+    folder = tiny_random_folder(cache_root())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).requires_grad_(False).eval()
+    return BaseModel(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), name="tiny-random-fp64")
 
 
 @pytest.fixture(scope="session")

@@ -8,20 +8,10 @@ import numpy as np
 import pytest
 import torch
 from peft import get_peft_model_state_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fed_netgpt.adapters import AdapterError, attach_adapter, get_state, set_state
 from fed_netgpt.grouped_lora import grouped_adapters
-from fed_netgpt.models import BaseModel, cache_root, tiny_random_folder
 from fed_netgpt.training import collate, row_loss_sums, token_losses, train_adapter, train_grouped
-
-
-@pytest.fixture(scope="module")
-def base64() -> BaseModel:
-    """A float64 copy of the tiny random LLaMA, apart from the session's shared base."""
-    folder = tiny_random_folder(cache_root())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).requires_grad_(False).eval()
-    return BaseModel(model=model, tokenizer=AutoTokenizer.from_pretrained(folder), name="tiny-random-fp64")
 
 
 @pytest.fixture(scope="module")
