@@ -107,9 +107,12 @@ class RowGradients:
         self.grads: dict[nn.Parameter, torch.Tensor] = {}  # parameter -> [rows, *its shape per adapter]
         self.norms: list[torch.Tensor] = []  # each kept gradient's norm per row
 
+    def trains(self, param: nn.Parameter) -> bool:
+        return id(param) in self.trained
+
     def keep(self, param: nn.Parameter, per_row: torch.Tensor) -> None:
         """Called by the backward pass: `per_row[i]` is row i's gradient of `param`'s (row's adapter's) slice."""
-        if id(param) not in self.trained:
+        if not self.trains(param):
             return
         per_row = per_row.to(param.dtype)
         self.grads[param] = per_row
@@ -164,7 +167,8 @@ class _RowGradientUpdate(torch.autograd.Function):
         layer = ctx.layer
         ctx.sink.keep(layer.lora_B, layer.scaling * torch.bmm(grad.reshape(per_row).transpose(1, 2),
                                                               low.reshape(per_row)))
-        ctx.sink.keep(layer.lora_A, torch.bmm(grad_low.reshape(per_row).transpose(1, 2), h))
+        if ctx.sink.trains(layer.lora_A):  # not under FFA-LoRA, whose A stays frozen
+            ctx.sink.keep(layer.lora_A, torch.bmm(grad_low.reshape(per_row).transpose(1, 2), h))
         return grad_h, None, None, None, None
 
 
