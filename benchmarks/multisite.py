@@ -79,6 +79,8 @@ def measure(args, base: BaseModel, model, config: Config, all_sites: list, start
     print(f"  per-site loop ({args.loop_sites} sites one by one, peft): {loop_rate:,.0f} tokens/s")
     params = sum(p.numel() for n, p in base.model.named_parameters() if ".lora_" not in n)
     trains = {f"fused_kernels={v}": replace(config.train, fused_kernels=v == "true") for v in args.fused_kernels}
+    if args.device != "cuda":  # the fused kernels are GPU-only: on the CPU every variant is the same pass
+        trains = {"": config.train}
     for k in args.sites:
         sites = all_sites[:k]
         pairs = [s.train for s in sites]
