@@ -124,10 +124,10 @@ def precision_for(config: TrainConfig, model: PeftModel, batch: dict[str, torch.
     model, batch size and kind of step.
     """
     device = next(model.parameters()).device
-    key = (str(config.bf16), str(device), step)
+    name = f"{device_name(device)}|{model.name_or_path}|{config.batch_size}" + ("" if step == "step" else
+                                                                              f"|{step}")
+    key = (str(config.bf16), str(device), name)  # another model or batch size in this process: its own choice
     if key not in _CHOSEN:
-        name = f"{device_name(device)}|{model.name_or_path}|{config.batch_size}" + ("" if step == "step" else
-                                                                                  f"|{step}")
         _CHOSEN[key] = choose_precision(config.bf16, device, benchmark=step_benchmark(model, batch, loss=loss),
                                         cache_key=name, cache_file=cache_root() / "precision.json")
         log.info("precision (%s): %s", step, _CHOSEN[key].reason)

@@ -164,6 +164,10 @@ def test_training_with_auto_times_this_cpu_once_and_caches_it(tiny_base, default
     entry = cache[key]
     assert entry["bf16_seconds"] > 0 and entry["fp32_seconds"] > 0
     assert result.metrics["bf16"] == float(entry["bf16_seconds"] * precision.MIN_SPEEDUP < entry["fp32_seconds"])
+    # another batch size in the same process is timed on its own, not given the first one's choice
+    train_adapter(model, adapter_name, tiny_base.tokenizer, pairs, replace(config, batch_size=1))
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    assert sorted(cache) == sorted([key, f"{device_name(torch.device('cpu'))}|{model.name_or_path}|1"])
 
 
 def test_dp_training_times_its_own_step_and_its_timing_leaves_no_trace(tiny_base, default_config, monkeypatch,
