@@ -82,6 +82,11 @@ def sample_rate(batch_size: int, num_pairs: int) -> float:
     return min(1.0, batch_size / num_pairs)
 
 
+def expected_batch(rate: float, num_pairs: int) -> int:
+    """The pairs a Poisson draw holds on average: what DP-SGD divides the noised sum by (Opacus's rule)."""
+    return round(rate * num_pairs)
+
+
 def noise_multiplier_for(privacy: PrivacyConfig, rate: float, planned_steps: int) -> float:
     """`privacy.noise_multiplier` when set, else the smallest one that keeps epsilon within `target_epsilon`
     after `planned_steps` steps at sample rate `rate` (Opacus's binary search over its RDP accountant)."""
@@ -189,8 +194,9 @@ def train_adapter_private(
     accountant.history = as_history(history)
     optimizer = DPOptimizer(
         torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay),
-        noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm, expected_batch_size=round(rate * len(pairs)),
-        loss_reduction="mean", generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
+        noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=expected_batch(rate, len(pairs)), loss_reduction="mean",
+        generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
     )
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
     per_pair = GradSampleModule(model, batch_first=True, loss_reduction="sum")
@@ -291,7 +297,7 @@ class GroupedDPSGD:
         self.plans = list(plans)
         self.rng = random.SystemRandom()
         self.noise_std = [noise * max_grad_norm for noise, _ in plans]
-        self.expected = [max(1, round(rate * n)) for (_, rate), n in zip(plans, sizes)]
+        self.expected = [expected_batch(rate, n) for (_, rate), n in zip(plans, sizes)]
         self.generator: torch.Generator | None = None
         self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

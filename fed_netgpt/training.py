@@ -344,9 +344,8 @@ def train_grouped(
         elapsed = time.perf_counter() - started
         states = group.states()
     return [TrainResult(state=states[k], num_examples=len(sites[k]), metrics={
-        "train_loss": _mean_of_taken(per_site[k]), "train_loss_last": _last_taken(per_site[k]),
-        "train_seconds": elapsed / len(sites), "steps": float(config.local_steps), "bf16": float(precision.bf16),
-        "group_size": float(len(sites))}) for k in range(len(sites))]
+        **_loss_metrics(per_site[k]), "train_seconds": elapsed / len(sites), "steps": float(config.local_steps),
+        "bf16": float(precision.bf16), "group_size": float(len(sites))}) for k in range(len(sites))]
 
 
 Pull = tuple[list[torch.nn.Parameter], list[torch.Tensor], float]  # FedProx / Ditto: (params, anchor, mu)
@@ -379,15 +378,12 @@ def _private_backward(row_sums: torch.Tensor, row_counts: torch.Tensor, index: t
     return per_site_mean(pair_loss.detach(), (row_counts > 0).to(pair_loss.dtype), index, num_sites, empty=math.nan)
 
 
-def _mean_of_taken(losses: torch.Tensor) -> float:
-    """The mean over the steps that had rows of the site (under DP-SGD a draw may take none: nan)."""
+def _loss_metrics(losses: torch.Tensor) -> dict[str, float]:
+    """A site's mean and last loss over the steps that had rows of it (under DP-SGD a draw may take none: nan)."""
     taken = losses[~losses.isnan()]
-    return float(taken.mean()) if len(taken) else math.nan
-
-
-def _last_taken(losses: torch.Tensor) -> float:
-    taken = losses[~losses.isnan()]
-    return float(taken[-1]) if len(taken) else math.nan
+    if not len(taken):
+        return {"train_loss": math.nan, "train_loss_last": math.nan}
+    return {"train_loss": float(taken.mean()), "train_loss_last": float(taken[-1])}
 
 
 class _Encodings(Sequence[tuple[list[int], list[int]]]):
