@@ -18,10 +18,12 @@ import functools
 import statistics
 import time
 from dataclasses import replace
+from unittest import mock
 
 import torch
 from train_step import random_base, step_parser  # benchmarks/ is the running script's folder
 
+from fed_netgpt import fused
 from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import Config, load_config
 from fed_netgpt.data.sites import load_sites
@@ -65,6 +67,11 @@ def interleaved(calls: dict, device: str, repeats: int) -> dict:
             for name in calls}
 
 
+def transformers_rotary(call):  # type: ignore[no-untyped-def]
+    with mock.patch.object(fused, "rotary", fused._TRANSFORMERS_ROTARY):
+        return call()
+
+
 def measure(args, base: BaseModel, model, config: Config, all_sites: list, start: dict):  # type: ignore[no-untyped-def]
     """The per-site loop's tokens/s, then each K's grouped run against it (with and/or without fused kernels,
     taking turns); returns the last K's pairs and K."""
@@ -78,7 +85,7 @@ def measure(args, base: BaseModel, model, config: Config, all_sites: list, start
     loop_rate = tokens_trained(base, config, all_sites[: args.loop_sites]) / loop_seconds
     print(f"  per-site loop ({args.loop_sites} sites one by one, peft): {loop_rate:,.0f} tokens/s")
     params = sum(p.numel() for n, p in base.model.named_parameters() if ".lora_" not in n)
-    trains = {f"fused_kernels={v}": replace(config.train, fused_kernels=v == "true") for v in args.fused_kernels}
+    trains = {f"fused_kernels={v}": replace(config.train, fused_kernels=v != "false") for v in args.fused_kernels}
     if args.device != "cuda":  # the fused kernels are GPU-only: on the CPU every variant is the same pass
         trains = {"": config.train}
     for k in args.sites:
@@ -86,6 +93,9 @@ def measure(args, base: BaseModel, model, config: Config, all_sites: list, start
         pairs = [s.train for s in sites]
         calls = {name: functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k, config.lora,
                                          train, list(range(k))) for name, train in trains.items()}
+        for name in calls:
+            if name.endswith("no-rotary"):  # the fused pass with transformers' own rotary embedding
+                calls[name] = functools.partial(transformers_rotary, calls[name])
         try:
             measured = interleaved(calls, args.device, args.rounds)
         except torch.OutOfMemoryError:
@@ -114,8 +124,9 @@ def main() -> None:
     parser.add_argument("--compile", choices=["none", "layers"], default="none",
                         help="torch.compile the decoder layers (fuses RMSNorm, rotary embedding, SiLU and the "
                              "casts); they share one compiled graph for every K and batch shape")
-    parser.add_argument("--fused-kernels", nargs="+", default=["true"], choices=["false", "true"],
-                        help="train.fused_kernels: both measured taking turns in one run")
+    parser.add_argument("--fused-kernels", nargs="+", default=["true"], choices=["false", "true", "no-rotary"],
+                        help="train.fused_kernels, measured taking turns in one run (no-rotary: true but with "
+                             "transformers' rotary embedding)")
     parser.add_argument("--profile", action="store_true", help="print the top operators of the largest K's run")
     args = parser.parse_args()
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}",
@@ -148,10 +159,13 @@ def main() -> None:
         print(f"base weights in {dtype}:")
         pairs, k = measure(args, base, model, config, all_sites, start)
     if args.profile:
-        with torch.profiler.profile() as profiler:
+        with torch.profiler.profile(record_shapes=True) as profiler:
             train_grouped(base.model, base.tokenizer, pairs, [start] * k, config.lora, config.train, list(range(k)))
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort, row_limit=25))
+        print("by operator and input shapes:")  # which tensors the element-wise time goes to
+        print(profiler.key_averages(group_by_input_shape=True).table(
+            sort_by=sort, row_limit=40, max_name_column_width=30, max_shapes_column_width=90))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ twice a layer. torch has one fused RMSNorm kernel (`torch.nn.functional.rms_norm
 accumulates in fp32 as the original does; `fused_kernels` swaps it in and compiles each MLP block (the SiLU and
 the product fused): a small graph shared by every layer, with dynamic shapes, so it compiles once in seconds
 rather than the minutes a whole decoder layer takes.
-(Compiling the rotary embedding the same way was tried: with dynamic shapes its kernel was slower than eager's.)
+
+The rotary embedding was the biggest element-wise cost left (16 % of a 128-site step on an H200): transformers
+applies it to the strided query and key views in five kernels each way (two products, a negation, a
+concatenation, a sum), all on the slow non-contiguous path. `rotary` does it in one Triton kernel a tensor each
+way, products and sum in fp32 and rounded once. (Compiling the rotary function with dynamic shapes was tried
+first: its kernel was slower than eager's.)
 """
 
 from __future__ import annotations
@@ -17,8 +22,15 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama import modeling_llama
 
 from fed_netgpt.grouped_lora import GroupedLoraLinear
+
+try:  # Triton comes with torch's CUDA builds; without it the rotary embedding stays transformers' own
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
 
 
 def _rms_norm(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -39,18 +51,93 @@ def _mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
             and not any(isinstance(child, GroupedLoraLinear) for child in m.modules())]
 
 
+if triton is not None:
+    @triton.jit
+    def _rotary_kernel(x, cos, sin, out, heads, positions,
+                       x_batch, x_head, x_position, c_batch, c_position, o_batch, o_head, o_position,
+                       HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+                       BACKWARD: tl.constexpr):
+        """One (row, position) a program, all its heads: out = x·cos + rotate_half(x)·sin, with
+        rotate_half(x) = (-x2, x1) over the two halves; BACKWARD applies the transpose, (x1, x2) -> (x2, -x1)."""
+        row, position = tl.program_id(0) // positions, tl.program_id(0) % positions
+        head = tl.arange(0, HEAD_BLOCK)[:, None]
+        d = tl.arange(0, HALF_BLOCK)[None, :]
+        mask = (head < heads) & (d < HALF)
+        at = x + row * x_batch + position * x_position + head * x_head + d
+        x1 = tl.load(at, mask=mask).to(tl.float32)
+        x2 = tl.load(at + HALF, mask=mask).to(tl.float32)
+        angle = row * c_batch + position * c_position + d
+        c1 = tl.load(cos + angle, mask=d < HALF).to(tl.float32)
+        c2 = tl.load(cos + angle + HALF, mask=d < HALF).to(tl.float32)
+        s1 = tl.load(sin + angle, mask=d < HALF).to(tl.float32)
+        s2 = tl.load(sin + angle + HALF, mask=d < HALF).to(tl.float32)
+        if BACKWARD:
+            y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+        else:
+            y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+        to = out + row * o_batch + position * o_position + head * o_head + d
+        tl.store(to, y1.to(out.dtype.element_ty), mask=mask)
+        tl.store(to + HALF, y2.to(out.dtype.element_ty), mask=mask)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """The kernel over x [rows, heads, positions, head_dim] (any strides, the last 1) with cos/sin [1 or rows,
+    positions, head_dim]; the result is laid out [rows, positions, heads, head_dim], as a projection's view is."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, heads, positions, dim = x.shape
+    out = x.new_empty(rows, positions, heads, dim).transpose(1, 2)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if cos.shape[0] not in (1, rows) or cos.shape[1:] != (positions, dim) or sin.shape != cos.shape:
+        raise ValueError(f"rotary: cos/sin of shapes {tuple(cos.shape)}, {tuple(sin.shape)} for x of shape "
+                         f"{tuple(x.shape)}")
+    per_row = cos.stride(0) if cos.shape[0] > 1 else 0  # one table shared by every row
+    _rotary_kernel[(rows * positions,)](
+        x, cos, sin, out, heads, positions, x.stride(0), x.stride(1), x.stride(2), per_row, cos.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), HALF=dim // 2, HALF_BLOCK=triton.next_power_of_2(dim // 2),
+        HEAD_BLOCK=triton.next_power_of_2(heads), BACKWARD=backward)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, backward=True), None, None
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb` for [rows, heads, positions, head_dim] queries and keys on a GPU,
+    one kernel per tensor each way; any other case goes to transformers' own."""
+    if triton is None or not q.is_cuda or unsqueeze_dim != 1 or cos.dim() != 3 or q.shape[-1] % 2:
+        return _TRANSFORMERS_ROTARY(q, k, cos, sin, unsqueeze_dim)
+    return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+
+
+_TRANSFORMERS_ROTARY = modeling_llama.apply_rotary_pos_emb
+
+
 @contextlib.contextmanager
 def fused_kernels(model: torch.nn.Module) -> Iterator[None]:
-    """Inside: every RMSNorm of `model` runs the fused forward and every gated MLP block is compiled (dynamic
-    shapes: one graph for all batches, kept by torch between uses). On exit the model is as transformers made it."""
+    """Inside: every RMSNorm of `model` runs the fused forward, every gated MLP block is compiled (dynamic
+    shapes: one graph for all batches, kept by torch between uses) and LLaMA's rotary embedding is `rotary`.
+    On exit the model is as transformers made it."""
     norms, mlps = _rms_norms(model), _mlps(model)
     for norm in norms:
         norm.forward = types.MethodType(_rms_norm, norm)
     for block in mlps:
         block.compile(dynamic=True)
+    modeling_llama.apply_rotary_pos_emb = rotary
     try:
         yield
     finally:
+        modeling_llama.apply_rotary_pos_emb = _TRANSFORMERS_ROTARY
         for norm in norms:
             del norm.forward  # the class's own forward again
         for block in mlps:

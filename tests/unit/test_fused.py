@@ -1,4 +1,5 @@
-"""fed_netgpt/fused.py: the fused RMSNorm computes what transformers' does, forward and backward."""
+"""fed_netgpt/fused.py: the fused RMSNorm and rotary embedding compute what transformers' do, forward and
+backward (the rotary kernel's test needs a GPU: `pytest -m gpu` on a machine with one)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import copy
 
 import pytest
 import torch
+from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from fed_netgpt.fused import fused_kernels
+from fed_netgpt.fused import fused_kernels, rotary
 from fed_netgpt.models import load_private_base
 
 
@@ -57,3 +59,57 @@ def test_inside_the_model_runs_fused_and_after_it_is_as_transformers_made_it() -
     assert len(norms) == 2 * len(mlps) + 1 and inside == (True, True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert all("forward" not in vars(n) for n in norms) and all(m._compiled_call_impl is None for m in mlps)
+
+
+def _rotary_inputs(device: str, dtype: torch.dtype, rows_of_angles: int):
+    """Queries and keys as the projections' strided views ([rows, heads, positions, 64]), and angle tables."""
+    torch.manual_seed(0)
+    rows, positions = 3, 17
+    q = torch.randn(rows, positions, 9, 64, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(rows, positions, 3, 64, device=device, dtype=dtype).transpose(1, 2)
+    angles = torch.rand(rows_of_angles, positions, 32, device=device) * 6
+    emb = torch.cat([angles, angles], dim=-1)
+    return q, k, emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def test_rotary_off_a_gpu_is_transformers_own_and_the_swap_is_undone() -> None:
+    # Prepare
+    q, k, cos, sin = _rotary_inputs("cpu", torch.float32, 1)
+    original = modeling_llama.apply_rotary_pos_emb
+
+    # Execute
+    got = rotary(q, k, cos, sin)
+    with fused_kernels(torch.nn.Linear(2, 2)):
+        inside = modeling_llama.apply_rotary_pos_emb
+
+    # Assert
+    for a, b in zip(got, original(q, k, cos, sin)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert inside is rotary and modeling_llama.apply_rotary_pos_emb is original
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the rotary kernel runs on a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows_of_angles", [1, 3])
+def test_rotary_kernel_equals_transformers_forward_and_backward(dtype, rows_of_angles) -> None:
+    # Prepare: transformers' rotary in float64 is the reference for both
+    q, k, cos, sin = _rotary_inputs("cuda", dtype, rows_of_angles)
+    wide = [t.detach().double().requires_grad_() for t in (q, k)]
+    narrow = [t.detach().clone().requires_grad_() for t in (q, k)]
+    grads = [torch.randn_like(t) for t in (q, k)]
+
+    # Execute
+    expected = modeling_llama.apply_rotary_pos_emb(*wide, cos.double(), sin.double())
+    got = rotary(*narrow, cos, sin)
+    torch.autograd.backward(expected, [g.double() for g in grads])
+    torch.autograd.backward(got, grads)
+
+    # Assert: values and gradients, the layout of a projection's view, and a wrong sign is far off
+    tolerance = {"rtol": 0, "atol": 2e-2 if dtype == torch.bfloat16 else 1e-5}
+    for g, e, x, w in zip(got, expected, narrow, wide):
+        assert g.dtype == dtype and g.stride() == x.stride()
+        torch.testing.assert_close(g.double(), e, **tolerance)
+        torch.testing.assert_close(x.grad.double(), w.grad, **tolerance)
+    wrong = modeling_llama.apply_rotary_pos_emb(q, k, cos, -sin)[0]
+    assert not torch.allclose(wrong.double(), expected[0], atol=0.1)
