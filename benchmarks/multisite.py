@@ -14,7 +14,9 @@ GPU's dense bf16 peak (`--peak-tflops`, H200: 989).
 
 from __future__ import annotations
 
+import cProfile
 import functools
+import pstats
 import statistics
 import time
 from dataclasses import replace
@@ -166,6 +168,10 @@ def main() -> None:
         print("by operator and input shapes:")  # which tensors the element-wise time goes to
         print(profiler.key_averages(group_by_input_shape=True).table(
             sort_by=sort, row_limit=40, max_name_column_width=30, max_shapes_column_width=90))
+        print("host side (Python functions by cumulative time):")  # what the call does besides the steps
+        with cProfile.Profile() as host:
+            train_grouped(base.model, base.tokenizer, pairs, [start] * k, config.lora, config.train, list(range(k)))
+        pstats.Stats(host).sort_stats("cumulative").print_stats(35)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from fed_netgpt.adapters import (
 from fed_netgpt.data.schema import DataError
 from fed_netgpt.evaluation import completion_loss, generate_completions
 from fed_netgpt.models import cache_root, tiny_random_folder
-from fed_netgpt.prompting import chat_prompt
+from fed_netgpt.prompting import chat_prompt, encode_pair
 from fed_netgpt.training import batches, collate, precision_for, token_losses, train_adapter
 from tests.states import l2_distance
 
@@ -187,6 +188,26 @@ def test_collate_masks_prompts_and_ends_each_row_with_end_of_turn(tiny_base, par
         assert kept[-1].item() == eos
     assert batch["input_ids"].shape == batch["labels"].shape == (3, max(lengths))
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_a_pair_is_tokenized_once_and_kept_for_the_next_rounds(tiny_base, paris_train_pairs):
+    # Prepare: pairs no other test has encoded, and a count of the tokenizations
+    pairs = [replace(p, prompt=f"{p.prompt} (kept)") for p in paris_train_pairs[:3]]
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return encode_pair(*args)
+
+    # Execute
+    with mock.patch("fed_netgpt.training.encode_pair", side_effect=counted):
+        first = collate(tiny_base.tokenizer, pairs, max_length=128)
+        again = collate(tiny_base.tokenizer, pairs, max_length=128)
+        collate(tiny_base.tokenizer, pairs[:1], max_length=256)
+
+    # Assert: each pair once, and once more under another max_length; the same batch both times
+    assert len(calls) == 4
+    assert all(torch.equal(first[key], again[key]) for key in first)
 
 
 def test_a_pair_longer_than_max_length_is_a_clear_error(tiny_base, paris_train_pairs):
