@@ -3,7 +3,8 @@
 A grouped multi-site step on a GPU spends most of its time in small element-wise kernels, not in matmuls: LLaMA's
 RMSNorm alone is eight of them each way (cast up, square, mean, add, rsqrt, multiply, cast down, scale), run
 twice a layer. torch has one fused RMSNorm kernel (`torch.nn.functional.rms_norm`, forward and backward), which
-accumulates in fp32 as the original does; `fused_kernels` swaps it in and compiles each MLP block (the SiLU and
+accumulates in fp32 as the original does and applies the scale before it rounds; `fused_kernels` swaps it in and
+compiles each MLP block (the SiLU and
 the product fused): a small graph shared by every layer, with dynamic shapes, so it compiles once in seconds
 rather than the minutes a whole decoder layer takes.
 
@@ -137,7 +138,7 @@ def fused_kernels(model: torch.nn.Module) -> Iterator[None]:
         norm.forward = types.MethodType(_rms_norm, norm)
     for block in mlps:
         block.compile(dynamic=True)
-    modeling_llama.apply_rotary_pos_emb = rotary
+    modeling_llama.apply_rotary_pos_emb = rotary  # process-wide while inside: any LLaMA pass gets the same values
     try:
         yield
     finally:
