@@ -5,8 +5,8 @@
 The biggest site of the built-in data gets `--canaries` canary pairs (fed_netgpt/leakage.py); a random half joins
 its training data. For each epsilon a fresh adapter trains `--steps` steps on it (inf: plain training; else
 DP-SGD with the noise derived to end the steps at that epsilon), and the attack scores every canary. Prints the
-ROC AUC (0.5: nothing leaks; its spread when nothing leaks is printed too) with the members' and non-members'
-mean loss.
+ROC AUC (0.5: nothing leaks; its spread when nothing leaks is printed too), the calibrated attack's (each
+canary's loss drop from the base model's, fed_netgpt/leakage.py) and the members' and non-members' mean loss.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def main() -> None:
           f"({len(nonmembers)} non-members), {args.steps} steps of {config.train.batch_size}, "
           f"lr {config.train.learning_rate}, {torch.get_num_threads()} threads; an AUC's spread when nothing leaks: "
           f"± {chance_auc_std(len(members), len(nonmembers)):.3f}")
-    print("| epsilon | noise multiplier | attack AUC | member loss | non-member loss | train loss (last) | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    print("| epsilon | noise multiplier | attack AUC | calibrated attack AUC | member loss | non-member loss | "
+          "train loss (last) | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for epsilon in args.epsilons:
         name = f"eps-{epsilon:g}".replace(".", "_")  # an adapter name has no dots
         model = attach_adapter(base, name, config.lora, seed=args.seed)
@@ -61,7 +62,7 @@ def main() -> None:
         attack = membership_auc(model, base.tokenizer, members, nonmembers, config.train.max_length)
         noise = result.metrics.get("noise_multiplier", 0.0)
         print(f"| {'∞' if math.isinf(epsilon) else f'{epsilon:g}'} | {noise:.3f} | {attack['auc']:.3f} | "
-              f"{attack['member_loss']:.3f} | {attack['nonmember_loss']:.3f} | "
+              f"{attack['calibrated_auc']:.3f} | {attack['member_loss']:.3f} | {attack['nonmember_loss']:.3f} | "
               f"{result.metrics['train_loss_last']:.3f} | {seconds:.0f} |", flush=True)
         model.delete_adapter(name)
 

@@ -7,6 +7,11 @@ and only in the completion. Half of them go into the site's training data (membe
 a lower loss of the adapter on a canary's completion says "member". Its ROC AUC over all canaries is the
 leakage: 0.5 the adapter reveals nothing about membership, 1.0 every member is told apart. An adapter that
 memorises approaches 1; DP-SGD (privacy.mode=sample_dp) bounds what one pair can change, which pulls it back.
+
+Random codes are not equally hard: which canaries land among the members moves the plain attack's AUC by
+±0.05 at 64 + 64 canaries, whatever the training. The calibrated attack (Watson et al., 2022) thresholds how
+much the adapter lowered a canary's loss below the base model's instead, which takes each canary's own
+difficulty out: a stronger attack, and a steadier measure of what training on a canary gave away.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import random
 from collections.abc import Sequence
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fed_netgpt.data.schema import PromptPair
@@ -76,11 +82,14 @@ def chance_auc_std(members: int, nonmembers: int) -> float:
     return math.sqrt((members + nonmembers + 1) / (12 * members * nonmembers))
 
 
-def membership_auc(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, members: Sequence[PromptPair],
+def membership_auc(model: PeftModel, tokenizer: PreTrainedTokenizerBase, members: Sequence[PromptPair],
                    nonmembers: Sequence[PromptPair], max_length: int = 128) -> dict[str, float]:
-    """The loss-threshold attack on `model`: its AUC, and the mean loss of members and non-members."""
-    member_losses = pair_losses(model, tokenizer, members, max_length=max_length)
-    other_losses = pair_losses(model, tokenizer, nonmembers, max_length=max_length)
-    return {"auc": roc_auc([-x for x in member_losses], [-x for x in other_losses]),
-            "member_loss": sum(member_losses) / len(member_losses),
-            "nonmember_loss": sum(other_losses) / len(other_losses)}
+    """The loss-threshold attack on `model`'s active adapter: its AUC (`auc`), the calibrated attack's
+    (`calibrated_auc`: the drop from the base model's loss, the adapter disabled), and the mean loss of members
+    and non-members."""
+    losses = [pair_losses(model, tokenizer, pairs, max_length=max_length) for pairs in (members, nonmembers)]
+    with model.disable_adapter():
+        base = [pair_losses(model, tokenizer, pairs, max_length=max_length) for pairs in (members, nonmembers)]
+    drops = [[b - x for x, b in zip(group, reference)] for group, reference in zip(losses, base)]
+    return {"auc": roc_auc([-x for x in losses[0]], [-x for x in losses[1]]), "calibrated_auc": roc_auc(*drops),
+            "member_loss": sum(losses[0]) / len(losses[0]), "nonmember_loss": sum(losses[1]) / len(losses[1])}

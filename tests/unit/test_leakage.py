@@ -81,7 +81,10 @@ def test_the_attack_finds_an_adapter_that_memorised_its_members(tiny_base):
     attack = membership_auc(model, tiny_base.tokenizer, members, nonmembers)
     model.delete_adapter("memorised")
 
-    # Assert: before training nothing tells members apart (the canaries are alike); after, nearly all are
+    # Assert: before training nothing tells members apart (the canaries are alike; an adapter that changed
+    # nothing lowers no loss, so the calibrated attack is at exactly 0.5); after, nearly all are, by both attacks
     assert abs(untrained["auc"] - 0.5) < 3 * chance_auc_std(8, 8)
-    assert attack["auc"] >= 0.9
+    assert untrained["calibrated_auc"] == 0.5
+    assert attack["auc"] >= 0.9 and attack["calibrated_auc"] >= 0.9
     assert attack["member_loss"] < attack["nonmember_loss"]
+
