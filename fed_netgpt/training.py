@@ -59,8 +59,11 @@ def encoded_pair(tokenizer: PreTrainedTokenizerBase, pair: PromptPair, max_lengt
     """`encode_pair`, kept for the next rounds: a site trains and is evaluated on the same pairs every round, and
     tokenizing them again took a sixth of a 128-site grouped call on the GPU machine. Kept as int32 arrays
     (32k pairs of ~100 tokens: ~30 MB)."""
-    ids, labels = encode_pair(tokenizer, pair.context, pair.prompt, pair.completion, max_length)
-    return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+    arrays = tuple(np.asarray(part, dtype=np.int32) for part in encode_pair(tokenizer, pair.context, pair.prompt,
+                                                                           pair.completion, max_length))
+    for array in arrays:
+        array.flags.writeable = False  # shared by every later use
+    return arrays  # type: ignore[return-value]
 
 
 def pad_batch(encoded: Sequence[Encoded], pad: int) -> dict[str, torch.Tensor]:
