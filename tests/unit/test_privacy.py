@@ -138,6 +138,22 @@ def test_a_smaller_target_needs_more_noise():
     assert 0 < sigmas[0] < sigmas[1]
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_the_noise_search_runs_once_a_process_for_each_budget_rate_and_plan(monkeypatch):
+    # Prepare: count Opacus's searches; a budget no other test asks for
+    calls = []
+    search = privacy_module.get_noise_multiplier
+    monkeypatch.setattr(privacy_module, "get_noise_multiplier", lambda **kw: calls.append(kw) or search(**kw))
+    privacy = PrivacyConfig(mode="sample_dp", target_epsilon=7.25, delta=DELTA)
+
+    # Execute: every round of every site asks again
+    first, again = noise_multiplier_for(privacy, 0.125, 36), noise_multiplier_for(privacy, 0.125, 36)
+    other_rate = noise_multiplier_for(privacy, 0.25, 36)
+
+    # Assert
+    assert first == again and other_rate != first and len(calls) == 2
+
+
 def test_with_steps_merges_a_run_of_the_same_noise_and_rate():
     # Prepare
     history = [(1.0, 0.1, 5)]
