@@ -11,7 +11,8 @@ memorises approaches 1; DP-SGD (privacy.mode=sample_dp) bounds what one pair can
 Random codes are not equally hard: which canaries land among the members moves the plain attack's AUC by
 ±0.05 at 64 + 64 canaries, whatever the training. The calibrated attack (Watson et al., 2022) thresholds how
 much the adapter lowered a canary's loss below the base model's instead, which takes each canary's own
-difficulty out: a stronger attack, and a steadier measure of what training on a canary gave away.
+difficulty out. Measured on SmolLM2 it is steadier across splits under DP-SGD, but weaker on an adapter that
+memorised (README), so both are reported.
 """
 
 from __future__ import annotations
