@@ -161,8 +161,10 @@ def main() -> None:
         print(f"base weights in {dtype}:")
         pairs, k = measure(args, base, model, config, all_sites, start)
     if args.profile:
+        call = functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k, config.lora,
+                                 config.train, list(range(k)))
         with torch.profiler.profile(record_shapes=True) as profiler:
-            train_grouped(base.model, base.tokenizer, pairs, [start] * k, config.lora, config.train, list(range(k)))
+            call()
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort, row_limit=25))
         print("by operator and input shapes:")  # which tensors the element-wise time goes to
@@ -170,7 +172,7 @@ def main() -> None:
             sort_by=sort, row_limit=40, max_name_column_width=30, max_shapes_column_width=90))
         print("host side (Python functions by cumulative time):")  # what the call does besides the steps
         with cProfile.Profile() as host:
-            train_grouped(base.model, base.tokenizer, pairs, [start] * k, config.lora, config.train, list(range(k)))
+            call()
         pstats.Stats(host).sort_stats("cumulative").print_stats(35)
 
 
