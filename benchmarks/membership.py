@@ -4,9 +4,10 @@
 
 The biggest site of the built-in data gets `--canaries` canary pairs (fed_netgpt/leakage.py); a random half joins
 its training data. For each epsilon a fresh adapter trains `--steps` steps on it (inf: plain training; else
-DP-SGD with the noise derived to end the steps at that epsilon), and the attack scores every canary. Prints the
-ROC AUC (0.5: nothing leaks; its spread when nothing leaks is printed too), the calibrated attack's (each
-canary's loss drop from the base model's, fed_netgpt/leakage.py) and the members' and non-members' mean loss.
+DP-SGD with the noise derived to end the steps at that epsilon, by `privacy.engine`), and the attack scores every
+canary. Prints the ROC AUC (0.5: nothing leaks; its spread when nothing leaks is printed too), the calibrated
+attack's (each canary's loss drop from the base model's, fed_netgpt/leakage.py) and the members' and
+non-members' mean loss.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.leakage import canaries, chance_auc_std, membership_auc, split_members
 from fed_netgpt.models import load_base
-from fed_netgpt.privacy import train_adapter_private
+from fed_netgpt.privacy import SiteAccountant
 from fed_netgpt.training import train_adapter
 
 
@@ -56,8 +57,8 @@ def main() -> None:
             result = train_adapter(model, name, base.tokenizer, pairs, config.train, seed=args.seed)
         else:
             privacy = replace(config.privacy, mode="sample_dp", target_epsilon=epsilon, noise_multiplier=0.0)
-            result, _ = train_adapter_private(model, name, base.tokenizer, pairs, config.train, privacy, [],
-                                              planned_steps=args.steps)
+            site = SiteAccountant(privacy, planned_steps=args.steps, history=[])  # privacy.engine picks who trains
+            result = site.train(model, name, base.tokenizer, pairs, config.train)
         seconds = time.perf_counter() - started
         attack = membership_auc(model, base.tokenizer, members, nonmembers, config.train.max_length)
         noise = result.metrics.get("noise_multiplier", 0.0)

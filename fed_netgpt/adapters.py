@@ -64,6 +64,12 @@ def get_state(model: PeftModel, name: str) -> AdapterState:
     return {key: value.detach().float().cpu().numpy().copy() for key, value in state.items()}
 
 
+def state_of_parameters(params: Mapping[str, torch.Tensor], name: str) -> AdapterState:
+    """Adapter `name`'s tensors keyed as in `model.named_parameters()`, in `get_state`'s format (peft's rule: the
+    adapter's name leaves the key)."""
+    return {key.replace(f".{name}", ""): value.detach().float().cpu().numpy().copy() for key, value in params.items()}
+
+
 def set_state(model: PeftModel, name: str, state: AdapterState) -> None:
     """Load arrays into adapter `name`, refusing missing, extra or misshapen tensors (nothing changes then)."""
     expected = get_peft_model_state_dict(model, adapter_name=name)

@@ -113,6 +113,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     noise_multiplier: float = 0.0  # 0: not set, derived from target_epsilon over every planned step of the run
     max_grad_norm: float = 1.0  # L2 clipping: sample_dp each pair's gradient, client_dp each site's update
+    # sample_dp's per-pair gradients: grouped (the grouped LoRA layer keeps them; Opacus's clipping, noise and
+    # accountant, tested equal to its DPOptimizer) | opacus (Opacus's GradSampleModule hooks and DPOptimizer)
+    engine: str = "grouped"
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,7 @@ class Config:
 def _check_privacy(privacy: PrivacyConfig) -> None:
     """Ranges, and exactly one way to set the noise: a given noise_multiplier, or a target_epsilon to derive it."""
     _check_choice("privacy.mode", privacy.mode, ("none", "sample_dp", "client_dp"))
+    _check_choice("privacy.engine", privacy.engine, ("grouped", "opacus"))
     if not 0.0 < privacy.delta < 1.0:
         raise ConfigError(f"privacy.delta must be within (0, 1), got {privacy.delta}")
     if not privacy.target_epsilon > 0:

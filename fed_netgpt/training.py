@@ -244,7 +244,12 @@ def head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
     return torch.cat([torch.utils.checkpoint.checkpoint(losses, hidden[i : i + chunk], targets[i : i + chunk],
                                                         use_reentrant=False)
-                      for i in range(0, len(targets), chunk)])
+                      for i in chunk_starts(len(targets), chunk)])
+
+
+def chunk_starts(positions: int, chunk: int) -> range:
+    """Where each chunk of positions starts; one (empty) chunk when there are none (a DP-SGD draw of no pair)."""
+    return range(0, max(positions, 1), chunk)
 
 
 class _FrozenHeadLosses(torch.autograd.Function):
@@ -259,7 +264,7 @@ class _FrozenHeadLosses(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
                 bias: torch.Tensor | None, chunk: int, needs_grad: bool) -> torch.Tensor:
         losses, grads = [], []
-        for i in range(0, len(targets), chunk):
+        for i in chunk_starts(len(targets), chunk):
             logits = torch.nn.functional.linear(hidden[i : i + chunk], weight, bias)
             logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             del logits

@@ -74,6 +74,41 @@ def test_grouped_dp_sgd_equals_opacus_training_each_site_alone(base64, site_pair
     assert [a.history for a in accountants] == [[(0.0, 1.0, 3)]] * 2
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")  # epsilon at zero noise: infinite
+@pytest.mark.parametrize("anchored", [False, True])
+def test_a_site_trains_the_same_adapter_with_either_engine(base64, site_pairs, default_config, monkeypatch, anchored):
+    # Prepare: no noise, q = 1, a proximal pull toward the start (FedProx) or toward another adapter given by
+    # parameter name, as Ditto's personal update gives it
+    monkeypatch.setattr(privacy_module, "noise_multiplier_for", lambda privacy, rate, steps: 0.0)
+    lora, pairs = default_config.lora, site_pairs[0]
+    train = replace(default_config.train, batch_size=8, local_steps=3, bf16="false", learning_rate=1e-2,
+                    proximal_mu=3.0)
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    # float32 values (a float64 base): the engines' adapter states are float32, as on the wire
+    start, pulled_to = ({k: v.astype(np.float32) for k, v in _random_state(like, seed).items()} for seed in (1, 2))
+    ends, histories = {}, {}
+
+    # Execute: SiteAccountant.train (the per-site path of a federation) with each engine
+    for engine in ("opacus", "grouped"):
+        name = f"{engine}-{anchored}"
+        model = attach_adapter(base64, name, lora)
+        anchor = None
+        if anchored:
+            set_state(model, name, pulled_to)
+            anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        set_state(model, name, start)
+        accountant = SiteAccountant(PrivacyConfig(mode="sample_dp", max_grad_norm=0.05, engine=engine), 3, [])
+        result = accountant.train(model, name, base64.tokenizer, pairs, train, anchor=anchor)
+        ends[engine], histories[engine] = get_state(model, name), accountant.history
+        assert all(np.allclose(result.state[key], ends[engine][key], rtol=1e-6, atol=0) for key in start)  # model too
+
+    # Assert: the same adapter, moved from its start, and the same accounting
+    for key in start:
+        np.testing.assert_allclose(ends["grouped"][key], ends["opacus"][key], rtol=0, atol=1e-7, err_msg=key)
+    assert max(np.abs(ends["grouped"][key] - start[key]).max() for key in start) > 1e-3
+    assert histories["grouped"] == histories["opacus"] == [(0.0, 1.0, 3)]
+
+
 def test_clipping_the_batch_instead_of_each_pair_would_not_equal_opacus(base64, site_pairs, default_config):
     # Prepare: one site's per-row gradients at a clipping norm below every pair's gradient norm
     lora = default_config.lora

@@ -347,20 +347,22 @@ def _hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
-def test_private_training_learns_and_reports_what_it_spent(tiny_base, adapter_name):
+@pytest.mark.parametrize("engine", ["grouped", "opacus"])
+def test_private_training_learns_and_reports_what_it_spent(tiny_base, adapter_name, engine):
     # Prepare: a learnable task (one pair, repeated); a previous round at another noise and rate
-    config = load_config(overrides=[*DP, "privacy.noise_multiplier=0.5"])
+    config = load_config(overrides=[*DP, "privacy.noise_multiplier=0.5", f"privacy.engine={engine}"])
     train = dataclasses.replace(config.train, local_steps=10, batch_size=8, learning_rate=3e-2)
     model = attach_adapter(tiny_base, adapter_name, config.lora)
     pairs = [PING] * 16
     start = get_state(model, adapter_name)
-    hooks = _hooks(model)
+    hooks, modules = _hooks(model), [type(m) for m in model.modules()]
     loss_before = completion_loss(model, tiny_base.tokenizer, pairs)
     history = [(1.0, 0.1, 5)]
 
     # Execute
-    result, new_history = train_adapter_private(model, adapter_name, tiny_base.tokenizer, pairs, train,
-                                                config.privacy, history, planned_steps=10)
+    site = SiteAccountant(config.privacy, planned_steps=10, history=history)
+    result = site.train(model, adapter_name, tiny_base.tokenizer, pairs, train)
+    new_history = site.history
     loss_after = completion_loss(model, tiny_base.tokenizer, pairs)
 
     # Assert: every LoRA tensor moved, B off its zero start (Opacus issue 820: LoRA weights not updating)
@@ -384,8 +386,8 @@ def test_private_training_learns_and_reports_what_it_spent(tiny_base, adapter_na
     assert metrics["steps"] == 10.0
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss_last"] < metrics["train_loss"] + 1
     assert result.num_examples == 16
-    # Opacus leaves nothing behind on the shared model
-    assert _hooks(model) == hooks
+    # neither engine leaves anything behind on the shared model (Opacus's hooks, the grouped layers)
+    assert _hooks(model) == hooks and modules == [type(m) for m in model.modules()]
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
     assert not model.training
 
@@ -406,20 +408,21 @@ def test_the_round_merges_into_a_history_of_the_same_noise_and_rate(tiny_base, a
     assert result.metrics["epsilon"] == pytest.approx(_opacus_epsilon([(0.5, 0.5, 6)], DELTA), rel=1e-9)
 
 
-def _three_steps_at_a_tiny_rate(tiny_base, adapter_name):
+def _three_steps_at_a_tiny_rate(tiny_base, adapter_name, engine):
     """3 DP steps at q = 1/1000 (batch 1 of 1000 pairs); returns the result, the history and the start state."""
-    config = load_config(overrides=[*DP, "privacy.noise_multiplier=1.0"])
+    config = load_config(overrides=[*DP, "privacy.noise_multiplier=1.0", f"privacy.engine={engine}"])
     train = dataclasses.replace(config.train, local_steps=3, batch_size=1, learning_rate=1e-2)
     model = attach_adapter(tiny_base, adapter_name, config.lora)
     start = get_state(model, adapter_name)
-    result, history = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 1000, train,
-                                            config.privacy, [], planned_steps=3)
-    return result, history, start
+    site = SiteAccountant(config.privacy, planned_steps=3, history=[])
+    result = site.train(model, adapter_name, tiny_base.tokenizer, [PING] * 1000, train)
+    return result, site.history, start
 
 
-def test_empty_poisson_draws_still_step_and_count(tiny_base, adapter_name, no_draws):
+@pytest.mark.parametrize("engine", ["grouped", "opacus"])
+def test_empty_poisson_draws_still_step_and_count(tiny_base, adapter_name, no_draws, engine):
     # Prepare / Execute: q = 1/1000; every draw is empty (the fixture)
-    result, history, start = _three_steps_at_a_tiny_rate(tiny_base, adapter_name)
+    result, history, start = _three_steps_at_a_tiny_rate(tiny_base, adapter_name, engine)
 
     # Assert: three noise-only steps taken, and each counted at the true sample rate
     assert result.metrics["dp_steps"] == 3.0
@@ -432,9 +435,10 @@ def test_empty_poisson_draws_still_step_and_count(tiny_base, adapter_name, no_dr
         assert not np.array_equal(result.state[key], start[key]), key
 
 
-def test_the_real_draw_at_a_tiny_rate_counts_every_step(tiny_base, adapter_name):
+@pytest.mark.parametrize("engine", ["grouped", "opacus"])
+def test_the_real_draw_at_a_tiny_rate_counts_every_step(tiny_base, adapter_name, engine):
     # Prepare / Execute: q = 1/1000 without the fixture: most draws hold 0 or 1 pair
-    result, history, start = _three_steps_at_a_tiny_rate(tiny_base, adapter_name)
+    result, history, start = _three_steps_at_a_tiny_rate(tiny_base, adapter_name, engine)
 
     # Assert
     assert result.metrics["dp_steps"] == 3.0
