@@ -22,6 +22,7 @@ import time
 from dataclasses import replace
 from unittest import mock
 
+import numpy as np
 import torch
 from train_step import random_base, step_parser  # benchmarks/ is the running script's folder
 
@@ -55,6 +56,7 @@ def interleaved(calls: dict, device: str, repeats: int) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            results[name] = None  # as a caller that has used its last results: their host memory can be reused
             started = time.perf_counter()
             results[name] = fn()
             if device == "cuda":
@@ -74,7 +76,7 @@ def transformers_rotary(call):  # type: ignore[no-untyped-def]
         return call()
 
 
-def measure(args, base: BaseModel, model, config: Config, all_sites: list, start: dict):  # type: ignore[no-untyped-def]
+def measure(args, base: BaseModel, model, config: Config, all_sites: list, starts: list):  # type: ignore[no-untyped-def]
     """The per-site loop's tokens/s, then each K's grouped run against it (with and/or without fused kernels,
     taking turns); returns the last K's pairs and K."""
 
@@ -93,7 +95,7 @@ def measure(args, base: BaseModel, model, config: Config, all_sites: list, start
     for k in args.sites:
         sites = all_sites[:k]
         pairs = [s.train for s in sites]
-        calls = {name: functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k, config.lora,
+        calls = {name: functools.partial(train_grouped, base.model, base.tokenizer, pairs, starts[:k], config.lora,
                                          train, list(range(k))) for name, train in trains.items()}
         for name in calls:
             if name.endswith("no-rotary"):  # the fused pass with transformers' own rotary embedding
@@ -129,6 +131,9 @@ def main() -> None:
     parser.add_argument("--fused-kernels", nargs="+", default=["true"], choices=["false", "true", "no-rotary"],
                         help="train.fused_kernels, measured taking turns in one run (no-rotary: true but with "
                              "transformers' rotary embedding)")
+    parser.add_argument("--distinct-starts", action="store_true",
+                        help="each site starts from its own adapter (as Ditto's personal pass does), not all from one "
+                             "(as the sites of a region start from its regional adapter)")
     parser.add_argument("--profile", action="store_true", help="print the top operators of the largest K's run")
     args = parser.parse_args()
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}",
@@ -141,6 +146,9 @@ def main() -> None:
     all_sites = load_sites(replace(config.data, num_sites=max(max(args.sites), args.loop_sites),
                                    num_regions=min(10, max(args.sites)), min_pairs_per_site=rows))
     start = get_state(attach_adapter(base, "bench", config.lora), "bench")
+    rng = np.random.default_rng(0)
+    starts = ([{key: value + rng.normal(0, 1e-3, value.shape).astype(value.dtype) for key, value in start.items()}
+               for _ in range(max(args.sites))] if args.distinct_starts else [start] * max(args.sites))
     model = attach_adapter(base, "bench", config.lora)
     if args.compile == "layers":
         # the stacked factors' K is a dimension like the rows: dynamic, or every K would compile anew; no duck
@@ -159,9 +167,9 @@ def main() -> None:
             if ".lora_" not in name:
                 param.data = param.data.to(getattr(torch, dtype))
         print(f"base weights in {dtype}:")
-        pairs, k = measure(args, base, model, config, all_sites, start)
+        pairs, k = measure(args, base, model, config, all_sites, starts)
     if args.profile:
-        call = functools.partial(train_grouped, base.model, base.tokenizer, pairs, [start] * k, config.lora,
+        call = functools.partial(train_grouped, base.model, base.tokenizer, pairs, starts[:k], config.lora,
                                  config.train, list(range(k)))
         with torch.profiler.profile(record_shapes=True) as profiler:
             call()

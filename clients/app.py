@@ -269,7 +269,8 @@ def train_together(msg: Message, context: Context) -> Message:
     private = [accountants[name] for name in names] if config.privacy.mode == "sample_dp" else None
     pack = msg.content[PACK_KEY]
     arrays_of = dict(zip(packed, pack["arrays_of"] if "arrays_of" in pack else packed))  # a shared adapter: once
-    starts = [from_record(msg.content[f"{arrays_of[name]}/arrays"]) for name in names]
+    received = {key: from_record(msg.content[f"{key}/arrays"]) for key in {arrays_of[name] for name in names}}
+    starts = [received[arrays_of[name]] for name in names]  # a shared adapter is one state: loaded once
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     pairs, ffa = [site.train for site in sites], config.federation.lora_aggregation == "ffa"
     try:

@@ -15,6 +15,7 @@ frozen base and its peft adapters are untouched. States go in and out in peft's 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -200,47 +201,72 @@ class GroupedAdapters:
 
     def load(self, states: Sequence[AdapterState]) -> None:
         """Adapter k starts as `states[k]` (peft keys); a missing, extra, misshapen or non-finite tensor is an
-        `AdapterError` naming it, raised before anything changes. Each stack is built on the host and copied once
-        (one small copy per adapter costs ~0.1 s a site on a GPU)."""
+        `AdapterError` naming it, raised before training starts. A state given for several adapters (the regional
+        adapter every site of a region starts from) is staged and copied once, then repeated on the device."""
         if len(states) != self.num_adapters:
             raise ValueError(f"{self.num_adapters} grouped adapters, {len(states)} states given")
-        expected = {_key(path, name): tuple(getattr(layer, name).shape[1:])
-                    for path, layer in self.layers.items() for name in ("lora_A", "lora_B")}
-        stacks = _checked_stacks(expected, states)
-        if stacks is None:
+        factors = self.factors()
+        expected = {key: tuple(param.shape[1:]) for key, param in factors.items()}
+        distinct = list({id(state): state for state in states}.values())
+        param = next(iter(factors.values()))
+        staged = _staged(expected, distinct, param.dtype, pin=param.device.type == "cuda")
+        slot = {id(state): i for i, state in enumerate(distinct)}
+        index = None if len(distinct) == len(states) else torch.tensor([slot[id(state)] for state in states])
+        if staged is not None:
+            with torch.no_grad():
+                index = None if index is None else index.to(param.device)
+                for key, param in factors.items():
+                    source = staged[key].to(param.device, non_blocking=True)
+                    param.copy_(source if index is None else source[index])
+                finite = bool(torch.stack([torch.isfinite(p).all() for p in factors.values()]).all())  # one wait
+        if staged is None or not finite:
             problems = ((k, describe_mismatch(expected, state)) for k, state in enumerate(states))
             k, problem = next((k, p) for k, p in problems if p)
             raise AdapterError(f"adapter {k}: {problem}")
-        with torch.no_grad():
-            for path, layer in self.layers.items():
-                for name in ("lora_A", "lora_B"):
-                    getattr(layer, name).copy_(torch.from_numpy(stacks[_key(path, name)]))
 
     def states(self) -> list[AdapterState]:
-        """Every adapter in peft's key format, as NumPy views into one host copy of each stack of master weights
-        (float32; float64 stays): adapter k's arrays are its own contiguous slices, apart from the layers' weights
-        (one copy a stack instead of one a tensor: 240 instead of 30,720 for 128 sites on SmolLM2)."""
-        stacks = {_key(path, name): getattr(layer, name).detach().to("cpu", copy=True).numpy()
-                  for path, layer in self.layers.items() for name in ("lora_A", "lora_B")}
-        return [{key: stack[k] for key, stack in stacks.items()} for k in range(self.num_adapters)]
+        """Every adapter in peft's key format, as NumPy views into one host copy of all the stacked master weights
+        (float32; float64 stays), laid out adapter after adapter: adapter k's arrays are slices of one contiguous
+        block. The stacks are joined on the device and cross in one copy, into page-locked memory on a GPU (for
+        128 sites on SmolLM2, 472 MB: 9 ms, against 0.06-0.4 s into fresh pageable memory)."""
+        factors = self.factors()
+        flat = torch.cat([param.detach().reshape(self.num_adapters, -1) for param in factors.values()], dim=1)
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=flat.is_cuda)
+        arrays = host.copy_(flat).numpy()
+        states: list[AdapterState] = [{} for _ in range(self.num_adapters)]
+        offset = 0
+        for key, param in factors.items():
+            shape, size = param.shape[1:], param[0].numel()
+            for k, state in enumerate(states):
+                state[key] = arrays[k, offset : offset + size].reshape(shape)
+            offset += size
+        return states
+
+    def factors(self) -> dict[str, nn.Parameter]:
+        """Every stacked factor by its peft key."""
+        return {_key(path, name): getattr(layer, name) for path, layer in self.layers.items()
+                for name in ("lora_A", "lora_B")}
 
 
-def _checked_stacks(expected: dict[str, tuple[int, ...]],
-                    states: Sequence[AdapterState]) -> dict[str, np.ndarray] | None:
-    """Each key's tensors of all states stacked, if every state has exactly the expected keys and shapes and only
-    finite values; None otherwise (`describe_mismatch` then says which and why). One finiteness check a stack
-    instead of one a tensor: 240 for 128 sites on SmolLM2, not 30,720 (0.3 s)."""
+def _staged(expected: dict[str, tuple[int, ...]], states: Sequence[AdapterState], dtype: torch.dtype,
+            pin: bool) -> dict[str, torch.Tensor] | None:
+    """Each key's tensors of all `states` stacked in one host buffer, or None if a state lacks a key, has an extra
+    one or a misshapen tensor (`describe_mismatch` then says which). Page-locked when `pin`: torch keeps freed
+    page-locked blocks for reuse, so a call's stacking writes into memory already mapped, and copies from it to
+    the GPU run at full speed without waiting (stacking 128 adapters into fresh memory took 0.13-0.34 s)."""
     if any(state.keys() != expected.keys() for state in states):
         return None
-    stacks = {}
+    if any(np.shape(state[key]) != shape for state in states for key, shape in expected.items()):
+        return None
+    sizes = {key: len(states) * math.prod(shape) for key, shape in expected.items()}
+    buffer = torch.empty(sum(sizes.values()), dtype=dtype, pin_memory=pin)
+    staged, offset = {}, 0
     for key, shape in expected.items():
-        arrays = [np.asarray(state[key]) for state in states]
-        if any(array.shape != shape for array in arrays):
-            return None
-        stacks[key] = np.stack(arrays)
-        if not np.isfinite(stacks[key]).all():
-            return None
-    return stacks
+        block = buffer[offset : offset + sizes[key]].view(len(states), *shape)
+        np.stack([np.asarray(state[key]) for state in states], out=block.numpy())
+        staged[key] = block
+        offset += sizes[key]
+    return staged
 
 
 def _key(path: str, name: str) -> str:

@@ -131,6 +131,24 @@ def test_mixed_rows_use_their_own_adapter_and_a_slice_is_a_normal_peft_adapter(b
         assert all(np.array_equal(exported[k][key], states[k][key]) for key in states[k])
 
 
+def test_a_state_given_for_several_adapters_lands_in_each_of_their_slots(base64, default_config):
+    # Prepare: four adapters from two state objects (the first given three times) and a copy of the second
+    lora = default_config.lora
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    shared, other = _random_state(like, 21), _random_state(like, 22)
+    given = [shared, other, shared, shared]
+
+    # Execute
+    with grouped_adapters(base64.model, lora, 4) as group:
+        group.load(given)
+        exported = group.states()
+
+    # Assert: adapter k holds given[k]
+    for k, state in enumerate(given):
+        assert all(np.array_equal(exported[k][key], state[key]) for key in state), k
+    assert not np.array_equal(exported[0][next(iter(shared))], exported[1][next(iter(shared))])
+
+
 def test_equal_blocks_take_the_reshaping_path_with_the_same_result(base64, site_pairs, default_config):
     # Prepare: two adapters, two rows each, in adapter order
     lora = default_config.lora
