@@ -231,8 +231,8 @@ class GroupedAdapters:
         128 sites on SmolLM2, 472 MB: 9 ms, against 0.06-0.4 s into fresh pageable memory)."""
         factors = self.factors()
         flat = torch.cat([param.detach().reshape(self.num_adapters, -1) for param in factors.values()], dim=1)
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=flat.is_cuda)
-        arrays = host.copy_(flat).numpy()
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True).copy_(flat) if flat.is_cuda else flat
+        arrays = host.numpy()
         states: list[AdapterState] = [{} for _ in range(self.num_adapters)]
         offset = 0
         for key, param in factors.items():

@@ -154,6 +154,22 @@ def test_the_noise_search_runs_once_a_process_for_each_budget_rate_and_plan(monk
     assert first == again and other_rate != first and len(calls) == 2
 
 
+def test_each_history_is_accounted_once_a_process(monkeypatch):
+    # Prepare: count the accountant's conversions; histories no other test asks for
+    calls = []
+    convert = RDPAccountant.get_epsilon
+    monkeypatch.setattr(RDPAccountant, "get_epsilon", lambda self, delta: calls.append(delta) or convert(self, delta))
+    history = [(1.37, 0.125, 11)]
+
+    # Execute: the same history asked again (as JSON gives it back, lists), then a longer one
+    first, again = epsilon_of(history, DELTA), epsilon_of([[1.37, 0.125, 11]], DELTA)
+    longer_run = epsilon_of(with_steps(history, 1.37, 0.125, 1), DELTA)
+
+    # Assert
+    assert first == again == pytest.approx(_opacus_epsilon(history, DELTA), rel=1e-12)
+    assert longer_run > first and len(calls) == 2
+
+
 def test_with_steps_merges_a_run_of_the_same_noise_and_rate():
     # Prepare
     history = [(1.0, 0.1, 5)]
