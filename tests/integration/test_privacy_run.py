@@ -26,11 +26,11 @@ def _recomputed(record: dict) -> float:
     return float(get_privacy_spent(orders=orders, rdp=rdp, delta=record["delta"])[0])
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["each-site-with-opacus", "four-sites-in-one-pass"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["each-site-alone", "four-sites-in-one-pass"])
 def test_sample_dp_reports_recomputable_epsilon_within_its_budget_across_a_resume(tmp_path: Path,
                                                                                  grouped: bool) -> None:
-    # Prepare / Execute: one round planned at a budget of epsilon 4; the sites trained one by one through Opacus,
-    # or all four on one node in one grouped pass (grouped_lora's per-pair clipping)
+    # Prepare / Execute: one round planned at a budget of epsilon 4; the sites trained one by one (the default
+    # engine: each a grouped pass of one), or all four on one node in one grouped pass
     out = tmp_path / "dp"
     packing = ["simulation.num_supernodes=1", "train.sites_per_pass=4"] if grouped else []
     done = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={out}", "privacy.mode=sample_dp",
