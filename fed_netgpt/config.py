@@ -299,6 +299,10 @@ def _check_combinations(config: Config) -> None:
         raise ConfigError(f"train.sites_per_pass={config.train.sites_per_pass} packs several sites' updates in one "
                           "reply, and client_dp clips each site's update on its own reply; privacy.mode=client_dp "
                           "needs train.sites_per_pass=1")
+    if config.train.sites_per_pass > 1 and privacy.mode == "sample_dp" and privacy.engine == "opacus":
+        raise ConfigError(f"train.sites_per_pass={config.train.sites_per_pass} trains several sites in one grouped "
+                          "pass, which Opacus's hooks cannot reach (its per-pair gradients come from the grouped "
+                          "layer); privacy.engine=opacus needs train.sites_per_pass=1")
     if privacy.mode != "client_dp":
         return
     if not averaging:

@@ -283,11 +283,16 @@ def test_pyproject_flower_config_equals_base_yaml_scalars():
     assert {k: type(v) for k, v in table.items()} == {k: type(v) for k, v in expected.items()}
 
 
-def test_a_grouped_pass_is_refused_under_client_dp_and_taken_under_sample_dp():
+def test_a_grouped_pass_is_refused_under_client_dp_and_opacus_hooks_and_taken_under_sample_dp():
     with pytest.raises(ConfigError, match="privacy.mode=client_dp needs train.sites_per_pass=1"):
         load_config(overrides=["privacy.mode=client_dp", "privacy.noise_multiplier=1", "train.sites_per_pass=4"])
     config = load_config(overrides=["privacy.mode=sample_dp", "privacy.noise_multiplier=1", "train.sites_per_pass=4"])
     assert config.train.sites_per_pass == 4
+    with pytest.raises(ConfigError, match="privacy.engine=opacus needs train.sites_per_pass=1"):
+        load_config(overrides=["privacy.mode=sample_dp", "privacy.noise_multiplier=1", "train.sites_per_pass=4",
+                               "privacy.engine=opacus"])
+    assert load_config(overrides=["privacy.mode=sample_dp", "privacy.noise_multiplier=1",
+                                  "privacy.engine=opacus"]).privacy.engine == "opacus"
 
 
 @pytest.mark.parametrize(("override", "message"), [
