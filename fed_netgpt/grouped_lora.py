@@ -208,18 +208,19 @@ class GroupedAdapters:
         factors = self.factors()
         expected = {key: tuple(param.shape[1:]) for key, param in factors.items()}
         distinct = list({id(state): state for state in states}.values())
-        param = next(iter(factors.values()))
-        staged = _staged(expected, distinct, param.dtype, pin=param.device.type == "cuda")
-        slot = {id(state): i for i, state in enumerate(distinct)}
-        index = None if len(distinct) == len(states) else torch.tensor([slot[id(state)] for state in states])
+        first = next(iter(factors.values()))
+        staged = _staged(expected, distinct, first.dtype, pin=first.device.type == "cuda")
+        finite = False
         if staged is not None:
+            slot = {id(state): i for i, state in enumerate(distinct)}
+            index = (None if len(distinct) == len(states) else
+                     torch.tensor([slot[id(state)] for state in states], device=first.device))
             with torch.no_grad():
-                index = None if index is None else index.to(param.device)
                 for key, param in factors.items():
                     source = staged[key].to(param.device, non_blocking=True)
                     param.copy_(source if index is None else source[index])
                 finite = bool(torch.stack([torch.isfinite(p).all() for p in factors.values()]).all())  # one wait
-        if staged is None or not finite:
+        if not finite:
             problems = ((k, describe_mismatch(expected, state)) for k, state in enumerate(states))
             k, problem = next((k, p) for k, p in problems if p)
             raise AdapterError(f"adapter {k}: {problem}")
