@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from train_step import random_base, step_parser  # benchmarks/ is the running script's folder
 
-from fed_netgpt import fused
+from fed_netgpt import fused, grouped_lora
 from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import Config, load_config
 from fed_netgpt.data.sites import load_sites
@@ -76,6 +76,11 @@ def transformers_rotary(call):  # type: ignore[no-untyped-def]
         return call()
 
 
+def separate_projections(call):  # type: ignore[no-untyped-def]
+    with mock.patch.object(grouped_lora.SharedInputProjection, "applies", lambda self: False):
+        return call()
+
+
 def measure(args, base: BaseModel, model, config: Config, all_sites: list, starts: list):  # type: ignore[no-untyped-def]
     """The per-site loop's tokens/s, then each K's grouped run against it (with and/or without fused kernels,
     taking turns); returns the last K's pairs and K."""
@@ -100,6 +105,8 @@ def measure(args, base: BaseModel, model, config: Config, all_sites: list, start
         for name in calls:
             if name.endswith("no-rotary"):  # the fused pass with transformers' own rotary embedding
                 calls[name] = functools.partial(transformers_rotary, calls[name])
+            if name.endswith("no-shared-inputs"):  # each projection of one input on its own
+                calls[name] = functools.partial(separate_projections, calls[name])
         try:
             measured = interleaved(calls, args.device, args.rounds)
         except torch.OutOfMemoryError:
@@ -128,9 +135,11 @@ def main() -> None:
     parser.add_argument("--compile", choices=["none", "layers"], default="none",
                         help="torch.compile the decoder layers (fuses RMSNorm, rotary embedding, SiLU and the "
                              "casts); they share one compiled graph for every K and batch shape")
-    parser.add_argument("--fused-kernels", nargs="+", default=["true"], choices=["false", "true", "no-rotary"],
+    parser.add_argument("--fused-kernels", nargs="+", default=["true"],
+                        choices=["false", "true", "no-rotary", "no-shared-inputs"],
                         help="train.fused_kernels, measured taking turns in one run (no-rotary: true but with "
-                             "transformers' rotary embedding)")
+                             "transformers' rotary embedding; no-shared-inputs: true but q, k and v projected "
+                             "one by one)")
     parser.add_argument("--distinct-starts", action="store_true",
                         help="each site starts from its own adapter (as Ditto's personal pass does), not all from one "
                              "(as the sites of a region start from its regional adapter)")

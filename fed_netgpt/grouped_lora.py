@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fed_netgpt.adapters import AdapterError, AdapterState, describe_mismatch
@@ -303,18 +304,98 @@ def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str,
     return found
 
 
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # LLaMA's projections of one input
+
+
+class SharedInputProjection:
+    """Sibling grouped layers that project one input (LLaMA's q, k and v; gate and up) computed as one: one matmul
+    against their concatenated weights, one low-rank product against their concatenated A, one against their B
+    laid block-diagonally, then split. The input is read once instead of once a layer, and its gradient is one
+    matmul instead of a sum of one a layer. Used where the rows are K equal runs with no dropout and no per-row
+    gradients (a grouped training pass); anything else runs each layer alone. The attention block calls its
+    projections one after another with the same tensor: the first computes all, the others take their part."""
+
+    def __init__(self, layers: Sequence[GroupedLoraLinear]) -> None:
+        self.layers = list(layers)
+        bases = [layer.base for layer in layers]
+        self.weight = torch.cat([base.weight for base in bases])
+        biases = [base.bias for base in bases]
+        self.bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        self.sizes = [base.weight.shape[0] for base in bases]
+        self._input: torch.Tensor | None = None
+        self._parts: list[torch.Tensor | None] = []
+
+    def applies(self) -> bool:
+        """Whether this pass can run as one: rows as K equal runs, no per-row gradients, no dropout."""
+        selection = self.layers[0].selection
+        return (selection.blocks and (selection.row_gradients is None or not torch.is_grad_enabled())
+                and all(isinstance(layer.dropout, nn.Identity) for layer in self.layers))
+
+    def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Layer i's output for input `x`: all layers' computed on the first call for this `x`."""
+        if self._input is not x or self._parts[i] is None:
+            self._input, self._parts = x, list(self._all(x))
+        out, self._parts[i] = self._parts[i], None
+        if not any(p is not None for p in self._parts):
+            self._input = None  # nothing is kept once every layer has its part
+        return out  # type: ignore[return-value]
+
+    def _all(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layers, k, width = self.layers, self.layers[0].lora_A.shape[0], x.shape[-1]
+        out = F.linear(x, self.weight, self.bias)
+        r = layers[0].lora_A.shape[1]
+        a = torch.cat([layer.lora_A for layer in layers], dim=1).to(x.dtype)  # [K, n·r, in]
+        b = torch.cat([F.pad(layer.scaling * layer.lora_B, (i * r, (len(layers) - 1 - i) * r))
+                       for i, layer in enumerate(layers)], dim=1).to(x.dtype)  # [K, out, n·r], block-diagonal
+        low = torch.bmm(x.reshape(k, -1, width), a.transpose(1, 2))
+        fused = torch.baddbmm(out.reshape(k, -1, out.shape[-1]), low, b.transpose(1, 2)).view_as(out)
+        return fused.split(self.sizes, dim=-1)
+
+
+class _SharedInputMember(nn.Module):
+    """Stands where grouped layer `index` of a `SharedInputProjection` was, and answers for it."""
+
+    def __init__(self, shared: SharedInputProjection, index: int) -> None:
+        super().__init__()
+        self.layer = shared.layers[index]
+        self.shared, self.index = shared, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.part(x, self.index) if self.shared.applies() else self.layer(x)
+
+
+def shared_input_groups(paths: Sequence[str]) -> list[list[str]]:
+    """The target paths that project one input (`SHARED_INPUTS` under one parent), in that order."""
+    by_name = {path: path.rpartition(".") for path in paths}
+    groups = []
+    for names in SHARED_INPUTS:
+        parents = {parent for parent, _, name in by_name.values() if name == names[0]}
+        for parent in sorted(parents):
+            group = [f"{parent}.{name}" if parent else name for name in names]
+            if all(path in by_name for path in group):
+                groups.append(group)
+    return groups
+
+
 @contextlib.contextmanager
-def grouped_adapters(model: nn.Module, lora: LoraConfig, num_adapters: int) -> Iterator[GroupedAdapters]:
-    """Swap the model's target layers for `GroupedLoraLinear` (zero adapters) for the block; restore them after."""
+def grouped_adapters(model: nn.Module, lora: LoraConfig, num_adapters: int,
+                     fuse_shared_inputs: bool = False) -> Iterator[GroupedAdapters]:
+    """Swap the model's target layers for `GroupedLoraLinear` (zero adapters) for the block; restore them after.
+    `fuse_shared_inputs`: sibling layers of one input run as one `SharedInputProjection` where they can."""
     selection = RowSelection()
     originals: dict[str, nn.Module] = {}
     layers: dict[str, GroupedLoraLinear] = {}
     for path, linear in target_linears(model, lora.target_modules).items():
         layers[path] = GroupedLoraLinear(linear, num_adapters, lora.r, lora.alpha, lora.dropout, selection)
         originals[path] = model.get_submodule(path)
+    installed: dict[str, nn.Module] = dict(layers)
+    if fuse_shared_inputs:
+        for group in shared_input_groups(list(layers)):
+            shared = SharedInputProjection([layers[path] for path in group])
+            installed.update({path: _SharedInputMember(shared, i) for i, path in enumerate(group)})
     try:
-        for path, layer in layers.items():
-            _replace(model, path, layer)
+        for path, module in installed.items():
+            _replace(model, path, module)
         yield GroupedAdapters(layers, selection, num_adapters)
     finally:
         for path, module in originals.items():

@@ -338,7 +338,7 @@ def train_grouped(
     streams = private.draws(encodings) if private else [
         batches(rows, config.batch_size, seed=config.seed + seed) for rows, seed in zip(encodings, seeds)]
     fused = fused_kernels(model) if device.type == "cuda" and config.fused_kernels else contextlib.nullcontext()
-    with grouped_adapters(model, lora, len(sites)) as group, fused:
+    with grouped_adapters(model, lora, len(sites), fuse_shared_inputs=True) as group, fused:
         params = group.parameters(freeze_lora_a)
         anchor = None
         if config.proximal_mu > 0:

@@ -234,3 +234,40 @@ def test_rows_of_one_adapter_take_the_plain_matmul_path_with_the_same_result(bas
     assert (single, mixed_single) == (1, None)
     torch.testing.assert_close(plain, gathered, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(plain[0], base64.model(**inputs).logits[0])  # the adapter really acts
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj"],
+                                     ["v_proj", "k_proj", "gate_proj", "up_proj"]])
+def test_projections_of_one_input_run_as_one_with_the_same_outputs_and_gradients(base64, site_pairs, default_config,
+                                                                               targets):
+    # Prepare: two adapters, two rows each in adapter order; q/k/v (or k/v with gate/up) under LoRA
+    lora = replace(default_config.lora, target_modules=targets)
+    name = f"shape-{'-'.join(targets)}"
+    states = [_random_state(get_state(attach_adapter(base64, name, lora), name), seed) for seed in (31, 32)]
+    batch = collate(base64.tokenizer, site_pairs[0][:2] + site_pairs[1][:2], 128)
+    batch.pop("attention_mask")
+    results = {}
+
+    # Execute: the same step with the shared-input projections fused and not
+    for fuse in (False, True):
+        with grouped_adapters(base64.model, lora, 2, fuse_shared_inputs=fuse) as group:
+            group.load(states)
+            group.select(torch.tensor([0, 0, 1, 1]))
+            sums, counts = row_loss_sums(base64.model, batch)
+            (sums / counts).sum().backward()
+            results[fuse] = (sums.detach(), {k: p.grad.clone() for k, p in group.factors().items()})
+            kinds = {type(m).__name__ for m in base64.model.modules()}
+            with torch.no_grad():  # rows in any order: each layer alone, as before
+                group.select(torch.tensor([1, 0, 1, 0]))
+                mixed = row_loss_sums(base64.model, batch)[0]
+            results[fuse] += (mixed,)
+        assert ("_SharedInputMember" in kinds) == fuse
+
+    # Assert: the same losses and the same gradient of every factor, to float64 rounding
+    (plain, plain_grads, plain_mixed), (fused, fused_grads, fused_mixed) = results[False], results[True]
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_mixed, plain_mixed, rtol=1e-12, atol=1e-12)
+    for key, grad in plain_grads.items():
+        assert grad.abs().max() > 0, key
+        torch.testing.assert_close(fused_grads[key], grad, rtol=1e-10, atol=1e-12, msg=key)
+    assert "_SharedInputMember" not in {type(m).__name__ for m in base64.model.modules()}  # restored
