@@ -79,7 +79,7 @@ class GroupedLoraLinear(nn.Module):
         if self.selection.row_gradients is not None and torch.is_grad_enabled():
             if not self.selection.blocks:
                 raise RuntimeError("per-row gradients need the rows as K equal runs in adapter order")
-            update = _RowGradientUpdate.apply(h, self.lora_A, self.lora_B, self, self.selection.row_gradients)
+            update = _RowGradientUpdate.apply(h, self.selection.row_gradients, (self,), self.lora_A, self.lora_B)
             return out + update.view_as(out)
         a, b = self.lora_A.to(h.dtype), (self.scaling * self.lora_B).to(h.dtype)
         if self.selection.single is not None:  # one adapter for every row
@@ -138,40 +138,59 @@ class RowGradients:
 
 
 class _RowGradientUpdate(torch.autograd.Function):
-    """A grouped layer's low-rank update (rows as K equal runs) whose backward pass hands each row's gradient of
-    A and B to a `RowGradients` instead of summing them into `.grad` (the input's gradient flows as usual).
+    """The low-rank update of one grouped layer, or of a `SharedInputProjection`'s layers side by side (A stacked,
+    B block-diagonal), over rows as K equal runs, whose backward pass hands each row's gradient of every A and B to
+    a `RowGradients` instead of summing them into `.grad` (the input's gradient flows as usual).
 
     With u = A·h and the update s·B·u: row i's gradient of B is s·Σ_t g_t u_tᵀ, of A Σ_t (s·Bᵀg_t) h_tᵀ, over
-    its own positions t: two batched matmuls with the rows as the batch.
+    its own positions t: two batched matmuls a layer with the rows as the batch.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,  # type: ignore[override]
-                layer: GroupedLoraLinear, sink: RowGradients) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, sink: RowGradients, layers: tuple[GroupedLoraLinear, ...],  # type: ignore[override]
+                *factors: nn.Parameter) -> torch.Tensor:  # the factors as inputs: the output needs a gradient
+        # even where h has none (the first layer's input, the frozen embeddings)
         device = h.device.type  # autocast's dtype chosen here, so that the backward pass computes in the same
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         ctx.input_dtype = h.dtype
-        h, a, b = h.to(dtype), lora_a.to(dtype), (layer.scaling * lora_b).to(dtype)
+        h = h.to(dtype)
+        a = torch.cat([layer.lora_A for layer in layers], dim=1).to(dtype)
+        b = _block_diagonal([layer.scaling * layer.lora_B for layer in layers]).to(dtype)
         with torch.autocast(device, enabled=False):
-            low = torch.bmm(h.reshape(lora_a.shape[0], -1, h.shape[-1]), a.transpose(1, 2))  # [K, rows/K·T, r]
+            low = torch.bmm(h.reshape(a.shape[0], -1, h.shape[-1]), a.transpose(1, 2))  # [K, rows/K·T, Σr]
             update = torch.bmm(low, b.transpose(1, 2))
         ctx.save_for_backward(h, low, a, b)
-        ctx.layer, ctx.sink = layer, sink
+        ctx.layers, ctx.sink = layers, sink
         return update
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         h, low, a, b = ctx.saved_tensors
         grad = grad.to(h.dtype)
-        grad_low = torch.bmm(grad, b)  # [K, rows/K·T, r]
+        grad_low = torch.bmm(grad, b)  # [K, rows/K·T, Σr]
         grad_h = torch.bmm(grad_low, a).view_as(h).to(ctx.input_dtype)
         per_row = (h.shape[0], h.shape[1], -1)  # [rows, T, ·]
-        layer = ctx.layer
-        ctx.sink.keep(layer.lora_B, layer.scaling * torch.bmm(grad.reshape(per_row).transpose(1, 2),
-                                                              low.reshape(per_row)))
-        if ctx.sink.trains(layer.lora_A):  # not under FFA-LoRA, whose A stays frozen
-            ctx.sink.keep(layer.lora_A, torch.bmm(grad_low.reshape(per_row).transpose(1, 2), h))
-        return grad_h, None, None, None, None
+        grad, low, grad_low = grad.reshape(per_row), low.reshape(per_row), grad_low.reshape(per_row)
+        outs = ranks = 0
+        for layer in ctx.layers:
+            (out, r), sink = layer.lora_B.shape[1:], ctx.sink
+            own_out, own_rank = slice(outs, outs + out), slice(ranks, ranks + r)
+            sink.keep(layer.lora_B, layer.scaling * torch.bmm(grad[..., own_out].transpose(1, 2), low[..., own_rank]))
+            if sink.trains(layer.lora_A):  # not under FFA-LoRA, whose A stays frozen
+                sink.keep(layer.lora_A, torch.bmm(grad_low[..., own_rank].transpose(1, 2), h))
+            outs, ranks = outs + out, ranks + r
+        return (grad_h, None, None, *[None] * (2 * len(ctx.layers)))
+
+
+def _block_diagonal(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[K, out_i, r_i] blocks as one [K, Σout, Σr], zero off the diagonal: several layers' B in one matmul."""
+    if len(blocks) == 1:
+        return blocks[0]
+    total, at, padded = sum(block.shape[2] for block in blocks), 0, []
+    for block in blocks:
+        padded.append(F.pad(block, (at, total - at - block.shape[2])))
+        at += block.shape[2]
+    return torch.cat(padded, dim=1)
 
 
 @dataclass
@@ -311,8 +330,8 @@ class SharedInputProjection:
     """Sibling grouped layers that project one input (LLaMA's q, k and v; gate and up) computed as one: one matmul
     against their concatenated weights, one low-rank product against their concatenated A, one against their B
     laid block-diagonally, then split. The input is read once instead of once a layer, and its gradient is one
-    matmul instead of a sum of one a layer. Used where the rows are K equal runs with no dropout and no per-row
-    gradients (a grouped training pass); anything else runs each layer alone. The attention block calls its
+    matmul instead of a sum of one a layer. Used where the rows are K equal runs with no dropout (a grouped
+    training pass, under DP-SGD too); anything else runs each layer alone. The attention block calls its
     projections one after another with the same tensor: the first computes all, the others take their part."""
 
     def __init__(self, layers: Sequence[GroupedLoraLinear]) -> None:
@@ -326,10 +345,8 @@ class SharedInputProjection:
         self._parts: list[torch.Tensor | None] = []
 
     def applies(self) -> bool:
-        """Whether this pass can run as one: rows as K equal runs, no per-row gradients, no dropout."""
-        selection = self.layers[0].selection
-        return (selection.blocks and (selection.row_gradients is None or not torch.is_grad_enabled())
-                and all(isinstance(layer.dropout, nn.Identity) for layer in self.layers))
+        """Whether this pass can run as one: rows as K equal runs and no dropout."""
+        return self.layers[0].selection.blocks and all(isinstance(layer.dropout, nn.Identity) for layer in self.layers)
 
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Layer i's output for input `x`: all layers' computed on the first call for this `x`."""
@@ -343,12 +360,16 @@ class SharedInputProjection:
     def _all(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         layers, k, width = self.layers, self.layers[0].lora_A.shape[0], x.shape[-1]
         out = F.linear(x, self.weight, self.bias)
-        r = layers[0].lora_A.shape[1]
-        a = torch.cat([layer.lora_A for layer in layers], dim=1).to(x.dtype)  # [K, n·r, in]
-        b = torch.cat([F.pad(layer.scaling * layer.lora_B, (i * r, (len(layers) - 1 - i) * r))
-                       for i, layer in enumerate(layers)], dim=1).to(x.dtype)  # [K, out, n·r], block-diagonal
-        low = torch.bmm(x.reshape(k, -1, width), a.transpose(1, 2))
-        fused = torch.baddbmm(out.reshape(k, -1, out.shape[-1]), low, b.transpose(1, 2)).view_as(out)
+        sink = layers[0].selection.row_gradients
+        if sink is not None and torch.is_grad_enabled():  # DP-SGD: each row's gradient of every factor kept
+            factors = [factor for layer in layers for factor in (layer.lora_A, layer.lora_B)]
+            update = _RowGradientUpdate.apply(x.reshape(x.shape[0], -1, width), sink, tuple(layers), *factors)
+            fused = out + update.view_as(out)
+        else:
+            a = torch.cat([layer.lora_A for layer in layers], dim=1).to(x.dtype)  # [K, Σr, in]
+            b = _block_diagonal([layer.scaling * layer.lora_B for layer in layers]).to(x.dtype)  # [K, out, Σr]
+            low = torch.bmm(x.reshape(k, -1, width), a.transpose(1, 2))
+            fused = torch.baddbmm(out.reshape(k, -1, out.shape[-1]), low, b.transpose(1, 2)).view_as(out)
         return fused.split(self.sizes, dim=-1)
 
 
