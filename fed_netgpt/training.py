@@ -363,11 +363,11 @@ def train_grouped(
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(site_loss.detach())  # kept on the device: no wait for the GPU between steps
         model.eval()
-        per_site = torch.stack(losses).T.cpu()  # [sites, steps]
+        loss_metrics = _loss_metrics(torch.stack(losses).T.cpu())
         elapsed = time.perf_counter() - started
         states = group.states()
     return [TrainResult(state=states[k], num_examples=len(sites[k]), metrics={
-        **_loss_metrics(per_site[k]), "train_seconds": elapsed / len(sites), "steps": float(config.local_steps),
+        **loss_metrics[k], "train_seconds": elapsed / len(sites), "steps": float(config.local_steps),
         "bf16": float(precision.bf16), "group_size": float(len(sites))}) for k in range(len(sites))]
 
 
@@ -401,12 +401,15 @@ def _private_backward(row_sums: torch.Tensor, row_counts: torch.Tensor, index: t
     return per_site_mean(pair_loss.detach(), (row_counts > 0).to(pair_loss.dtype), index, num_sites, empty=math.nan)
 
 
-def _loss_metrics(losses: torch.Tensor) -> dict[str, float]:
-    """A site's mean and last loss over the steps that had rows of it (under DP-SGD a draw may take none: nan)."""
-    taken = losses[~losses.isnan()]
-    if not len(taken):
-        return {"train_loss": math.nan, "train_loss_last": math.nan}
-    return {"train_loss": float(taken.mean()), "train_loss_last": float(taken[-1])}
+def _loss_metrics(losses: torch.Tensor) -> list[dict[str, float]]:
+    """Each site's mean and last loss over the steps that had rows of it, from its row of `losses` [sites, steps]
+    (under DP-SGD a draw may take none: nan), for all sites at once (a loop of tensor ops a site took ~15 ms at
+    128 sites)."""
+    taken = ~losses.isnan()
+    mean = losses.nan_to_num().sum(1) / taken.sum(1)  # nan where a site took no row at all
+    last_taken = (taken * torch.arange(1, losses.shape[1] + 1)).argmax(1)
+    last = losses.gather(1, last_taken[:, None])[:, 0]
+    return [{"train_loss": m, "train_loss_last": v} for m, v in zip(mean.tolist(), last.tolist())]
 
 
 class _Encodings(Sequence[Encoded]):

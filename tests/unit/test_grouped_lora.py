@@ -11,7 +11,7 @@ from peft import get_peft_model_state_dict
 
 from fed_netgpt.adapters import AdapterError, attach_adapter, get_state, set_state
 from fed_netgpt.grouped_lora import grouped_adapters
-from fed_netgpt.training import collate, row_loss_sums, token_losses, train_adapter, train_grouped
+from fed_netgpt.training import _loss_metrics, collate, row_loss_sums, token_losses, train_adapter, train_grouped
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +271,17 @@ def test_projections_of_one_input_run_as_one_with_the_same_outputs_and_gradients
         assert grad.abs().max() > 0, key
         torch.testing.assert_close(fused_grads[key], grad, rtol=1e-10, atol=1e-12, msg=key)
     assert "_SharedInputMember" not in {type(m).__name__ for m in base64.model.modules()}  # restored
+
+
+def test_each_sites_loss_metrics_skip_the_steps_it_took_no_row_in():
+    # Prepare: four sites x three steps; nan where a DP draw took no row of the site
+    nan = float("nan")
+    losses = torch.tensor([[1.0, 2.0, 3.0], [nan, 4.0, nan], [nan, nan, nan], [1.0, nan, 5.0]])
+
+    # Execute
+    metrics = _loss_metrics(losses)
+
+    # Assert: mean over the steps taken, the last step taken; nan only where nothing was taken
+    assert [m["train_loss"] for m in metrics[:2]] == [2.0, 4.0] and metrics[3]["train_loss"] == 3.0
+    assert [m["train_loss_last"] for m in (metrics[0], metrics[1], metrics[3])] == [3.0, 4.0, 5.0]
+    assert all(np.isnan(v) for v in metrics[2].values())
