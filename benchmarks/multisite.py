@@ -81,6 +81,11 @@ def separate_projections(call):  # type: ignore[no-untyped-def]
         return call()
 
 
+def sdpa_backend(backend: str, call):  # type: ignore[no-untyped-def]
+    with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
+        return call()
+
+
 def measure(args, base: BaseModel, model, config: Config, all_sites: list, starts: list):  # type: ignore[no-untyped-def]
     """The per-site loop's tokens/s, then each K's grouped run against it (with and/or without fused kernels,
     taking turns); returns the last K's pairs and K."""
@@ -107,6 +112,9 @@ def measure(args, base: BaseModel, model, config: Config, all_sites: list, start
                 calls[name] = functools.partial(transformers_rotary, calls[name])
             if name.endswith("no-shared-inputs"):  # each projection of one input on its own
                 calls[name] = functools.partial(separate_projections, calls[name])
+            if name.endswith("-attention"):  # SDPA held to one backend (torch's default on Hopper: cuDNN's)
+                backend = name.split("=")[1].removesuffix("-attention").upper().replace("-", "_")
+                calls[name] = functools.partial(sdpa_backend, backend, calls[name])
         try:
             measured = interleaved(calls, args.device, args.rounds)
         except torch.OutOfMemoryError:
@@ -136,10 +144,11 @@ def main() -> None:
                         help="torch.compile the decoder layers (fuses RMSNorm, rotary embedding, SiLU and the "
                              "casts); they share one compiled graph for every K and batch shape")
     parser.add_argument("--fused-kernels", nargs="+", default=["true"],
-                        choices=["false", "true", "no-rotary", "no-shared-inputs"],
+                        choices=["false", "true", "no-rotary", "no-shared-inputs", "flash-attention",
+                                 "cudnn-attention", "efficient-attention"],
                         help="train.fused_kernels, measured taking turns in one run (no-rotary: true but with "
                              "transformers' rotary embedding; no-shared-inputs: true but q, k and v projected "
-                             "one by one)")
+                             "one by one; X-attention: true with SDPA held to backend X)")
     parser.add_argument("--distinct-starts", action="store_true",
                         help="each site starts from its own adapter (as Ditto's personal pass does), not all from one "
                              "(as the sites of a region start from its regional adapter)")
