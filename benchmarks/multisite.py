@@ -113,7 +113,7 @@ def measure(args, base: BaseModel, model, config: Config, all_sites: list, start
             if name.endswith("no-shared-inputs"):  # each projection of one input on its own
                 calls[name] = functools.partial(separate_projections, calls[name])
             if name.endswith("-attention"):  # SDPA held to one backend (torch's default on Hopper: cuDNN's)
-                backend = name.split("=")[1].removesuffix("-attention").upper().replace("-", "_")
+                backend = name.split("=")[1].upper().replace("-", "_")  # e.g. FLASH_ATTENTION
                 calls[name] = functools.partial(sdpa_backend, backend, calls[name])
         try:
             measured = interleaved(calls, args.device, args.rounds)
