@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from transformers import masking_utils
 from transformers.models.llama import modeling_llama
 
 from fed_netgpt.grouped_lora import GroupedLoraLinear
@@ -127,14 +126,6 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 _TRANSFORMERS_ROTARY = modeling_llama.apply_rotary_pos_emb
-_TRANSFORMERS_PACKED_CHECK = masking_utils.find_packed_sequence_indices
-
-
-def _not_packed(position_ids: torch.Tensor) -> None:
-    """transformers' check for packed rows (positions that restart inside a row) when no attention mask is given
-    reads its answer back from the GPU: a wait at the start of every forward pass, during which the GPU idles. The
-    grouped pass never packs rows (positions run 0, 1, ... in every row), so the answer is known: none."""
-    return None
 
 
 _COMPILED_CALLS: dict[torch.nn.Module, Callable] = {}  # the frozen base lives as long as the process
@@ -151,8 +142,7 @@ def _compiled_call(block: torch.nn.Module) -> Callable:
 @contextlib.contextmanager
 def fused_kernels(model: torch.nn.Module) -> Iterator[None]:
     """Inside: every RMSNorm of `model` runs the fused forward, every gated MLP block is compiled (dynamic
-    shapes: one graph for all batches, kept by torch between uses), LLaMA's rotary embedding is `rotary`, and
-    transformers' packed-row check is skipped (`_not_packed`: use it around passes that pack no rows).
+    shapes: one graph for all batches, kept by torch between uses) and LLaMA's rotary embedding is `rotary`.
     On exit the model is as transformers made it."""
     norms, mlps = _rms_norms(model), _mlps(model)
     for norm in norms:
@@ -160,12 +150,10 @@ def fused_kernels(model: torch.nn.Module) -> Iterator[None]:
     for block in mlps:
         block._compiled_call_impl = _compiled_call(block)
     modeling_llama.apply_rotary_pos_emb = rotary  # process-wide while inside: any LLaMA pass gets the same values
-    masking_utils.find_packed_sequence_indices = _not_packed  # likewise: inside, no pass packs rows
     try:
         yield
     finally:
         modeling_llama.apply_rotary_pos_emb = _TRANSFORMERS_ROTARY
-        masking_utils.find_packed_sequence_indices = _TRANSFORMERS_PACKED_CHECK
         for norm in norms:
             del norm.forward  # the class's own forward again
         for block in mlps:

@@ -220,26 +220,14 @@ def row_loss_sums(model: PreTrainedModel, batch: dict[str, torch.Tensor],
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                  use_cache=False).last_hidden_state
     labels = batch["labels"]
-    targets = next_token_targets(labels)
-    positions = batch.get("counted_positions")  # found on the host before the batch crossed (`grouped_batch`)
-    if positions is None:
-        positions = counted_positions(targets)  # on a GPU this waits for the forward pass
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    positions = (targets != -100).nonzero().squeeze(1)  # on a GPU this waits for the forward pass
     chunk = max(1, chunk_bytes // (model.config.vocab_size * 4))
     losses = head_losses(model.get_output_embeddings(), hidden.flatten(0, 1)[positions], targets[positions],
                          chunk)
     rows = positions // labels.shape[1]
     zeros = losses.new_zeros(labels.shape[0])
     return zeros.index_add(0, rows, losses), zeros.index_add(0, rows, torch.ones_like(losses))
-
-
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Each position's next-token target, flat ([rows·T]; -100 where none counts, and past a row's end)."""
-    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()
-
-
-def counted_positions(targets: torch.Tensor) -> torch.Tensor:
-    """The positions whose target counts."""
-    return (targets != -100).nonzero().squeeze(1)
 
 
 def head_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -440,8 +428,7 @@ class _Encodings(Sequence[Encoded]):
 
 def grouped_batch(chosen: Sequence[Sequence[Encoded]], pad: int,
                   device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One grouped step's batch (on `device`, copied without waiting, with the positions whose target counts, found
-    on the host) and each row's site (on the host).
+    """One grouped step's batch (on `device`, copied without waiting) and each row's site (on the host).
 
     Rows come site after site, every site's run filled up to the longest with empty rows (one pad token, no
     counted label): the grouped layers then take their reshaping path, and an empty row adds exactly nothing to
@@ -453,6 +440,5 @@ def grouped_batch(chosen: Sequence[Sequence[Encoded]], pad: int,
     rows = [row for site_rows in chosen for row in [*site_rows, *[empty] * (per - len(site_rows))]]
     batch = pad_batch(rows, pad)
     del batch["attention_mask"]
-    batch["counted_positions"] = counted_positions(next_token_targets(batch["labels"]))
     index = torch.arange(len(chosen)).repeat_interleave(per)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, index

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from transformers import masking_utils
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -48,26 +47,22 @@ def test_fused_rms_norm_equals_transformers_forward_and_backward(dtype, scale_dt
 def test_inside_the_model_runs_fused_and_after_it_is_as_transformers_made_it() -> None:
     # Prepare
     model = load_private_base("tiny-random").model
-    ids = torch.tensor([[1, 20, 300, 4000, 5], [7, 8, 9, 10, 11]])  # no mask: transformers checks for packed rows
+    ids = torch.tensor([[1, 20, 300, 4000, 5]])
     norms = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
     mlps = [layer.mlp for layer in model.model.layers]
-    packed_check = masking_utils.find_packed_sequence_indices
     with torch.no_grad():
         expected = model(input_ids=ids).logits
 
     # Execute: the compiled MLPs are not run here (compiling on a CI CPU is slow), only checked to be set up
     with fused_kernels(model):
-        inside = ({"forward"} <= set(vars(norms[0])), all(m._compiled_call_impl is not None for m in mlps),
-                  masking_utils.find_packed_sequence_indices is not packed_check)
+        inside = ({"forward"} <= set(vars(norms[0])), all(m._compiled_call_impl is not None for m in mlps))
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             got = model(input_ids=ids).logits
 
-    # Assert: two norms a layer and the final one; the same logits without transformers' packed-row check (it
-    # reads back from the GPU); everything restored after
-    assert len(norms) == 2 * len(mlps) + 1 and inside == (True, True, True)
+    # Assert: two norms a layer and the final one; everything restored after
+    assert len(norms) == 2 * len(mlps) + 1 and inside == (True, True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert all("forward" not in vars(n) for n in norms) and all(m._compiled_call_impl is None for m in mlps)
-    assert masking_utils.find_packed_sequence_indices is packed_check
 
 
 def _rotary_inputs(device: str, dtype: torch.dtype, rows_of_angles: int):
