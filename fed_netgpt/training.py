@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fed_netgpt.adapters import AdapterState, get_state
 from fed_netgpt.config import LoraConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.fused import fused_kernels
+from fed_netgpt.fused import cross_entropy_rows, fused_kernels
 from fed_netgpt.grouped_lora import RowGradients, grouped_adapters
 from fed_netgpt.models import cache_root
 from fed_netgpt.precision import Precision, choose_precision, device_name, step_benchmark
@@ -266,13 +266,11 @@ class _FrozenHeadLosses(torch.autograd.Function):
         losses, grads = [], []
         for i in chunk_starts(len(targets), chunk):
             logits = torch.nn.functional.linear(hidden[i : i + chunk], weight, bias)
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+            chunk_losses, grad_logits = cross_entropy_rows(logits, targets[i : i + chunk], needs_grad)
             del logits
-            t = targets[i : i + chunk, None]
-            losses.append(-logp.gather(1, t).squeeze(1))
-            if needs_grad:
-                probs = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))
-                grads.append((probs.to(weight.dtype) @ weight).to(hidden.dtype))
+            losses.append(chunk_losses)
+            if grad_logits is not None:
+                grads.append((grad_logits.to(weight.dtype) @ weight).to(hidden.dtype))
         ctx.save_for_backward(torch.cat(grads) if needs_grad else hidden.new_empty(0))
         return torch.cat(losses)
 

@@ -1,5 +1,5 @@
 """fed_netgpt/fused.py: the fused RMSNorm and rotary embedding compute what transformers' do, forward and
-backward (the rotary kernel's test needs a GPU: `pytest -m gpu` on a machine with one)."""
+backward (the Triton kernels' tests need a GPU: `pytest -m gpu` on a machine with one)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from fed_netgpt.fused import fused_kernels, rotary
+from fed_netgpt.fused import cross_entropy_rows, fused_kernels, rotary
 from fed_netgpt.models import load_private_base
 
 
@@ -117,3 +117,30 @@ def test_rotary_kernel_equals_transformers_forward_and_backward(dtype, rows_of_a
         torch.testing.assert_close(x.grad.double(), w.grad, **tolerance)
     wrong = modeling_llama.apply_rotary_pos_emb(q, k, cos, -sin)[0]
     assert not torch.allclose(wrong.double(), expected[0], atol=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cross-entropy kernel runs on a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [100, 49152, 50001])  # shorter than a block, whole blocks, a ragged last block
+def test_cross_entropy_kernel_equals_log_softmax_in_float64(dtype, vocab) -> None:
+    # Prepare: logits of a wide range, targets at both ends of the vocabulary and in between
+    torch.manual_seed(0)
+    logits = (torch.randn(37, vocab, device="cuda") * 8).to(dtype)
+    targets = torch.randint(0, vocab, (37,), device="cuda")
+    targets[:2] = torch.tensor([0, vocab - 1])
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    expected_grad = logp.exp().scatter_add(1, targets[:, None], -torch.ones(37, 1, device="cuda", dtype=torch.float64))
+
+    # Execute
+    losses_only, none = cross_entropy_rows(logits.clone(), targets, grad=False)
+    losses, grad = cross_entropy_rows(logits.clone(), targets, grad=True)
+
+    # Assert: losses in fp32 accuracy, the gradient within one step of its dtype (|p| <= 1); another target is far off
+    expected = -logp.gather(1, targets[:, None]).squeeze(1)
+    assert none is None and losses.dtype == torch.float32 and grad.dtype == dtype
+    for got in (losses_only, losses):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=2**-7 if dtype == torch.bfloat16 else 1e-6)
+    shifted = cross_entropy_rows(logits.clone(), (targets + 1) % vocab, grad=False)[0]
+    assert (shifted.double() - expected).abs().max() > 1
