@@ -141,6 +141,7 @@ def test_cross_entropy_kernel_equals_log_softmax_in_float64(dtype, vocab) -> Non
     assert none is None and losses.dtype == torch.float32 and grad.dtype == dtype
     for got in (losses_only, losses):
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=2**-7 if dtype == torch.bfloat16 else 1e-6)
+    tolerance = {"rtol": 0, "atol": 2**-7} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}  # GPU's exp
+    torch.testing.assert_close(grad.double(), expected_grad, **tolerance)
     shifted = cross_entropy_rows(logits.clone(), (targets + 1) % vocab, grad=False)[0]
     assert (shifted.double() - expected).abs().max() > 1
