@@ -60,14 +60,18 @@ def peft_model_of(base: BaseModel) -> PeftModel | None:
 
 def get_state(model: PeftModel, name: str) -> AdapterState:
     state = get_peft_model_state_dict(model, adapter_name=name)
-    # .float().cpu() of a float32 CPU tensor is the tensor itself: copy, so the state is a snapshot.
-    return {key: value.detach().float().cpu().numpy().copy() for key, value in state.items()}
+    return {key: _snapshot(value) for key, value in state.items()}
 
 
 def state_of_parameters(params: Mapping[str, torch.Tensor], name: str) -> AdapterState:
     """Adapter `name`'s tensors keyed as in `model.named_parameters()`, in `get_state`'s format (peft's rule: the
     adapter's name leaves the key)."""
-    return {key.replace(f".{name}", ""): value.detach().float().cpu().numpy().copy() for key, value in params.items()}
+    return {key.replace(f".{name}", ""): _snapshot(value) for key, value in params.items()}
+
+
+def _snapshot(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 host copy (.float().cpu() of a float32 CPU tensor is the tensor itself: hence the copy)."""
+    return tensor.detach().float().cpu().numpy().copy()
 
 
 def set_state(model: PeftModel, name: str, state: AdapterState) -> None:
