@@ -13,6 +13,9 @@ applies it to the strided query and key views in five kernels each way (two prod
 concatenation, a sum), all on the slow non-contiguous path. `rotary` does it in one Triton kernel a tensor each
 way, products and sum in fp32 and rounded once. (Compiling the rotary function with dynamic shapes was tried
 first: its kernel was slower than eager's.)
+
+The frozen output head's cross-entropy (`cross_entropy_rows`) is one Triton kernel too, on any CUDA device: the
+fp32 log-softmax over 49,152 logits a position, its exp, scatter and cast were ~7 % of a 128-site step.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor,
         if len(targets):
             _cross_entropy_kernel[(len(targets),)](logits, targets, losses, logits.stride(0), logits.shape[1],
                                                    BLOCK=4096, GRAD=grad, num_warps=8)
-        return losses.to(torch.promote_types(logits.dtype, torch.float32)), logits if grad else None
+        return losses, logits if grad else None
     logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     del logits
     t = targets[:, None]

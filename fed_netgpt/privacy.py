@@ -291,7 +291,7 @@ class SiteAccountant:
         predictable); the history grows with every step taken.
 
         `privacy.engine=grouped` trains the adapter as a grouped pass of one site (`train_grouped_private`, tested
-        equal to Opacus's DPOptimizer; on a GPU ~1.3x a plain step against ~2x with Opacus's hooks, whose per-layer
+        equal to Opacus's DPOptimizer; on a GPU ~1.2x a plain step against ~2x with Opacus's hooks, whose per-layer
         Python launches bind the step); `opacus` trains it with Opacus's hooks (`train_adapter_private`)."""
         if self.privacy.engine == "opacus":
             result, self.history = train_adapter_private(model, adapter_name, tokenizer, pairs, config, self.privacy,
