@@ -154,8 +154,7 @@ class _RowGradientUpdate(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         ctx.input_dtype = h.dtype
         h = h.to(dtype)
-        a = torch.cat([layer.lora_A for layer in layers], dim=1).to(dtype)
-        b = _block_diagonal([layer.scaling * layer.lora_B for layer in layers]).to(dtype)
+        a, b = _joined_factors(layers, dtype)
         with torch.autocast(device, enabled=False):
             low = torch.bmm(h.reshape(a.shape[0], -1, h.shape[-1]), a.transpose(1, 2))  # [K, rows/K·T, Σr]
             update = torch.bmm(low, b.transpose(1, 2))
@@ -180,6 +179,13 @@ class _RowGradientUpdate(torch.autograd.Function):
                 sink.keep(layer.lora_A, torch.bmm(grad_low[..., own_rank].transpose(1, 2), h))
             outs, ranks = outs + out, ranks + r
         return (grad_h, None, None, *[None] * (2 * len(ctx.layers)))
+
+
+def _joined_factors(layers: Sequence[GroupedLoraLinear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' A stacked ([K, Σr, in]) and their B, scaling folded in, laid block-diagonally ([K, Σout, Σr]), in
+    `dtype`: several layers of one input as one low-rank update (one layer: its own A and s·B)."""
+    a = torch.cat([layer.lora_A for layer in layers], dim=1).to(dtype)
+    return a, _block_diagonal([layer.scaling * layer.lora_B for layer in layers]).to(dtype)
 
 
 def _block_diagonal(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -366,8 +372,7 @@ class SharedInputProjection:
             update = _RowGradientUpdate.apply(x.reshape(x.shape[0], -1, width), sink, tuple(layers), *factors)
             fused = out + update.view_as(out)
         else:
-            a = torch.cat([layer.lora_A for layer in layers], dim=1).to(x.dtype)  # [K, Σr, in]
-            b = _block_diagonal([layer.scaling * layer.lora_B for layer in layers]).to(x.dtype)  # [K, out, Σr]
+            a, b = _joined_factors(layers, x.dtype)
             low = torch.bmm(x.reshape(k, -1, width), a.transpose(1, 2))
             fused = torch.baddbmm(out.reshape(k, -1, out.shape[-1]), low, b.transpose(1, 2)).view_as(out)
         return fused.split(self.sizes, dim=-1)
