@@ -14,7 +14,7 @@ What each piece is for:
   `grouped` (default), the grouped LoRA layer (`GroupedDPSGD`; a site alone is a grouped pass of one), two
   batched matmuls a layer; `opacus`, Opacus's `GradSampleModule` hooks and `DPOptimizer`. A float64 test holds
   the first equal to the second. The hooks add per-layer kernels from Python: on a GPU, where a step is bound
-  by launches, they cost ~2x a plain step against the grouped layer's ~1.3x. Hook mode, not ghost clipping:
+  by launches, they cost ~2x a plain step against the grouped layer's ~1.2x. Hook mode, not ghost clipping:
   LoRA's per-pair gradients are r x width per layer (a few MB a batch), so ghost clipping has little memory to
   save here.
 - **A proximal pull survives.** FedProx's and Ditto's term depends on no data, so its gradient is added to the
