@@ -3,11 +3,14 @@
     python benchmarks/dp_step.py [--model smollm2-135m] [--batch 8] [--steps 4] [--device cpu|cuda]
                                  [--grouped K [K ...]] [--base-dtype bfloat16] [-- key=value ...]
 
-One site alone: a plain step (`train_adapter`, peft) against a DP-SGD step through Opacus (per-pair gradients,
-clipping, noise: `train_adapter_private`). With --grouped, K sites in one grouped pass (`train_grouped`) against
-the same K sites under DP-SGD in one grouped pass (`train_grouped_private`: the grouped layers keep each pair's
-gradient). Every site has exactly --batch pairs and the private steps draw each pair with probability 1, so both
-sides of a ratio train the same rows each step. The calls take turns, so machine noise hits them alike; prints
+One site alone, by the reference engines: a plain step (`reference.train_adapter`, peft) against a DP-SGD step
+through Opacus (per-pair gradients, clipping, noise: `reference.train_adapter_private`). Then one site alone by the
+engine a site now trains with (`engine.train_sites` on that one site's `SiteJob`, K=1; `train.sites_per_pass=1`),
+plain against DP-SGD (the job with a `SiteAccountant`; `privacy.engine` picks grouped or Opacus). With --grouped,
+K sites in one grouped pass (`train_sites` on K jobs) against the same K sites under DP-SGD in one grouped pass
+(every job with its own `SiteAccountant`: the grouped layers keep each pair's gradient). Every site has exactly
+--batch pairs and the private steps draw each pair with probability 1, so both sides of a ratio train the same
+rows each step. The calls take turns, so machine noise hits them alike; prints
 median step times, the ratios, and on a GPU the peak memory of each.
 """
 
@@ -24,8 +27,9 @@ from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.models import load_base
-from fed_netgpt.privacy import SiteAccountant, train_adapter_private, train_grouped_private
-from fed_netgpt.training import train_adapter, train_grouped
+from fed_netgpt.training.engine import SiteJob, train_sites
+from fed_netgpt.training.privacy import SiteAccountant
+from fed_netgpt.training.reference import train_adapter, train_adapter_private
 
 
 def main() -> None:
@@ -49,30 +53,36 @@ def main() -> None:
     start = get_state(model, "bench")
     steps = config.train.local_steps
 
-    def private_grouped(k: int) -> None:
-        accountants = [SiteAccountant(config.privacy, steps, []) for _ in range(k)]
-        train_grouped_private(base.model, base.tokenizer, pairs[:k], [start] * k, config.lora, config.train,
-                              accountants)
+    def engine(k: int, private: bool) -> None:  # K sites in one pass, each DP job with a fresh accountant
+        jobs = [SiteJob(site.site_id, pairs[i], start, seed=i,
+                        accountant=SiteAccountant(config.privacy, steps, []) if private else None)
+                for i, site in enumerate(sites[:k])]
+        train_sites(base, jobs, config.lora, config.train)
 
-    calls = {
+    def opacus_alone() -> None:  # the reference DP engine, a fresh accountant each call
+        train_adapter_private(model, "bench", base.tokenizer, pairs[0], config.train,
+                              SiteAccountant(config.privacy, steps, []))
+
+    calls = {  # each plain call followed by its private twin
         "one site, peft": functools.partial(train_adapter, model, "bench", base.tokenizer, pairs[0], config.train),
-        "one site, Opacus": functools.partial(train_adapter_private, model, "bench", base.tokenizer, pairs[0],
-                                              config.train, config.privacy, [], planned_steps=steps),
+        "one site, Opacus": opacus_alone,
+        "per-site engine (K=1)": functools.partial(engine, 1, False),
+        "per-site engine (K=1), DP-SGD": functools.partial(engine, 1, True),
     }
     for k in args.grouped:
-        calls[f"grouped K={k}"] = functools.partial(train_grouped, base.model, base.tokenizer, pairs[:k],
-                                                    [start] * k, config.lora, config.train, list(range(k)))
-        calls[f"grouped K={k}, DP-SGD"] = functools.partial(private_grouped, k)
+        calls[f"grouped K={k}"] = functools.partial(engine, k, False)
+        calls[f"grouped K={k}, DP-SGD"] = functools.partial(engine, k, True)
     measured = interleaved(calls, args.device, args.rounds)
     cuda = args.device == "cuda"
     device = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"{args.model} LoRA r={config.lora.r} on {','.join(config.lora.target_modules)}, {args.batch} pairs a "
           f"site, {steps} steps a call, on {device}")
     names = list(calls)
+    width = max(16, *map(len, names[::2])), max(24, *map(len, names[1::2]))
     for plain, private in zip(names[::2], names[1::2]):  # each plain call is followed by its private one
         (plain_s, _, _, plain_peak), (private_s, _, _, private_peak) = measured[plain], measured[private]
-        line = (f"{plain:16s} {plain_s / steps * 1000:7.0f} ms/step | {private:24s} {private_s / steps * 1000:7.0f} "
-                f"ms/step | time {private_s / plain_s:.2f}x")
+        line = (f"{plain:{width[0]}s} {plain_s / steps * 1000:7.0f} ms/step | {private:{width[1]}s} "
+                f"{private_s / steps * 1000:7.0f} ms/step | time {private_s / plain_s:.2f}x")
         if cuda:
             line += (f" | peak {plain_peak / 2**20:,.0f} vs {private_peak / 2**20:,.0f} MiB, "
                      f"{private_peak / plain_peak:.2f}x")

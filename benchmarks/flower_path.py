@@ -4,8 +4,10 @@
 
 `fed-netgpt simulate` runs 2 rounds over `--sites` sites (10 regions), `--trained` of them sampled a round,
 without per-round evaluation or report; round 2's wall time (messages, Ray, set_state, training, replies,
-aggregation, checkpoint) is compared with `train_adapter` on the same sites with the same seeds in this process,
-the same tokens. Round 1 is left out: it includes loading the model into the worker.
+aggregation, checkpoint) is compared with the same training in this process: `engine.train_sites` once per site
+on that site's `SiteJob` (K=1, what a node serving one site runs; `train.engine=peft` makes both sides peft's loop,
+`reference.train_adapter`), on the same sites with the same seeds, the same tokens. Round 1 is left out: it
+includes loading the model into the worker.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.models import load_base
-from fed_netgpt.training import train_adapter
+from fed_netgpt.training.engine import SiteJob, train_sites
 
 
 def main() -> None:
@@ -53,9 +55,8 @@ def main() -> None:
     model = attach_adapter(base, "path", config.lora, seed=config.run.seed)
     start = get_state(model, "path")
     started = time.perf_counter()
-    for site_id in trained:
-        set_state(model, "path", start)
-        train_adapter(model, "path", base.tokenizer, sites[site_id].train, config.train, seed=2)
+    for site_id in trained:  # each from the round's start, seeded by the round (2) as the nodes seed it
+        train_sites(base, [SiteJob(site_id, sites[site_id].train, start, seed=2)], config.lora, config.train)
     raw_seconds = time.perf_counter() - started
     print(f"{args.model}, {args.sites} sites, round 2 trained {len(trained)}: through Flower {flower_seconds:.1f} s, "
           f"the same training in one process {raw_seconds:.1f} s on {torch.get_num_threads()} threads: "

@@ -3,11 +3,12 @@
     python benchmarks/membership.py [--model smollm2-135m] [--canaries 128] [--steps 120] [--epsilons inf 8 1]
 
 The biggest site of the built-in data gets `--canaries` canary pairs (fed_netgpt/leakage.py); a random half joins
-its training data. For each epsilon a fresh adapter trains `--steps` steps on it (inf: plain training; else
-DP-SGD with the noise derived to end the steps at that epsilon, by `privacy.engine`), and the attack scores every
-canary. Prints the ROC AUC (0.5: nothing leaks; its spread when nothing leaks is printed too), the calibrated
-attack's (each canary's loss drop from the base model's, fed_netgpt/leakage.py) and the members' and
-non-members' mean loss.
+its training data. For each epsilon a fresh adapter trains `--steps` steps on it (inf: plain training; else DP-SGD
+with the noise derived to end the steps at that epsilon: the site's `SiteJob` with a `SiteAccountant`), by the
+engine a site trains with (`engine.train_sites`, one site: K=1; `train.engine=peft` and `privacy.engine=opacus` pick
+the reference engines), and the attack scores every canary. Prints the ROC AUC (0.5: nothing leaks; its spread when
+nothing leaks is printed too), the calibrated attack's (each canary's loss drop from the base model's,
+fed_netgpt/leakage.py) and the members' and non-members' mean loss.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from dataclasses import replace
 
 import torch
 
-from fed_netgpt.adapters import attach_adapter
+from fed_netgpt.adapters import attach_adapter, get_state, set_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.leakage import canaries, chance_auc_std, membership_auc, split_members
 from fed_netgpt.models import load_base
-from fed_netgpt.privacy import SiteAccountant
-from fed_netgpt.training import train_adapter
+from fed_netgpt.training.engine import SiteJob, train_sites
+from fed_netgpt.training.privacy import SiteAccountant
 
 
 def main() -> None:
@@ -53,13 +54,15 @@ def main() -> None:
         name = f"eps-{epsilon:g}".replace(".", "_")  # an adapter name has no dots
         model = attach_adapter(base, name, config.lora, seed=args.seed)
         started = time.perf_counter()
-        if math.isinf(epsilon):
-            result = train_adapter(model, name, base.tokenizer, pairs, config.train, seed=args.seed)
-        else:
+        accountant = None  # inf: plain training
+        if not math.isinf(epsilon):
             privacy = replace(config.privacy, mode="sample_dp", target_epsilon=epsilon, noise_multiplier=0.0)
-            site = SiteAccountant(privacy, planned_steps=args.steps, history=[])  # privacy.engine picks who trains
-            result = site.train(model, name, base.tokenizer, pairs, config.train)
+            accountant = SiteAccountant(privacy, planned_steps=args.steps, history=[])  # privacy.engine: who trains
+        job = SiteJob(site.site_id, pairs, get_state(model, name), seed=args.seed, accountant=accountant)
+        (result,) = train_sites(base, [job], config.lora, config.train)
         seconds = time.perf_counter() - started
+        set_state(model, name, result.state)  # the attack reads the trained adapter from the peft model
+        model.set_adapter(name)  # the reference engines train in an adapter of their own
         attack = membership_auc(model, base.tokenizer, members, nonmembers, config.train.max_length)
         noise = result.metrics.get("noise_multiplier", 0.0)
         print(f"| {'∞' if math.isinf(epsilon) else f'{epsilon:g}'} | {noise:.3f} | {attack['auc']:.3f} | "

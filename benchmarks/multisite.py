@@ -3,13 +3,15 @@
     python benchmarks/multisite.py [--model smollm2-135m] [--sites 1 8 32 128] [--loop-sites 8] [--steps 4]
                                    [--device cpu|cuda] [--random-init] [key=value ...]
 
-For each K in --sites, K sites' adapters train together (`fed_netgpt.training.train_grouped`: one forward/backward
-a step, each row with its own site's LoRA) for --steps steps; the per-site loop trains --loop-sites sites one after
-another with `train_adapter` (peft, one adapter at a time), its throughput does not depend on K. Training tokens are
-the real (unpadded) tokens of the rows trained. Sites come from the built-in data (`data.num_sites=K`) with at least
-one full batch of pairs each. Prints tokens/s, the ratio to the loop, peak GPU memory and the model FLOPs
-utilisation, counting 4 x parameters FLOPs per token (forward 2, backward through the frozen base 2) against the
-GPU's dense bf16 peak (`--peak-tflops`, H200: 989).
+For each K in --sites, K sites' adapters train together (`fed_netgpt.training.engine.train_sites` on K `SiteJob`s:
+one forward/backward a step, each row with its own site's LoRA) for --steps steps. Two per-site loops train
+--loop-sites sites one after another, taking turns: the per-site loop with the reference engine
+`reference.train_adapter` (peft, one adapter at a time; what "x the loop" is relative to), and the per-site engine
+(K=1), `train_sites` called once per site with that one site's job (what a federation with train.sites_per_pass=1
+runs); their throughput does not depend on K. Training tokens are the real (unpadded) tokens of the rows trained.
+Sites come from the built-in data (`data.num_sites=K`) with at least one full batch of pairs each. Prints tokens/s,
+the ratio to the loop, peak GPU memory and the model FLOPs utilisation, counting 4 x parameters FLOPs per token
+(forward 2, backward through the frozen base 2) against the GPU's dense bf16 peak (`--peak-tflops`, H200: 989).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from fed_netgpt.config import Config, load_config
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.prompting import encode_pair
-from fed_netgpt.training import batches, train_adapter, train_grouped
+from fed_netgpt.training.batches import batches
+from fed_netgpt.training.engine import SiteJob, train_sites
+from fed_netgpt.training.reference import train_adapter
 
 
 def tokens_trained(base: BaseModel, config: Config, sites: list, seed: int = 0) -> int:
@@ -86,27 +90,38 @@ def sdpa_backend(backend: str, call):  # type: ignore[no-untyped-def]
         return call()
 
 
+def site_jobs(sites: list, starts: list, first: int = 0) -> list[SiteJob]:
+    """One job per site, from its start, with the seed `train_adapter(..., seed=k)` gets in the per-site loop."""
+    return [SiteJob(site.site_id, site.train, starts[first + k], seed=first + k) for k, site in enumerate(sites)]
+
+
 def measure(args, base: BaseModel, model, config: Config, all_sites: list, starts: list):  # type: ignore[no-untyped-def]
-    """The per-site loop's tokens/s, then each K's grouped run against it (with and/or without fused kernels,
-    taking turns); returns the last K's pairs and K."""
+    """The per-site loops' tokens/s (peft's, and the engine's with K=1, taking turns), then each K's grouped run
+    against the peft loop (with and/or without fused kernels, taking turns); returns the last K's jobs."""
 
     def loop() -> None:
-        for k, site in enumerate(all_sites[: args.loop_sites]):
-            train_adapter(model, "bench", base.tokenizer, site.train, config.train, seed=k)
+        with torch.compiler.set_stance("force_eager"):  # peft's layers in the loop would compile graphs of their own
+            for k, site in enumerate(all_sites[: args.loop_sites]):
+                train_adapter(model, "bench", base.tokenizer, site.train, config.train, seed=k)
 
-    with torch.compiler.set_stance("force_eager"):  # peft's layers in the loop would compile graphs of their own
-        loop_seconds = interleaved({"loop": loop}, args.device, args.rounds)["loop"][0]
-    loop_rate = tokens_trained(base, config, all_sites[: args.loop_sites]) / loop_seconds
+    def engine_loop() -> None:
+        for k, site in enumerate(all_sites[: args.loop_sites]):
+            train_sites(base, site_jobs([site], starts, first=k), config.lora, config.train)
+
+    loops = interleaved({"loop": loop, "engine": engine_loop}, args.device, args.rounds)
+    loop_tokens = tokens_trained(base, config, all_sites[: args.loop_sites])
+    loop_rate, engine_rate = loop_tokens / loops["loop"][0], loop_tokens / loops["engine"][0]
     print(f"  per-site loop ({args.loop_sites} sites one by one, peft): {loop_rate:,.0f} tokens/s")
+    print(f"  per-site engine (K=1) ({args.loop_sites} sites one by one, train_sites): {engine_rate:,.0f} tokens/s "
+          f"{engine_rate / loop_rate:6.1f}x the loop", flush=True)
     params = sum(p.numel() for n, p in base.model.named_parameters() if ".lora_" not in n)
     trains = {f"fused_kernels={v}": replace(config.train, fused_kernels=v != "false") for v in args.fused_kernels}
     if args.device != "cuda":  # the fused kernels are GPU-only: on the CPU every variant is the same pass
         trains = {"": config.train}
     for k in args.sites:
         sites = all_sites[:k]
-        pairs = [s.train for s in sites]
-        calls = {name: functools.partial(train_grouped, base.model, base.tokenizer, pairs, starts[:k], config.lora,
-                                         train, list(range(k))) for name, train in trains.items()}
+        jobs = site_jobs(sites, starts)
+        calls = {name: functools.partial(train_sites, base, jobs, config.lora, train) for name, train in trains.items()}
         for name in calls:
             if name.endswith("no-rotary"):  # the fused pass with transformers' own rotary embedding
                 calls[name] = functools.partial(transformers_rotary, calls[name])
@@ -130,7 +145,7 @@ def measure(args, base: BaseModel, model, config: Config, all_sites: list, start
                 mfu = rate * 4 * params / (args.peak_tflops * 1e12)
                 line += f"  peak {peak / 2**30:6.1f} GiB  MFU {mfu:5.1%}"
             print(line, flush=True)
-    return pairs, k
+    return jobs
 
 
 def main() -> None:
@@ -165,8 +180,9 @@ def main() -> None:
                                    num_regions=min(10, max(args.sites)), min_pairs_per_site=rows))
     start = get_state(attach_adapter(base, "bench", config.lora), "bench")
     rng = np.random.default_rng(0)
+    count = max(max(args.sites), args.loop_sites)  # the per-site engine's sites start from theirs too
     starts = ([{key: value + rng.normal(0, 1e-3, value.shape).astype(value.dtype) for key, value in start.items()}
-               for _ in range(max(args.sites))] if args.distinct_starts else [start] * max(args.sites))
+               for _ in range(count)] if args.distinct_starts else [start] * count)
     model = attach_adapter(base, "bench", config.lora)
     if args.compile == "layers":
         # the stacked factors' K is a dimension like the rows: dynamic, or every K would compile anew; no duck
@@ -185,10 +201,9 @@ def main() -> None:
             if ".lora_" not in name:
                 param.data = param.data.to(getattr(torch, dtype))
         print(f"base weights in {dtype}:")
-        pairs, k = measure(args, base, model, config, all_sites, starts)
+        jobs = measure(args, base, model, config, all_sites, starts)
     if args.profile:
-        call = functools.partial(train_grouped, base.model, base.tokenizer, pairs, starts[:k], config.lora,
-                                 config.train, list(range(k)))
+        call = functools.partial(train_sites, base, jobs, config.lora, config.train)
         with torch.profiler.profile(record_shapes=True) as profiler:
             call()
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"

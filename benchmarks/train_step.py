@@ -2,7 +2,10 @@
 
     python benchmarks/train_step.py [--model smollm2-135m] [--steps 4] [--device cpu|cuda] [key=value ...]
 
-Rounds alternate fp32 and bf16 so machine noise hits both alike; prints the median step times and the ratio.
+A step is the engine's (`engine.train_sites` on one site's `SiteJob`: K=1, what a site alone trains with);
+`train.engine=peft` times peft's loop (`reference.train_adapter`), the step this benchmark timed before the one
+engine. Rounds alternate fp32 and bf16 so machine noise hits both alike; prints the median step times and the
+ratio.
 `--random-init --model FOLDER` times FOLDER's architecture with random weights (a config.json and tokenizer
 suffice): step time does not depend on the weights' values, so machines without the weights can be measured.
 """
@@ -17,11 +20,11 @@ from dataclasses import replace
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from fed_netgpt.adapters import attach_adapter
+from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.models import BaseModel, load_base
-from fed_netgpt.training import train_adapter
+from fed_netgpt.training.engine import SiteJob, train_sites
 
 
 def random_base(folder: str) -> BaseModel:
@@ -47,16 +50,16 @@ def main() -> None:
     config = load_config(overrides=[f"model.name={args.model}", f"train.local_steps={args.steps}", *args.overrides])
     base = random_base(args.model) if args.random_init else load_base(config.model.name)
     base.model.to(args.device)
-    pairs = load_sites(config.data)[0].train
-    model = attach_adapter(base, "bench", config.lora)
+    site = load_sites(config.data)[0]
+    job = SiteJob(site.site_id, site.train, get_state(attach_adapter(base, "bench", config.lora), "bench"))
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    train_adapter(model, "bench", base.tokenizer, pairs, replace(config.train, local_steps=1))  # warm-up
+    train_sites(base, [job], config.lora, replace(config.train, local_steps=1))  # warm-up
     for _ in range(args.rounds):
         for name, bf16 in (("fp32", False), ("bf16", True)):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            train_adapter(model, "bench", base.tokenizer, pairs, replace(config.train, bf16=str(bf16).lower()))
+            train_sites(base, [job], config.lora, replace(config.train, bf16=str(bf16).lower()))
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - started) / args.steps)

@@ -14,46 +14,52 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from fed_netgpt.adapters import adapter_name_for, attach_adapter, save_adapter, set_state
+from fed_netgpt.adapters import AdapterState, adapter_name_for, attach_adapter, save_adapter, set_state
 from fed_netgpt.config import Config, TrainConfig, from_yaml
 from fed_netgpt.data.facts import facts_by_site
 from fed_netgpt.data.sites import SiteData, load_sites
 from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
 from fed_netgpt.faults import InjectedCrash, crashes, is_slow, poison_update, poisoned_sites
 from fed_netgpt.models import BaseModel, load_base
-from fed_netgpt.personalization import this_runs_adapter, train_personal_adapter, train_personal_adapters_grouped
-from fed_netgpt.privacy import BudgetSpent, SiteAccountant, longer, train_grouped_private
-from fed_netgpt.runs import site_adapter_dir
-from fed_netgpt.training import train_adapter, train_grouped
-from strategies.client_dp import CLIPPING_NORM, UNIT_WEIGHT
-from strategies.records import (
-    CONFIG_KEY,
-    DP_HISTORIES_KEY,
-    FINAL_REPORT_KEY,
-    PACK_KEY,
-    RUN_ID_KEY,
-    SITE_ERROR_KEY,
+from fed_netgpt.protocol import (
+    ARRAYS,
+    CLIPPING_NORM,
+    CONFIG,
+    NUM_EXAMPLES,
     SITE_KEY,
+    UNIT_WEIGHT,
+    ReportReply,
+    ReportRequest,
+    RunContext,
+    SiteDescription,
+    SiteTrainReply,
+    TrainRequest,
+    discovery_reply,
+    evaluate_reply,
     from_record,
-    tallies_to_metrics,
-    to_record,
+    train_reply,
 )
+from fed_netgpt.runs import site_adapter_dir
+from fed_netgpt.training.engine import SiteJob, train_sites
+from fed_netgpt.training.personalization import this_runs_adapter, train_personal_adapters
+from fed_netgpt.training.privacy import BudgetSpent, SiteAccountant, longer
 
-ADAPTER = "local"
+RECEIVED = "received"  # the peft adapter that holds the adapter a message brings (evaluation, the report)
 PRIVACY_STATE = "privacy"  # "privacy/<site>": a site's DP accountant history, in the node's state across rounds
 app = ClientApp()
 
 
-def message_config(msg: Message, record: str = "config") -> Config:
-    config = from_yaml(str(msg.content[record][CONFIG_KEY]))
+def message_config(record: ConfigRecord) -> Config:
+    """The run's config, as every message's config record carries it (`protocol.RunContext`)."""
+    config = from_yaml(RunContext.from_record(record).config_yaml)
     if config.simulation.torch_threads > 0:
         torch.set_num_threads(config.simulation.torch_threads)
     return config
@@ -104,7 +110,7 @@ def check_node_config(node: dict) -> None:
 def message_site(config: Config, context: Context, msg: Message) -> SiteData:
     """The site a message is for: the one it names (`site-id`), which must be this node's; a node serving one
     site may be sent messages that name none."""
-    return serving_site(config, context, msg.content["config"].get(SITE_KEY))
+    return serving_site(config, context, msg.content.config_records[CONFIG].get(SITE_KEY))
 
 
 def serving_site(config: Config, context: Context, named: object) -> SiteData:
@@ -117,17 +123,15 @@ def serving_site(config: Config, context: Context, named: object) -> SiteData:
     return matches[0]
 
 
-def inject_faults(config: Config, server_round: int, site_id: str) -> None:
-    """`faults.crash_probability`: this site's training fails this round (the server sees an error reply);
-    `faults.slow_probability`: it stalls first (past `federation.timeout`, the server goes on without it)."""
+def stalls(config: Config, server_round: int, site_ids: list[str]) -> None:
+    """`faults.slow_probability`: a site stalls before training (past `federation.timeout`, the server goes on
+    without it); a pack waits for its slowest site."""
     faults = config.faults
-    if is_slow(faults.slow_probability, config.run.seed, server_round, site_id):
-        print(f"[round {server_round}] site {site_id}: stalls {faults.slow_seconds:g}s (faults.slow_probability)",
-              flush=True)
+    slow = [site for site in site_ids if is_slow(faults.slow_probability, config.run.seed, server_round, site)]
+    if slow:
+        print(f"[round {server_round}] site {', '.join(slow)}: stalls {faults.slow_seconds:g}s "
+              "(faults.slow_probability)", flush=True)
         time.sleep(faults.slow_seconds)
-    if crashes(faults.crash_probability, config.run.seed, server_round, site_id):
-        # the site and round are in its metrics.jsonl line: the failure summary counts one reason, not one a site
-        raise InjectedCrash(f"injected crash (faults.crash_probability={faults.crash_probability})")
 
 
 def poison_if_compromised(config: Config, site: SiteData, server_round: int, state: dict,
@@ -154,8 +158,8 @@ def personal_folder(config: Config, context: Context, site_id: str) -> Path:
 
 def prepared_model(msg: Message, config: Config) -> tuple[BaseModel, torch.nn.Module]:
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
-    model = attach_adapter(base, ADAPTER, config.lora, seed=config.run.seed)
-    set_state(model, ADAPTER, from_record(msg.content["arrays"]))
+    model = attach_adapter(base, RECEIVED, config.lora, seed=config.run.seed)
+    set_state(model, RECEIVED, from_record(msg.content.array_records[ARRAYS]))
     return base, model
 
 
@@ -168,152 +172,154 @@ def personalized(config: Config) -> bool:
     return config.personalization.method == "ditto" and config.federation.adapters != "local"
 
 
-def site_accountant(config: Config, context: Context, site_id: str, sent: ConfigRecord) -> SiteAccountant | None:
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a train message asks of this node's sites this round, worked out once: the federated pass's step plan,
+    whether Ditto's personal pass follows, and the private steps the run plans in all (what DP noise is sized for)."""
+
+    server_round: int
+    train: TrainConfig
+    personalized: bool
+    planned_dp_steps: int
+    run_id: str
+
+    @classmethod
+    def of(cls, config: Config, request: TrainRequest) -> RoundPlan:
+        personal = personalized(config)
+        round_steps = config.train.local_steps + (config.personalization.steps if personal else 0)
+        return cls(server_round=request.server_round,
+                   train=replace(config.train, proximal_mu=request.proximal_mu(config.train.proximal_mu)),
+                   personalized=personal, planned_dp_steps=config.federation.num_rounds * round_steps,
+                   run_id=request.run.run_id)
+
+    def round_steps(self, config: Config) -> TrainConfig:
+        """The site's private steps this round (federated and personal), for the budget check."""
+        extra = config.personalization.steps if self.personalized else 0
+        return replace(self.train, local_steps=self.train.local_steps + extra)
+
+
+def site_accountant(config: Config, context: Context, site_id: str, run: RunContext,
+                    plan: RoundPlan) -> SiteAccountant | None:
     """Under `privacy.mode=sample_dp`, this site's accountant: its history is kept in the node's state across
     rounds, and after a restart continues from the server's record if that one is further. Its noise is planned
     over every private step of the run (federated and personal adapter)."""
     if config.privacy.mode != "sample_dp":
         return None
-    steps = config.train.local_steps + (config.personalization.steps if personalized(config) else 0)
     saved = context.state.config_records.get(f"{PRIVACY_STATE}/{site_id}")
     kept = json.loads(str(saved["history"])) if saved else []
-    recorded = json.loads(str(sent.get(DP_HISTORIES_KEY, "{}"))).get(site_id, [])
-    return SiteAccountant(config.privacy, config.federation.num_rounds * steps, longer(kept, recorded))
+    recorded = (run.dp_histories or {}).get(site_id, [])
+    return SiteAccountant(config.privacy, plan.planned_dp_steps, longer(kept, recorded))
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which sites this node serves, and the facts their rows state (levels are derived on the server)."""
     described = []
-    for site in node_sites(message_config(msg), context):
+    for site in node_sites(message_config(msg.content.config_records[CONFIG]), context):
         (_, facts), = facts_by_site(site.train + site.valid + site.test).values()
-        described.append({"site-id": site.site_id, "region": site.region, "num-train": len(site.train),
-                          "num-test": len(site.test), "facts": sorted(facts), "owns-data": owns_data(context)})
-    return Message(RecordDict({"sites": ConfigRecord({"json": json.dumps(described)})}), reply_to=msg)
+        described.append(SiteDescription(site.site_id, site.region, tuple(sorted(facts)), owns_data(context),
+                                         len(site.train), len(site.test)))
+    return Message(discovery_reply(described), reply_to=msg)
 
 
 def clip_for_client_dp(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
     """Flower's `fixedclipping_mod` (the site's update clipped before it leaves) on the train messages of a
     client_dp run, which carry the clipping norm; the other runs' messages pass untouched."""
-    if "config" in msg.content and CLIPPING_NORM in msg.content["config"]:
+    if CONFIG in msg.content.config_records and CLIPPING_NORM in msg.content.config_records[CONFIG]:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
+@dataclass(frozen=True)
+class SiteUpdate:
+    """One site's part of a train message: the site and the adapter it starts from (arrays in the order received:
+    `fixedclipping_mod` pairs them with the reply's by position)."""
+
+    site: SiteData
+    start: AdapterState
+
+
 @app.train(mods=[clip_for_client_dp])
 def train(msg: Message, context: Context) -> Message:
-    if PACK_KEY in msg.content:
-        return train_together(msg, context)
-    config = message_config(msg)
-    site = message_site(config, context, msg)
-    sent = msg.content["config"]
-    server_round = int(sent.get("server-round", 0))
-    inject_faults(config, server_round, site.site_id)
-    base, model = prepared_model(msg, config)
-    train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
-    ffa = config.federation.lora_aggregation == "ffa"
-    accountant = site_accountant(config, context, site.site_id, sent)
-    train = accountant.train if accountant else train_adapter
-    try:
-        result = train(model, ADAPTER, base.tokenizer, site.train, train_config, seed=server_round,
-                       freeze_lora_a=ffa)
-        metrics = {**result.metrics, "num-examples": result.num_examples}
-        line = f"loss {result.metrics['train_loss']:.3f} -> {result.metrics['train_loss_last']:.3f}"
-        if personalized(config):
-            personal = train_personal_adapter(base, config, site.train, from_record(msg.content["arrays"]),
-                                              personal_folder(config, context, site.site_id),
-                                              str(sent[RUN_ID_KEY]), seed=server_round, train=train)
-            metrics["personal_loss"] = personal.metrics["train_loss"]
-            line += f", personal {personal.metrics['train_loss']:.3f} -> {personal.metrics['train_loss_last']:.3f}"
-    finally:  # every private step taken is kept, even when a later one was refused
-        if accountant:
-            context.state[f"{PRIVACY_STATE}/{site.site_id}"] = ConfigRecord({"history": json.dumps(accountant.history)})
-    if config.privacy.mode == "client_dp":
-        metrics[UNIT_WEIGHT] = 1.0
-    if accountant:
-        metrics.update(accountant.spent())
-        line += f", epsilon {metrics['epsilon']:.2f} after {int(metrics['dp_steps'])} DP steps"
-    print(f"[round {server_round}] site {site.site_id} ({site.region}): {line}, "
-          f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads", flush=True)
-    state = {key: result.state[key] for key in msg.content["arrays"]}  # in the order received (fixedclipping_mod)
-    state = poison_if_compromised(config, site, server_round, state, from_record(msg.content["arrays"]))
-    reply = to_record(state, config.federation.wire_dtype)
-    return Message(RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    """Train the sites a message is for (one, or a node's pack under `train.sites_per_pass` > 1) in one grouped pass:
+    each site's reply is what it would send alone. A site whose round would pass its DP budget is refused (a pack's
+    other sites train); a crashed site is missing from a pack's reply."""
+    request = TrainRequest.from_content(msg.content)
+    config = message_config(request.config)
+    plan = RoundPlan.of(config, request)
+    updates = [SiteUpdate(message_site(config, context, msg) if not request.packed else
+                          serving_site(config, context, name), start)
+               for name, start in zip(request.sites, request.starts)]
+    stalls(config, plan.server_round, [u.site.site_id for u in updates])
+    survivors = [u for u in updates if not crashes(config.faults.crash_probability, config.run.seed, plan.server_round,
+                                                   u.site.site_id)]
+    if not survivors:  # the site, or every packed site, crashed: the node's reply is an error
+        raise InjectedCrash(f"injected crash (faults.crash_probability={config.faults.crash_probability}) of "
+                            f"{', '.join(u.site.site_id for u in updates)} in round {plan.server_round}")
+    accountants = {u.site.site_id: site_accountant(config, context, u.site.site_id, request.run, plan)
+                   for u in survivors}
+    refused = refused_sites(config, survivors, accountants, plan)
+    if refused and not request.packed:
+        raise BudgetSpent(next(iter(refused.values())))
+    replies = [SiteTrainReply(name, error=reason) for name, reason in refused.items()]
+    trained = [u for u in survivors if u.site.site_id not in refused]
+    if trained:
+        replies += train_updates(config, context, plan, trained, accountants)
+    return Message(train_reply(replies, request.packed, config.federation.wire_dtype), reply_to=msg)
 
 
-def train_together(msg: Message, context: Context) -> Message:
-    """Several sites of this node (a packed message, `train.sites_per_pass` > 1) trained in one grouped pass:
-    one forward/backward a step for all of them, each row with its own site's adapter; each site's reply is what
-    it would send alone (`training.train_grouped` equals the per-site loop), under "<site>/". Under sample_dp a
-    site whose round would pass its budget replies with an error under "<site>/" and the others train."""
-    packed = [str(name) for name in msg.content[PACK_KEY]["sites"]]  # type: ignore[union-attr]
-    config = message_config(msg, f"{packed[0]}/config")
-    sent = msg.content[f"{packed[0]}/config"]
-    server_round = int(sent.get("server-round", 0))
-    names = [name for name in packed if not crashes(config.faults.crash_probability, config.run.seed, server_round,
-                                                         name)]  # a crashed site is missing from the reply
-    if not names:
-        raise InjectedCrash(f"injected crash of every packed site ({', '.join(packed)}) in round {server_round}")
-    train_config = replace(config.train, proximal_mu=float(sent.get("proximal-mu", config.train.proximal_mu)))
-    content = RecordDict()
-    sites = [serving_site(config, context, name) for name in names]
-    accountants = {name: site_accountant(config, context, name, sent) for name in names}
-    refused = refused_sites(config, sites, accountants, train_config)
-    for name, reason in refused.items():
-        print(f"[round {server_round}] site {name}: {reason}", flush=True)
-        content[f"{name}/{SITE_ERROR_KEY}"] = ConfigRecord({"reason": reason})
-    sites = [site for site in sites if site.site_id not in refused]
-    if not sites:
-        return Message(content, reply_to=msg)
-    names = [site.site_id for site in sites]
-    private = [accountants[name] for name in names] if config.privacy.mode == "sample_dp" else None
-    pack = msg.content[PACK_KEY]
-    arrays_of = dict(zip(packed, pack["arrays_of"] if "arrays_of" in pack else packed))  # a shared adapter: once
-    received = {key: from_record(msg.content[f"{key}/arrays"]) for key in {arrays_of[name] for name in names}}
-    starts = [received[arrays_of[name]] for name in names]  # a shared adapter is one state: loaded once
+def train_updates(config: Config, context: Context, plan: RoundPlan, updates: list[SiteUpdate],
+                  accountants: dict[str, SiteAccountant | None]) -> list[SiteTrainReply]:
+    """The round's training of `updates` (their federated pass, then Ditto's personal pass) as one grouped pass
+    each; every site's metrics and the state it sends."""
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
-    pairs, ffa = [site.train for site in sites], config.federation.lora_aggregation == "ffa"
+    jobs = [SiteJob(u.site.site_id, u.site.train, u.start, seed=plan.server_round,
+                    accountant=accountants[u.site.site_id]) for u in updates]
+    ffa = config.federation.lora_aggregation == "ffa"
     try:
-        results = (train_grouped_private(base.model, base.tokenizer, pairs, starts, config.lora, train_config,
-                                         private, freeze_lora_a=ffa) if private else
-                   train_grouped(base.model, base.tokenizer, pairs, starts, config.lora, train_config,
-                                 [server_round] * len(sites), freeze_lora_a=ffa))
-        personal = train_personal_adapters_grouped(
-            base, config, pairs, starts, [personal_folder(config, context, site.site_id) for site in sites],
-            str(sent[RUN_ID_KEY]), server_round, accountants=private,
-        ) if personalized(config) else []
-    finally:  # every private step taken is kept
-        for accountant, name in zip(private or [], names):
-            context.state[f"{PRIVACY_STATE}/{name}"] = ConfigRecord({"history": json.dumps(accountant.history)})
-    for k, (site, start, result) in enumerate(zip(sites, starts, results)):
-        metrics = {**result.metrics, "num-examples": result.num_examples}
+        results = train_sites(base, jobs, config.lora, plan.train, freeze_lora_a=ffa)
+        personal = train_personal_adapters(
+            base, config, jobs, [personal_folder(config, context, u.site.site_id) for u in updates], plan.run_id,
+        ) if plan.personalized else []
+    finally:  # every private step taken is kept, even when a later one was refused
+        for job in jobs:
+            if job.accountant:
+                history = json.dumps(job.accountant.history)
+                context.state[f"{PRIVACY_STATE}/{job.name}"] = ConfigRecord({"history": history})
+    replies = []
+    for k, (update, job, result) in enumerate(zip(updates, jobs, results)):
+        metrics = {**result.metrics, NUM_EXAMPLES: float(result.num_examples)}
         line = f"loss {metrics['train_loss']:.3f} -> {metrics['train_loss_last']:.3f}"
         if personal:
-            metrics["personal_loss"] = personal[k].metrics["train_loss"]
-        if private:
-            metrics.update(private[k].spent())
+            own = personal[k].metrics
+            metrics["personal_loss"] = own["train_loss"]
+            line += f", personal {own['train_loss']:.3f} -> {own['train_loss_last']:.3f}"
+        if job.accountant:
+            metrics.update(job.accountant.spent())
             line += f", epsilon {metrics['epsilon']:.2f} after {int(metrics['dp_steps'])} DP steps"
-        state = poison_if_compromised(config, site, server_round, {key: result.state[key] for key in start}, start)
-        content[f"{site.site_id}/arrays"] = to_record(state, config.federation.wire_dtype)
-        content[f"{site.site_id}/metrics"] = MetricRecord(metrics)
-        print(f"[round {server_round}] site {site.site_id} ({site.region}): {line}, trained with {len(sites) - 1} "
-              "more site(s) in one pass", flush=True)
-    return Message(content, reply_to=msg)
+        if config.privacy.mode == "client_dp":
+            metrics[UNIT_WEIGHT] = 1.0
+        together = f", with {len(updates) - 1} more site(s) in one pass" if len(updates) > 1 else ""
+        print(f"[round {plan.server_round}] site {update.site.site_id} ({update.site.region}): {line}, "
+              f"{result.metrics['train_seconds']:.1f}s on {torch.get_num_threads()} threads{together}", flush=True)
+        state = {key: result.state[key] for key in update.start}  # in the order received (fixedclipping_mod)
+        state = poison_if_compromised(config, update.site, plan.server_round, state, update.start)
+        replies.append(SiteTrainReply(update.site.site_id, state, metrics))
+    return replies
 
 
-def refused_sites(config: Config, sites: list[SiteData], accountants: dict[str, SiteAccountant | None],
-                  train: TrainConfig) -> dict[str, str]:
+def refused_sites(config: Config, updates: list[SiteUpdate], accountants: dict[str, SiteAccountant | None],
+                  plan: RoundPlan) -> dict[str, str]:
     """The sites whose round (federated and personal steps) would pass their DP budget, with the reason."""
-    round_steps = replace(train, local_steps=train.local_steps + (
-        config.personalization.steps if personalized(config) else 0))
     refused = {}
-    for site in sites:
-        accountant = accountants[site.site_id]
+    for update in updates:
+        accountant = accountants[update.site.site_id]
         try:
             if accountant is not None:
-                accountant.plan(len(site.train), round_steps)
+                accountant.plan(len(update.site.train), plan.round_steps(config))
         except BudgetSpent as err:
-            refused[site.site_id] = str(err)
+            refused[update.site.site_id] = str(err)
+            print(f"[round {plan.server_round}] site {update.site.site_id}: {err}", flush=True)
     return refused
 
 
@@ -321,40 +327,37 @@ def refused_sites(config: Config, sites: list[SiteData], accountants: dict[str, 
 def evaluate(msg: Message, context: Context) -> Message:
     """Per-round validation loss of the received adapter on the site's validation split (never the test split);
     after the last round, the site's part of the final report."""
-    config = message_config(msg)
+    sent = msg.content.config_records[CONFIG]
+    config = message_config(sent)
     site = message_site(config, context, msg)
-    if FINAL_REPORT_KEY in msg.content["config"]:
-        return final_report(msg, config, context, site)
+    request = ReportRequest.from_record(sent)
+    if request is not None:
+        return final_report(msg, config, context, site, request)
     if not site.valid:  # nothing kept for validation here: zero examples leave this site out of the mean
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
+        return Message(evaluate_reply(None, 0), reply_to=msg)
     base, model = prepared_model(msg, config)
     loss = completion_loss(model, base.tokenizer, site.valid, config.evaluation.batch_size, config.train.max_length)
-    metrics = MetricRecord({"eval_loss": loss, "num-examples": len(site.valid)})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(evaluate_reply(loss, len(site.valid)), reply_to=msg)
 
 
-def final_report(msg: Message, config: Config, context: Context, site: SiteData) -> Message:
+def final_report(msg: Message, config: Config, context: Context, site: SiteData, request: ReportRequest) -> Message:
     """Score this site's own test rows with every variant the server asks for: base, the final federated adapter
     (sent in the message) and the site's personal adapter (kept here; the federated one if it has none). Only the
     tallies leave the site, its examples too where the node shares them."""
-    sent = msg.content["config"]
-    limit = int(sent["max-examples"]) if "max-examples" in sent else None  # type: ignore[arg-type]
-    rows = site_sample(site.test, limit, int(sent["sample-offset"]))  # type: ignore[arg-type]
-    levels = json.loads(str(sent["fact-levels"]))
-    vocabulary = set(json.loads(str(sent["fact-vocabulary"])))
+    rows = site_sample(site.test, request.max_examples, request.sample_offset)
     base, model = prepared_model(msg, config)
+    run_id = RunContext.from_record(msg.content.config_records[CONFIG]).run_id
     with tempfile.TemporaryDirectory() as tmp:
-        federated = save_adapter(model, ADAPTER, Path(tmp) / "federated")
-        personal = this_runs_adapter(personal_folder(config, context, site.site_id), str(sent[RUN_ID_KEY]))
+        federated = save_adapter(model, RECEIVED, Path(tmp) / "federated")
+        personal = this_runs_adapter(personal_folder(config, context, site.site_id), run_id)
         served = {"base": None, "personalized": personal or federated}
-        adapters = {v: served.get(v, federated) for v in sent["variants"]}  # type: ignore[union-attr]
-        results = evaluate_site(base, config, rows, adapters, levels, vocabulary)
+        adapters = {v: served.get(v, federated) for v in request.variants}
+        results = evaluate_site(base, config, rows, adapters, request.fact_levels, set(request.fact_vocabulary))
         model.delete_adapter(adapter_name_for(federated))  # a temporary folder: its adapter goes with it
-    content = RecordDict({"metrics": MetricRecord(tallies_to_metrics(
-        {variant: {k: v for k, v in counts.items() if k != "region"} for variant, (counts, _) in results.items()}))})
     share = str(context.node_config.get("share-examples", "partition-id" in context.node_config)).lower() == "true"
-    if share:
-        content["examples"] = ConfigRecord({"json": json.dumps({v: ex for v, (_, ex) in results.items()})})
+    reply = ReportReply({variant: {k: v for k, v in counts.items() if k != "region"}
+                         for variant, (counts, _) in results.items()},
+                        {v: ex for v, (_, ex) in results.items()} if share else None)
     print(f"[report] site {site.site_id} ({site.region}): {len(rows)} test rows scored, examples "
           f"{'shared' if share else 'kept at the site'}", flush=True)
-    return Message(content, reply_to=msg)
+    return Message(reply.to_content(), reply_to=msg)

@@ -41,7 +41,6 @@ from fed_netgpt.deployment import (
 from fed_netgpt.evaluation import evaluate_run
 from fed_netgpt.models import DeviceError, ModelNotFoundError, cache_root, load_base, resolve_device
 from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
-from fed_netgpt.privacy import privacy_report
 from fed_netgpt.prompting import check_pair_lengths
 from fed_netgpt.report import duration, json_safe, write_report
 from fed_netgpt.runs import (
@@ -54,6 +53,7 @@ from fed_netgpt.runs import (
     run_lock,
     site_records,
 )
+from fed_netgpt.training.privacy import privacy_report
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError, DeviceError,
                CredentialsError)

@@ -73,6 +73,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda where the process sees a GPU) | cpu | cuda
     sites_per_pass: int = 1  # a node's sites trained in one grouped forward/backward (grouped_lora.py); 1: in turn
     fused_kernels: bool = True  # on a GPU, grouped passes use torch's fused RMSNorm and compiled MLPs (fused.py)
+    # grouped: every training is a grouped pass of K >= 1 sites (training/engine.py) | peft: peft's one-adapter
+    # loop, the reference engine the equivalence tests hold the grouped pass to (training/reference.py)
+    engine: str = "grouped"
     seed: int = 0
 
 
@@ -95,6 +98,9 @@ class FederationConfig:
     robust: str = "none"  # none | median | trimmed_mean | clipped_mean | krum: each region's mean made robust
     robust_fraction: float = 0.2  # share of a region's replies assumed malicious: trimmed at each end, Krum's f
     timeout: float = 3600.0
+    # before round 1: how long the nodes, still starting (a cold one imports torch and loads the model), have to
+    # say which sites they serve; a limit of its own, apart from a round's timeout
+    discovery_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ class PersonalizationConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    # none | sample_dp: DP-SGD at each site, one prompt pair the privacy unit (fed_netgpt/privacy.py)
+    # none | sample_dp: DP-SGD at each site, one prompt pair the privacy unit (fed_netgpt/training/privacy.py)
     # | client_dp: each site's update clipped, the region's mean noised, a site's whole data the unit
     mode: str = "none"
     target_epsilon: float = math.inf  # inf: no target (then noise_multiplier is given)
@@ -116,6 +122,9 @@ class PrivacyConfig:
     # sample_dp's per-pair gradients: grouped (the grouped LoRA layer keeps them; Opacus's clipping, noise and
     # accountant, tested equal to its DPOptimizer) | opacus (Opacus's GradSampleModule hooks and DPOptimizer)
     engine: str = "grouped"
+    # true: each site's Poisson draws and noise are seeded from train.seed, its id and its step count, so a run is
+    # the same however its sites are packed; whoever knows the seed can regenerate the noise (experiments only)
+    reproducible: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,6 +225,7 @@ class Config:
         _check_choice("data.context", self.data.context, CONTEXTS)
         _check_choice("train.bf16", str(self.train.bf16).lower(), ("auto", "true", "false"))
         _check_choice("train.device", self.train.device, ("auto", "cpu", "cuda"))
+        _check_choice("train.engine", self.train.engine, ("grouped", "peft"))
         object.__setattr__(self.train, "bf16", str(self.train.bf16).lower())  # YAML's true arrives as "True"
         _check_choice("evaluation.federated", str(self.evaluation.federated).lower(), ("auto", "true", "false"))
         object.__setattr__(self.evaluation, "federated", str(self.evaluation.federated).lower())
@@ -371,7 +381,8 @@ def _positive_fields(config: Config) -> dict[str, float]:
         "train.learning_rate", "train.max_length", "federation.num_rounds", "evaluation.max_new_tokens",
         "evaluation.max_examples_per_region", "evaluation.batch_size", "serving.max_new_tokens", "serving.max_batch",
         "serving.max_prompt_tokens", "serving.max_body_bytes", "serving.reload_seconds", "serving.cloud_max_tokens",
-        "serving.cloud_timeout", "federation.timeout", "simulation.num_cpus_per_client", "faults.poison_scale",
+        "serving.cloud_timeout", "federation.timeout", "federation.discovery_timeout", "simulation.num_cpus_per_client",
+        "faults.poison_scale",
     )
     return {key: select(config, key) for key in keys}
 

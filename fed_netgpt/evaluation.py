@@ -27,7 +27,8 @@ from fed_netgpt.metrics import RowScore, add_tallies, score_row, summarize_tally
 from fed_netgpt.models import BaseModel
 from fed_netgpt.prompting import chat_prompt, end_of_turn_id
 from fed_netgpt.runs import RunFolderError, federated_variant, serving_adapter
-from fed_netgpt.training import collate, on_device, token_losses
+from fed_netgpt.training.batches import collate, on_device
+from fed_netgpt.training.losses import token_losses
 
 GROUPS = ("heldout_intents", "heldout_sites")  # test rows of training sites | test rows of held-out sites
 

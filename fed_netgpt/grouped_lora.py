@@ -2,7 +2,7 @@
 
 The adapters of a layer are stacked, `A [K, r, in]` and `B [K, out, r]`; a row picks its adapter by index and
 the low-rank update is two batched matmuls. Used for training several sites' adapters in one forward/backward
-over the shared frozen base (`fed_netgpt.training.train_grouped`) and for serving a batch whose rows belong to
+over the shared frozen base (`fed_netgpt.training.engine.train_sites`) and for serving a batch whose rows belong to
 different sites. peft's own mixed-adapter batch (`adapter_names=`) loops over adapters in Python and refuses
 training; this layer does neither.
 
@@ -105,12 +105,16 @@ class RowGradients:
     """
 
     def __init__(self, trained: Sequence[nn.Parameter]) -> None:
-        self.trained = {id(p) for p in trained}
+        self.order = {id(p): i for i, p in enumerate(trained)}  # what `clipped_sums` follows, whatever the backward
         self.grads: dict[nn.Parameter, torch.Tensor] = {}  # parameter -> [rows, *its shape per adapter]
         self.norms: list[torch.Tensor] = []  # each kept gradient's norm per row
 
     def trains(self, param: nn.Parameter) -> bool:
-        return id(param) in self.trained
+        return id(param) in self.order
+
+    def clear(self) -> None:
+        """Drop what a backward pass kept (a timing pass's gradients, before training starts)."""
+        self.grads, self.norms = {}, []
 
     def keep(self, param: nn.Parameter, per_row: torch.Tensor) -> None:
         """Called by the backward pass: `per_row[i]` is row i's gradient of `param`'s (row's adapter's) slice."""
@@ -129,11 +133,12 @@ class RowGradients:
     def clipped_sums(self, max_norm: float, num_adapters: int) -> dict[nn.Parameter, torch.Tensor]:
         """Every row's gradient scaled to norm at most `max_norm` (Opacus's rule: factor
         min(1, max_norm / (norm + 1e-6))), then summed over the rows of each adapter: `[K, *shape]` a parameter.
-        The kept gradients are dropped."""
+        The kept gradients are dropped; the sums come in the order of the trained factors."""
         factor = (max_norm / (self.row_norms() + 1e-6)).clamp(max=1.0).view(num_adapters, -1)
+        kept = sorted(self.grads.items(), key=lambda item: self.order[id(item[0])])  # the trained factors' order
         sums = {p: torch.einsum("kn,kn...->k...", factor.to(g.dtype), g.view(num_adapters, -1, *g.shape[1:]))
-                for p, g in self.grads.items()}
-        self.grads, self.norms = {}, []
+                for p, g in kept}
+        self.clear()
         return sums
 
 

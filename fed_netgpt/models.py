@@ -7,10 +7,14 @@ One frozen base per process (`load_base`) is shared by every adapter the process
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
+import io
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +113,33 @@ def smollm2_folder(cache_dir: Path) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The GGUF is dequantized to fp32 on load; drop the quantization marks so save_pretrained accepts it.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    _save_atomically(model, tokenizer, folder)
+    print(f"converting the embedded SmolLM2 once into {folder} (~20 s; later loads read it from there)",
+          file=sys.stderr, flush=True)
+    with _progress_bars_hidden():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF is dequantized to fp32 on load; drop the quantization marks so save_pretrained accepts it.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        _save_atomically(model, tokenizer, folder)
     return folder
+
+
+@contextlib.contextmanager
+def _progress_bars_hidden() -> Iterator[None]:
+    """A one-time conversion's stderr (transformers' progress bars: the GGUF one is a bare `tqdm` that neither
+    transformers' `disable_progress_bar` nor `TQDM_DISABLE` reaches once tqdm is imported, as in a test process)
+    goes to a buffer, not into the console or a user-facing error; shown only if the conversion fails.
+    Process-wide while it lasts (it swaps `sys.stderr`), so it wraps the conversion and its save alone."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue())
+        raise
 
 
 def tiny_random_folder(cache_dir: Path) -> Path:
@@ -141,7 +163,8 @@ def tiny_random_folder(cache_dir: Path) -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    _save_atomically(model, tokenizer, folder)
+    with _progress_bars_hidden():
+        _save_atomically(model, tokenizer, folder)
     return folder
 
 

@@ -128,7 +128,8 @@ def step_benchmark(model, batch: dict[str, torch.Tensor], repeats: int = 3,
     One warm-up, then `repeats` timed passes; gradients are cleared after and there is no optimizer step, so the
     model is unchanged. The RNG state is restored, so dropout in later training draws the same masks.
     """
-    from fed_netgpt.training import autocast, on_device  # here, so training.py may import this module
+    from fed_netgpt.training.batches import on_device
+    from fed_netgpt.training.engine import autocast  # here, so the engine may import this module
 
     device = next(model.parameters()).device
     batch = on_device(batch, device)

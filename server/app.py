@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_netgpt.adapters import attach_adapter, get_state
@@ -18,7 +17,7 @@ from fed_netgpt.evaluation import evaluate_run
 from fed_netgpt.faults import poisoned_sites
 from fed_netgpt.models import BaseModel, load_base
 from fed_netgpt.plots import validation_curves, write_plot
-from fed_netgpt.privacy import privacy_report, recorded_histories
+from fed_netgpt.protocol import RunContext, from_record, to_record
 from fed_netgpt.report import duration, write_report
 from fed_netgpt.runs import (
     FAILED,
@@ -38,10 +37,10 @@ from fed_netgpt.runs import (
     site_records,
     start_run,
 )
+from fed_netgpt.training.privacy import privacy_report, recorded_histories
 from server.federated_report import federated_report, scored_by_sites
-from server.site_grid import SiteGrid, discover_sites
+from server.site_grid import DiscoveryError, SiteGrid, discover_sites
 from strategies.aggregation import merge_regions, split_regions
-from strategies.records import CONFIG_KEY, DP_HISTORIES_KEY, RUN_ID_KEY, from_record, to_record
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
 
@@ -73,12 +72,16 @@ def run_federation(grid: Grid, config: Config) -> Path:
     _setup_logging()
     folder, run_id = start_run(config)
     log.info("run folder: %s\n%s", folder, to_yaml(config))
-    message_config = ConfigRecord({CONFIG_KEY: to_yaml(config), RUN_ID_KEY: run_id})
-    if config.privacy.mode == "sample_dp":  # each site is told how much it has spent (a resumed run's too)
-        message_config[DP_HISTORIES_KEY] = json.dumps(recorded_histories(site_records(folder)))
+    private = config.privacy.mode == "sample_dp"  # each site is told how much it has spent (a resumed run's too)
+    message_config = RunContext(to_yaml(config), run_id,
+                                recorded_histories(site_records(folder)) if private else None).to_record()
     expected = len(load_sites(config.data))
-    sites, routes = discover_sites(grid, expected, config.federation.min_nodes, config.federation.timeout,
-                                   message_config)
+    try:
+        sites, routes = discover_sites(grid, expected, config.federation, message_config)
+    except DiscoveryError as err:  # no node served a site: one line for the user, the folder marked failed
+        mark_failed(folder, str(err))
+        log.error("the run failed: %s; %s marks the folder", err, FAILED)
+        return folder
     site_grid = SiteGrid(grid, routes, config.train.sites_per_pass)  # from here on messages go to sites
     site_groups = {number: aggregation_group(config, s.site_id, s.region) for number, s in sites.items()}
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
@@ -117,9 +120,10 @@ def run_federation(grid: Grid, config: Config) -> Path:
         append_metrics(folder, rows)  # after the checkpoint, which keeps them too (a crash between loses nothing)
         _log_round(server_round, config.federation.num_rounds, done + 1, time.perf_counter() - started, regions,
                    strategy.round_metrics)
-        if DP_HISTORIES_KEY in message_config:  # the next round's messages: a node's own record may lag (two of
-            # its sites trained at once in a simulation both rewrote its state), the server's does not
-            message_config[DP_HISTORIES_KEY] = json.dumps(recorded_histories(site_records(folder)))
+        if private:  # the next round's messages: a node's own record may lag (two of its sites trained at once
+            # in a simulation both rewrote its state), the server's does not
+            message_config.update(RunContext(to_yaml(config), run_id,
+                                             recorded_histories(site_records(folder))).to_record())
         return None
 
     if done < config.federation.num_rounds:

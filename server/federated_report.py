@@ -11,10 +11,9 @@ Held-out sites are no node, so the server scores them itself when it has their r
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -26,28 +25,19 @@ from fed_netgpt.data.schema import DataError, PromptPair
 from fed_netgpt.data.sites import load_heldout_sites
 from fed_netgpt.evaluation import GROUPS, evaluate_run, result_from_tallies, run_variants, site_shares
 from fed_netgpt.models import BaseModel
-from strategies.records import FINAL_REPORT_KEY, tallies_from_metrics, to_record
+from fed_netgpt.protocol import ARRAYS, CONFIG, ReportReply, ReportRequest, SiteDescription, to_record
 
 log = logging.getLogger("fed_netgpt.server")
 
 
-class NodeSite(NamedTuple):
-    """What a node told the server about the site it serves."""
-
-    site_id: str
-    region: str
-    facts: tuple[str, ...] = ()
-    owns_data: bool = False
-
-
-def scored_by_sites(config: Config, nodes: dict[int, NodeSite]) -> bool:
+def scored_by_sites(config: Config, nodes: dict[int, SiteDescription]) -> bool:
     """`evaluation.federated`: true, false, or auto (as soon as one node keeps data the server does not have)."""
     if config.evaluation.federated == "auto":
         return any(site.owns_data for site in nodes.values())
     return config.evaluation.federated == "true"
 
 
-def federated_report(grid: Grid, config: Config, folder: Path, base: BaseModel, nodes: dict[int, NodeSite],
+def federated_report(grid: Grid, config: Config, folder: Path, base: BaseModel, nodes: dict[int, SiteDescription],
                      groups: dict[int, str], states: dict[str, AdapterState],
                      message_config: ConfigRecord) -> dict[str, Any]:
     """report.json's content from the sites' own scoring (training sites) and the server's (held-out sites)."""
@@ -72,11 +62,11 @@ def federated_report(grid: Grid, config: Config, folder: Path, base: BaseModel, 
         if reply.has_error():
             log.warning("final report: site %s did not score its rows: %s", site.site_id, reply.error.reason)
             continue
-        for variant, counts in tallies_from_metrics(reply.content["metrics"]).items():
+        answer = ReportReply.from_content(reply.content)
+        for variant, counts in answer.tallies.items():
             tallies[variant][site.site_id] = {"region": site.region, **counts}
-        if "examples" in reply.content:
-            for variant, rows in json.loads(str(reply.content["examples"]["json"])).items():
-                examples[variant] += rows
+        for variant, rows in (answer.examples or {}).items():
+            examples[variant] += rows
     scored = sorted(tallies[variants[0]])
     missing = sorted({s.site_id for s in nodes.values()} - set(scored))
     report: dict[str, Any] = {"variants": {}, "scored_by": "sites", "sites_scored": scored, "sites_missing": missing}
@@ -92,19 +82,15 @@ def federated_report(grid: Grid, config: Config, folder: Path, base: BaseModel, 
     return report
 
 
-def _request(node: int, site: NodeSite, group: str, states: dict[str, AdapterState], message_config: ConfigRecord,
-             variants: list[str], levels: dict[str, dict[str, str]], vocabulary: set[str],
+def _request(node: int, site: SiteDescription, group: str, states: dict[str, AdapterState],
+             message_config: ConfigRecord, variants: list[str], levels: dict[str, dict[str, str]], vocabulary: set[str],
              share: tuple[int | None, int]) -> Message:
     """The evaluate message asking one site for its part of the report, with its group's final adapter and its
     share of the region's test sample (`evaluation.site_shares`: row limit, absent for all, and intent offset)."""
     limit, offset = share
-    config = ConfigRecord({
-        **dict(message_config), FINAL_REPORT_KEY: True, "variants": variants, "sample-offset": offset,
-        **({} if limit is None else {"max-examples": limit}),
-        "fact-levels": json.dumps({site.region: levels.get(site.region, {})}),
-        "fact-vocabulary": json.dumps(sorted(vocabulary)),
-    })
-    content = RecordDict({"arrays": to_record(states[group]), "config": config})
+    request = ReportRequest(tuple(variants), offset, limit, {site.region: levels.get(site.region, {})},
+                            tuple(vocabulary))
+    content = RecordDict({ARRAYS: to_record(states[group]), CONFIG: request.to_record(message_config)})
     return Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
 
 

@@ -2,7 +2,7 @@
 
 Every strategy, the round loop and the final report address *sites*. `discover_sites` asks each node which
 sites it serves and gives every site an id of its own; `SiteGrid` is the Grid those ids live in: a message to
-a site goes to the site's node with the site named in its config (`SITE_KEY`), and the node's reply comes back
+a site goes to the site's node with the site named in its config (`protocol.SITE_KEY`), and the node's reply comes back
 as the site's. So Flower's strategies sample, weigh and aggregate sites (`federation.fraction_train` is a
 fraction of sites), whatever the number of nodes, and a node trains its sites one message at a time on its one
 frozen base. With `train.sites_per_pass` > 1 the train messages for one node's sites travel packed, up to that
@@ -14,18 +14,25 @@ arrays it trains from), so a node's downlink grows with its regions, not its sit
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fed_netgpt.config import FederationConfig
+from fed_netgpt.protocol import (
+    CONFIG,
+    SITE_KEY,
+    SiteDescription,
+    pack_train_messages,
+    site_part,
+    sites_of_discovery_reply,
+)
 from fed_netgpt.runs import short_reason
-from server.federated_report import NodeSite
-from strategies.records import PACK_KEY, SITE_ERROR_KEY, SITE_KEY
 from strategies.regional import array_bytes
 
 log = logging.getLogger("fed_netgpt.server")
@@ -63,7 +70,7 @@ class SiteGrid:
             for start in range(0, len(node_messages), self.sites_per_pass):
                 chunk = node_messages[start : start + self.sites_per_pass]
                 wire = _packed(chunk)
-                outgoing.append((wire, [(str(out.content["config"][SITE_KEY]), msg) for out, msg in chunk]))
+                outgoing.append((wire, [(_site_of(out), msg) for out, msg in chunk]))
                 sent_bytes += array_bytes(wire)
                 unshared_bytes += sum(array_bytes(out) for out, _ in chunk)
         if packs:
@@ -75,7 +82,7 @@ class SiteGrid:
 
     def _routed(self, msg: Message) -> Message:
         node, site_id = self.routes[msg.metadata.dst_node_id]
-        content = RecordDict({key: ConfigRecord({**dict(record), SITE_KEY: site_id}) if key == "config" else record
+        content = RecordDict({key: ConfigRecord({**dict(record), SITE_KEY: site_id}) if key == CONFIG else record
                               for key, record in msg.content.items()})
         return Message(content, dst_node_id=node, message_type=msg.metadata.message_type,
                        group_id=msg.metadata.group_id, ttl=msg.metadata.ttl)
@@ -84,24 +91,14 @@ class SiteGrid:
         return getattr(self._grid, name)
 
 
+def _site_of(routed: Message) -> str:
+    return str(routed.content.config_records[CONFIG][SITE_KEY])
+
+
 def _packed(chunk: list[tuple[Message, Message]]) -> Message:
-    """One train message for several sites of a node: each site's records under "<site>/", an adapter that
-    several of them start from only once (`arrays_of`: whose arrays each site trains from)."""
+    """One train message for several sites of a node (`protocol.pack_train_messages`)."""
     first = chunk[0][0]
-    content = RecordDict()
-    sites, owners = [], []
-    first_with: dict[str, str] = {}  # the arrays' content digest -> the first site sent them
-    for routed, _ in chunk:
-        site = str(routed.content["config"][SITE_KEY])
-        sites.append(site)
-        for key, record in routed.content.items():
-            if key == "arrays":
-                owner = first_with.setdefault(_digest(record), site)
-                owners.append(owner)
-                if owner != site:
-                    continue
-            content[f"{site}/{key}"] = record
-    content[PACK_KEY] = ConfigRecord({"sites": sites, "arrays_of": owners})
+    content = pack_train_messages([(_site_of(routed), routed.content) for routed, _ in chunk], _digest)
     return Message(content, dst_node_id=first.metadata.dst_node_id, message_type=MessageType.TRAIN,
                    group_id=first.metadata.group_id, ttl=first.metadata.ttl)
 
@@ -121,68 +118,146 @@ def _unpacked(reply: Message, site: str, original: Message) -> Message:
         return Message(reply.error, reply_to=original)
     if not site:
         return Message(reply.content, reply_to=original)
-    records = {key.removeprefix(f"{site}/"): record for key, record in reply.content.items()
-               if key.startswith(f"{site}/")}
-    if not records:
+    part = site_part(reply.content, site)
+    if part is None:
         return Message(Error(code=0, reason=f"the node's reply holds nothing for site {site}"), reply_to=original)
-    if SITE_ERROR_KEY in records:  # this site was refused (its DP budget), its packmates trained
-        reason = str(records[SITE_ERROR_KEY]["reason"])  # type: ignore[index]
-        return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=original)
-    return Message(RecordDict(records), reply_to=original)
+    if isinstance(part, str):  # this site was refused (its DP budget), its packmates trained
+        return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=part), reply_to=original)
+    return Message(part, reply_to=original)
 
 
-def discover_sites(grid: Grid, expected_sites: int, min_nodes: int, timeout: float,
-                   message_config: ConfigRecord) -> tuple[dict[int, NodeSite], dict[int, Route]]:
+class DiscoveryError(RuntimeError):
+    """No node served a site within `federation.discovery_timeout`; the message is one line that says what to raise
+    or check (the ServerApp marks the run failed with it)."""
+
+
+QUERY_RETRY_SECONDS = 10.0  # a node whose query came back with an error (still loading, unavailable) is asked again
+POLL_SECONDS = 1.0  # how often discovery pulls answers and looks for nodes that connected since
+PROGRESS_SECONDS = 10.0  # how often a discovery still waiting says so
+
+
+def discover_sites(grid: Grid, expected_sites: int, federation: FederationConfig, message_config: ConfigRecord, *,
+                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                   ) -> tuple[dict[int, SiteDescription], dict[int, Route]]:
     """Ask every node which sites it serves (a query message), as nodes connect, until the sites served number
-    `expected_sites` (or `min_nodes` nodes answered, when set) or `timeout` seconds pass. Returns each site's
-    description and route, by site number (1, 2, ... in site-id order)."""
-    started, answered = time.monotonic(), {}
-    served: dict[str, tuple[int, NodeSite]] = {}
+    `expected_sites` (or `federation.min_nodes` nodes answered, when set) or `federation.discovery_timeout` seconds
+    pass. A node's query stays outstanding until it answers, however long the node takes to start; one that answers
+    with an error is asked again. Returns each site's description and route, by site number (1, 2, ... in site-id
+    order); no site served at the end is a `DiscoveryError`."""
+    limit = federation.discovery_timeout
+    deadline = clock() + limit
+    next_progress = clock() + PROGRESS_SECONDS
+    answered: dict[int, list[SiteDescription]] = {}
+    pending: dict[str, int] = {}  # an outstanding query's message id -> its node
+    failed: dict[int, tuple[float, str]] = {}  # a node -> when its last query came back with an error, and why
+    served: dict[str, tuple[int, SiteDescription]] = {}
     while True:
-        new = [node for node in grid.get_node_ids() if node not in answered]
-        for node, sites in _query(grid, new, message_config, timeout).items():
-            answered[node] = sites
-            for site in sites:
-                if site.site_id in served:
-                    log.warning("discover_sites: site %s is served by nodes %d and %d; node %d keeps it",
-                                site.site_id, served[site.site_id][0], node, served[site.site_id][0])
-                    continue
-                served[site.site_id] = (node, site)
-        enough = len(answered) >= min_nodes if min_nodes else len(served) >= expected_sites
-        waited = time.monotonic() - started
-        if enough or waited > timeout:
-            if not enough:
-                log.warning("discover_sites: %d of %d sites on %d nodes after %.0fs; going on with them",
-                            len(served), expected_sites, len(answered), waited)
+        connected = list(grid.get_node_ids())
+        ask = nodes_to_ask(connected, answered, pending.values(), {n: at for n, (at, _) in failed.items()}, clock())
+        pending.update(_send_queries(grid, ask, message_config))
+        for node, reply in _pull_answers(grid, pending):
+            if reply.has_error():
+                reason = short_reason(reply.error.reason)
+                if failed.get(node, (0.0, ""))[1] != reason:
+                    log.warning("discover_sites: node %d could not say which sites it serves (%s); asking it again "
+                                "until federation.discovery_timeout", node, reason)
+                failed[node] = (clock(), reason)
+                continue
+            failed.pop(node, None)
+            answered[node] = _sites_in(reply, node)
+            _add_served(served, node, answered[node])
+        if discovery_done(len(served), len(answered), expected_sites, federation.min_nodes):
             break
-        if int(waited) % 10 == 0:
-            log.info("discover_sites: %d of %d sites served by %d nodes, waiting (federation.min_nodes sets a "
-                     "number of nodes instead)", len(served), expected_sites, len(answered))
-        time.sleep(1.0)
+        if clock() >= deadline:
+            if served:
+                log.warning("discover_sites: %d of %d sites on %d nodes within federation.discovery_timeout=%gs; "
+                            "going on with them (%s)", len(served), expected_sites, len(answered), limit,
+                            _unanswered(connected, answered, failed))
+            break
+        if clock() >= next_progress:
+            next_progress += PROGRESS_SECONDS
+            log.info("discover_sites: %d of %d sites served by %d nodes, %d nodes still to answer; waiting up to %.0fs "
+                     "more (federation.discovery_timeout; federation.min_nodes sets a number of nodes instead)",
+                     len(served), expected_sites, len(answered), sum(n not in answered for n in connected),
+                     deadline - clock())
+        sleep(POLL_SECONDS)
     if not served:
-        raise RuntimeError("no node serves a site; nothing to train")
+        raise DiscoveryError(no_site_reason(limit, connected, answered, failed))
     numbered = {number: served[site_id] for number, site_id in enumerate(sorted(served), start=1)}
     return ({number: site for number, (_, site) in numbered.items()},
             {number: (node, site.site_id) for number, (node, site) in numbered.items()})
 
 
-def _query(grid: Grid, nodes: list[int], message_config: ConfigRecord, timeout: float) -> dict[int, list[NodeSite]]:
-    """The sites each of `nodes` serves; a node that does not answer is asked no more (it serves none)."""
+def nodes_to_ask(connected: Iterable[int], answered: Collection[int], pending: Iterable[int],
+                 failed_at: Mapping[int, float], now: float, retry_after: float = QUERY_RETRY_SECONDS) -> list[int]:
+    """The connected nodes to send a discovery query now: not answered yet, no query of theirs outstanding, and
+    none that came back with an error less than `retry_after` seconds ago."""
+    waiting = set(pending)
+    return [node for node in connected if node not in answered and node not in waiting
+            and now - failed_at.get(node, -math.inf) >= retry_after]
+
+
+def discovery_done(served_sites: int, answered_nodes: int, expected_sites: int, min_nodes: int) -> bool:
+    """Enough to start: `min_nodes` nodes answered when set, else every expected site is served."""
+    return answered_nodes >= min_nodes if min_nodes else served_sites >= expected_sites
+
+
+def no_site_reason(limit: float, connected: Collection[int], answered: Collection[int],
+                   failed: Mapping[int, tuple[float, str]]) -> str:
+    """The one line that ends a federation in which no node served a site: what happened and what to change."""
+    key = f"federation.discovery_timeout={limit:g}s"
+    if not connected:
+        return f"no node connected within {key}: start the nodes (SuperNodes), or raise federation.discovery_timeout"
+    if answered:
+        return (f"the {len(answered)} nodes that answered within {key} serve no site: check their node-config "
+                "(site-id or site-ids)")
+    errors = "".join(f"; node {node}: {reason}" for node, (_, reason) in sorted(failed.items())[:2])
+    return (f"no node answered the discovery query within {key} ({len(connected)} nodes connected{errors}): raise "
+            "federation.discovery_timeout, or check the nodes' logs")
+
+
+def _unanswered(connected: Iterable[int], answered: Collection[int], failed: Mapping[int, tuple[float, str]]) -> str:
+    """Which connected nodes never said which sites they serve, and the last error of those that failed to."""
+    silent = [node for node in connected if node not in answered]
+    errors = "".join(f"; node {node}: {reason}" for node, (_, reason) in sorted(failed.items())[:2])
+    return f"no answer from nodes {silent}{errors}" if silent else "every connected node answered"
+
+
+def _send_queries(grid: Grid, nodes: list[int], message_config: ConfigRecord) -> dict[str, int]:
+    """A query to each of `nodes`; its message id -> the node (a query the grid did not take is asked again)."""
     if not nodes:
         return {}
-    messages = [Message(RecordDict({"config": message_config}), dst_node_id=node, message_type=MessageType.QUERY)
+    messages = [Message(RecordDict({CONFIG: message_config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in nodes]
-    answers: dict[int, list[NodeSite]] = {node: [] for node in nodes}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("discover_sites: node %d serves no site, it failed to say which: %s", node,
-                        short_reason(reply.error.reason))
+    sent = {message_id for message_id in grid.push_messages(messages) if message_id}
+    return {msg.metadata.message_id: node for msg, node in zip(messages, nodes, strict=True)
+            if msg.metadata.message_id in sent}
+
+
+def _pull_answers(grid: Grid, pending: dict[str, int]) -> list[tuple[int, Message]]:
+    """The replies to outstanding queries that have arrived, each with its node (removed from `pending`)."""
+    if not pending:
+        return []
+    replies = grid.pull_messages(list(pending))
+    return [(pending.pop(reply.metadata.reply_to_message_id), reply) for reply in replies
+            if reply.metadata.reply_to_message_id in pending]
+
+
+def _sites_in(reply: Message, node: int) -> list[SiteDescription]:
+    """The sites a node's answer names."""
+    sites = sites_of_discovery_reply(reply.content)
+    for site in sites:
+        log.info("discover_sites: node %d serves site %s in region %s", node, site.site_id, site.region)
+    if not sites:
+        log.info("discover_sites: node %d serves no site", node)
+    return sites
+
+
+def _add_served(served: dict[str, tuple[int, SiteDescription]], node: int, sites: list[SiteDescription]) -> None:
+    """Each of a node's sites, unless an earlier node serves it already (that node keeps it)."""
+    for site in sites:
+        if site.site_id in served:
+            log.warning("discover_sites: site %s is served by nodes %d and %d; node %d keeps it",
+                        site.site_id, served[site.site_id][0], node, served[site.site_id][0])
             continue
-        for site in json.loads(str(reply.content["sites"]["json"])):
-            answers[node].append(NodeSite(site["site-id"], site["region"], tuple(site.get("facts", [])),
-                                          bool(site.get("owns-data", False))))
-            log.info("discover_sites: node %d serves site %s in region %s", node, site["site-id"], site["region"])
-        if not answers[node]:
-            log.info("discover_sites: node %d serves no site", node)
-    return answers
+        served[site.site_id] = (node, site)

@@ -23,9 +23,6 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 
 from fed_netgpt.config import PrivacyConfig
 
-UNIT_WEIGHT = "unit-weight"  # the metric every client_dp reply carries as 1: equal weights, as the noise assumes
-CLIPPING_NORM = "clipping_norm"  # what Flower's wrapper puts in the train config and fixedclipping_mod reads
-
 
 def sites_sampled(num_sites: int, fraction_train: float) -> int:
     """How many of a region's sites FedAvg samples a round (its own rule, at least one)."""

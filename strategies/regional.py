@@ -28,6 +28,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from fed_netgpt.adapters import describe_mismatch
+from fed_netgpt.protocol import NUM_EXAMPLES, from_record, to_record
 from strategies.aggregation import (
     group_by,
     merge_regions,
@@ -38,10 +39,8 @@ from strategies.aggregation import (
     weighted_average,
 )
 from strategies.optimizer_state import export_optimizer, restore_optimizer
-from strategies.records import from_record, to_record
 
 log = logging.getLogger(__name__)
-NUM_EXAMPLES = "num-examples"
 ARRAYS = "arrays"  # the ArrayRecord key of Flower's strategies (arrayrecord_key)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
 from fed_netgpt.config import Config
-from strategies.client_dp import UNIT_WEIGHT, with_client_dp
+from fed_netgpt.protocol import NUM_EXAMPLES, UNIT_WEIGHT
+from strategies.client_dp import with_client_dp
 from strategies.robust import robust_strategy
-
-NUM_EXAMPLES = "num-examples"
 
 
 def make_strategy(config: Config, num_sites: int, rounds_done: int = 0) -> Strategy:

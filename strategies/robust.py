@@ -27,8 +27,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, MultiKrum, Strategy
 
 from fed_netgpt.config import ROBUST
+from fed_netgpt.protocol import from_record, to_record
 from strategies.aggregation import clipped_mean
-from strategies.records import from_record, to_record
 
 log = logging.getLogger(__name__)
 

@@ -78,8 +78,9 @@ def test_a_site_that_stalls_past_the_timeout_is_recorded_and_the_round_goes_on(t
     stalled = [s for s in TRAINING_SITES if is_slow(0.5, 0, 1, s)]
     assert stalled == ["marseille"]
     out = tmp_path / "slow"
-    # Execute: marseille stalls 45 s; the round waits 30 (the first query, to cold nodes, needs part of that).
-    # The simulation's end waits for the stalled site, so the stall is kept short.
+    # Execute: marseille stalls 45 s; the round waits 30. The cold nodes' start (torch, the model) is not part of
+    # those 30 s: discovery waits for it within federation.discovery_timeout (default 300 s). The simulation's end
+    # waits for the stalled site, so the stall is kept short.
     done = fed_netgpt("simulate", "preset=smoke", "federation.num_rounds=1", "faults.slow_probability=0.5",
                       "faults.slow_seconds=45", "federation.timeout=30", "federation.fraction_evaluate=0",
                       "run.report=false", f"run.output_dir={out}")

@@ -9,13 +9,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fed_netgpt.adapters import attach_adapter, load_adapter, save_adapter
+from fed_netgpt.adapters import attach_adapter, get_state, load_adapter, save_adapter, set_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.facts import fact_levels, fact_vocabulary
 from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation import generate_completions, run_variant, score_variant
 from fed_netgpt.models import SMOLLM2, cache_root, load_base, smollm2_folder
-from fed_netgpt.training import train_adapter
+from fed_netgpt.training.engine import SiteJob, train_sites
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     base = load_base(SMOLLM2)
     sites = load_sites(CONFIG.data)
     model = attach_adapter(base, "slow-france", CONFIG.lora)
-    train_adapter(model, "slow-france", base.tokenizer, [p for s in sites for p in s.train], CONFIG.train)
+    job = SiteJob("france", [p for s in sites for p in s.train], get_state(model, "slow-france"))
+    (result,) = train_sites(base, [job], CONFIG.lora, CONFIG.train)
+    set_state(model, "slow-france", result.state)
     folder = save_adapter(model, "slow-france", tmp_path_factory.mktemp("adapter") / "france")
     return folder, [p for s in sites for p in s.test]
 

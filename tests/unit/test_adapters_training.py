@@ -1,4 +1,4 @@
-"""fed_netgpt/adapters.py and training.py on the tiny random model: state I/O, training, peft compatibility."""
+"""fed_netgpt/adapters.py and the training engine on the tiny random model: state I/O, training, peft compatibility."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ from fed_netgpt.data.schema import DataError
 from fed_netgpt.evaluation import completion_loss, generate_completions
 from fed_netgpt.models import cache_root, tiny_random_folder
 from fed_netgpt.prompting import chat_prompt, encode_pair
-from fed_netgpt.training import batches, collate, precision_for, token_losses, train_adapter
+from fed_netgpt.training.batches import batches, collate
+from fed_netgpt.training.engine import precision_for
+from fed_netgpt.training.losses import token_losses
+from fed_netgpt.training.reference import train_adapter
 from tests.states import l2_distance
 
 # 2 layers x (q, k, v, o) x (A, B); hidden 64, 4 heads of 16, 2 key/value heads -> k, v project to 32.
@@ -200,7 +203,7 @@ def test_a_pair_is_tokenized_once_and_kept_for_the_next_rounds(tiny_base, paris_
         return encode_pair(*args)
 
     # Execute
-    with mock.patch("fed_netgpt.training.encode_pair", side_effect=counted):
+    with mock.patch("fed_netgpt.training.batches.encode_pair", side_effect=counted):
         first = collate(tiny_base.tokenizer, pairs, max_length=128)
         again = collate(tiny_base.tokenizer, pairs, max_length=128)
         collate(tiny_base.tokenizer, pairs[:1], max_length=256)

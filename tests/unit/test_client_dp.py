@@ -12,7 +12,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 
 from clients.app import clip_for_client_dp
 from fed_netgpt.config import Config, ConfigError, FederationConfig, PrivacyConfig, load_config
-from strategies.client_dp import CLIPPING_NORM, UNIT_WEIGHT, client_noise_multiplier, epsilon_after
+from fed_netgpt.protocol import CLIPPING_NORM, UNIT_WEIGHT
+from strategies.client_dp import client_noise_multiplier, epsilon_after
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy
 from tests.messages import ConnectedNodesGrid, merged, numpy_of, record, server_identity  # noqa: F401

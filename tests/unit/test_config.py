@@ -48,6 +48,30 @@ def test_load_config_defaults_equal_every_value_of_base_yaml():
         assert actual == value, key
 
 
+def test_the_typed_config_is_the_one_source_of_defaults_base_yaml_and_pyproject_repeat_it():
+    # Prepare: the dataclasses' own defaults, base.yaml (the commented copy users read), pyproject's run_config
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    preset = defaults.pop("preset")  # chosen on the command line (or in run_config), never in base.yaml
+    base = _flatten(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "base.yaml")))
+    with (REPO / "pyproject.toml").open("rb") as f:
+        flower = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+    scalars = {key: value for key, value in defaults.items() if isinstance(value, (str, int, float, bool))}
+    scalars["preset"] = preset
+
+    # Execute: the first key whose default differs, or that one side lacks
+    def first_difference(copy: dict, reference: dict) -> str | None:
+        for key in sorted(set(reference) | set(copy)):
+            if key not in copy or key not in reference or copy[key] != reference[key]:
+                return f"{key}: config.py {reference.get(key, '<missing>')!r}, copy {copy.get(key, '<missing>')!r}"
+        return None
+
+    # Assert
+    assert first_difference(base, defaults) is None, f"conf/base.yaml differs: {first_difference(base, defaults)}"
+    assert first_difference(flower, scalars) is None, (
+        f"pyproject.toml [tool.flwr.app.config] differs: {first_difference(flower, scalars)}")
+
+
 def test_load_config_hand_picked_defaults():
     # Execute
     config = load_config()
@@ -303,6 +327,7 @@ def test_a_grouped_pass_is_refused_under_client_dp_and_opacus_hooks_and_taken_un
     ("federation.min_nodes=-2", "federation.min_nodes must be >= 0, got -2"),
     ("evaluation.examples_to_show=-1", "evaluation.examples_to_show must be >= 0, got -1"),
     ("federation.timeout=-1", "federation.timeout must be a finite number > 0, got -1.0"),
+    ("federation.discovery_timeout=0", "federation.discovery_timeout must be a finite number > 0, got 0.0"),
     ("simulation.num_cpus_per_client=0", "simulation.num_cpus_per_client must be a finite number > 0, got 0.0"),
     ("serving.max_batch=0", "serving.max_batch must be a finite number > 0, got 0"),
     ("serving.precision=int4", "serving.precision must be one of auto, fp32, int8; got 'int4'"),

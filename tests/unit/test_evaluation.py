@@ -32,7 +32,7 @@ from fed_netgpt.evaluation import (
     site_tallies,
 )
 from fed_netgpt.prompting import chat_prompt
-from fed_netgpt.training import collate
+from fed_netgpt.training.batches import collate
 
 ITEMS = [("site: Paris", "Call me a taxi."), ("site: Osaka", "Find an art museum."), ("", "Hello?")]
 

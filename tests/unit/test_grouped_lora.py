@@ -1,4 +1,4 @@
-"""fed_netgpt/grouped_lora.py and training.train_grouped: many adapters in one pass equal each adapter alone."""
+"""fed_netgpt/grouped_lora.py and the training engine's grouped pass: many adapters in one pass equal each alone."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from peft import get_peft_model_state_dict
 
 from fed_netgpt.adapters import AdapterError, attach_adapter, get_state, set_state
 from fed_netgpt.grouped_lora import grouped_adapters
-from fed_netgpt.training import _loss_metrics, collate, row_loss_sums, token_losses, train_adapter, train_grouped
+from fed_netgpt.training.batches import collate
+from fed_netgpt.training.engine import SiteJob, _loss_metrics, train_sites
+from fed_netgpt.training.losses import row_loss_sums, token_losses
+from fed_netgpt.training.reference import train_adapter
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,9 @@ def test_grouped_training_equals_each_site_trained_alone_in_float64(base64, site
     ffa = case == "ffa"
     # Execute
     model, alone = _one_by_one(base64, lora, train, site_pairs, starts, seeds, f"alone-{case}", ffa)
-    together = train_grouped(base64.model, base64.tokenizer, site_pairs, starts, lora, train, seeds,
-                             freeze_lora_a=ffa)
+    together = train_sites(base64, [SiteJob(f"site{k}", pairs, start, seed=seed)
+                                    for k, (pairs, start, seed) in enumerate(zip(site_pairs, starts, seeds))],
+                           lora, train, freeze_lora_a=ffa)
     # Assert: every site's adapter is the one it gets alone (most weights agree to 1e-14; LLaMA's RMSNorm runs in
     # float32 even in a float64 model, and Adam's g / (sqrt(v) + eps) magnifies that rounding where a gradient is
     # near zero, up to 1e-10; float32 master weights would miss by 6e-8)

@@ -9,18 +9,15 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-import fed_netgpt.privacy as privacy_module
+import fed_netgpt.training.privacy as privacy_module
 from fed_netgpt.adapters import attach_adapter, get_state, set_state
 from fed_netgpt.config import PrivacyConfig
 from fed_netgpt.grouped_lora import grouped_adapters
-from fed_netgpt.privacy import (
-    BudgetSpent,
-    GroupedDPSGD,
-    SiteAccountant,
-    train_adapter_private,
-    train_grouped_private,
-)
-from fed_netgpt.training import collate, row_loss_sums
+from fed_netgpt.training.batches import collate
+from fed_netgpt.training.engine import SiteJob, train_sites
+from fed_netgpt.training.losses import row_loss_sums
+from fed_netgpt.training.privacy import BudgetSpent, GroupedDPSGD, SiteAccountant, dp_seed
+from fed_netgpt.training.reference import train_adapter_private
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +52,14 @@ def test_grouped_dp_sgd_equals_opacus_training_each_site_alone(base64, site_pair
     alone = []
     for pairs, start in zip(site_pairs, starts):
         set_state(model, f"alone-{case}", start)
-        train_adapter_private(model, f"alone-{case}", base64.tokenizer, pairs, train, privacy, [], planned_steps=3,
+        train_adapter_private(model, f"alone-{case}", base64.tokenizer, pairs, train, SiteAccountant(privacy, 3, []),
                               freeze_lora_a=ffa)
         alone.append({k: v.detach().numpy().copy()
                       for k, v in get_peft_model_state_dict(model, adapter_name=f"alone-{case}").items()})
     accountants = [SiteAccountant(privacy, 3, []) for _ in site_pairs]
-    together = train_grouped_private(base64.model, base64.tokenizer, site_pairs, starts, lora, train, accountants,
-                                     freeze_lora_a=ffa)
+    together = train_sites(base64, [SiteJob(f"site{k}", pairs, start, accountant=accountant) for k, (pairs, start,
+                                    accountant) in enumerate(zip(site_pairs, starts, accountants))],
+                           lora, train, freeze_lora_a=ffa)
 
     # Assert: every site ends with the adapter Opacus gives it, which moved from its start
     for k, result in enumerate(together):
@@ -88,19 +86,12 @@ def test_a_site_trains_the_same_adapter_with_either_engine(base64, site_pairs, d
     start, pulled_to = ({k: v.astype(np.float32) for k, v in _random_state(like, seed).items()} for seed in (1, 2))
     ends, histories = {}, {}
 
-    # Execute: SiteAccountant.train (the per-site path of a federation) with each engine
+    # Execute: one site's job (the per-site path of a federation) with each engine
     for engine in ("opacus", "grouped"):
-        name = f"{engine}-{anchored}"
-        model = attach_adapter(base64, name, lora)
-        anchor = None
-        if anchored:
-            set_state(model, name, pulled_to)
-            anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        set_state(model, name, start)
         accountant = SiteAccountant(PrivacyConfig(mode="sample_dp", max_grad_norm=0.05, engine=engine), 3, [])
-        result = accountant.train(model, name, base64.tokenizer, pairs, train, anchor=anchor)
-        ends[engine], histories[engine] = get_state(model, name), accountant.history
-        assert all(np.allclose(result.state[key], ends[engine][key], rtol=1e-6, atol=0) for key in start)  # model too
+        job = SiteJob("paris", pairs, start, anchor=pulled_to if anchored else None, accountant=accountant)
+        (result,) = train_sites(base64, [job], lora, train)
+        ends[engine], histories[engine] = result.state, accountant.history
 
     # Assert: the same adapter, moved from its start, and the same accounting
     for key in start:
@@ -163,5 +154,58 @@ def test_a_site_past_its_budget_is_refused_before_any_step(base64, site_pairs, d
     with pytest.raises(BudgetSpent, match="privacy budget spent"):
         spent.plan(len(site_pairs[0]), train)
     with pytest.raises(BudgetSpent):
-        train_grouped_private(base64.model, base64.tokenizer, site_pairs, starts, lora, train, [fresh, spent])
+        train_sites(base64, [SiteJob("fresh", site_pairs[0], starts[0], accountant=fresh),
+                             SiteJob("spent", site_pairs[1], starts[1], accountant=spent)], lora, train)
     assert fresh.history == [] and spent.history == [(0.8, 0.4, 40)]
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_under_privacy_reproducible_a_site_draws_the_same_batches_and_noise_however_it_is_packed(
+        base64, site_pairs, default_config):
+    # Prepare: real noise and Poisson draws (q = 2/5 and 2/3), seeded per site; each site's own start
+    lora = default_config.lora
+    train = replace(default_config.train, batch_size=2, local_steps=3, bf16="false", learning_rate=1e-2)
+    privacy = PrivacyConfig(mode="sample_dp", noise_multiplier=1.0, max_grad_norm=0.05, reproducible=True)
+    like = get_state(attach_adapter(base64, "shape", lora), "shape")
+    starts = [_random_state(like, seed) for seed in (1, 2)]
+
+    def jobs(names, accountants):
+        return [SiteJob(name, pairs, start, seed=4, accountant=accountant)
+                for name, pairs, start, accountant in zip(names, site_pairs, starts, accountants)]
+
+    # Execute: both sites in one pass, then each alone, then the pack again under fresh randomness
+    together = train_sites(base64, jobs(["paris", "tokyo"], [SiteAccountant(privacy, 3, []) for _ in starts]),
+                           lora, train)
+    alone = [train_sites(base64, [job], lora, train)[0]
+             for job in jobs(["paris", "tokyo"], [SiteAccountant(privacy, 3, []) for _ in starts])]
+    renamed = train_sites(base64, jobs(["lyon", "tokyo"], [SiteAccountant(privacy, 3, []) for _ in starts]),
+                          lora, train)
+    fresh = replace(privacy, reproducible=False)
+    unseeded = [train_sites(base64, jobs(["paris", "tokyo"], [SiteAccountant(fresh, 3, []) for _ in starts]),
+                            lora, train)[0] for _ in range(2)]
+
+    # Assert: packed or alone, each site ends in the same place; another site's seed (a renamed site) and the
+    # operating system's randomness do not
+    for k in range(2):
+        for key in starts[k]:
+            np.testing.assert_allclose(together[k].state[key], alone[k].state[key], rtol=0, atol=1e-9, err_msg=key)
+    assert max(np.abs(together[0].state[key] - starts[0][key]).max() for key in starts[0]) > 1e-3
+    assert max(np.abs(renamed[0].state[key] - together[0].state[key]).max() for key in starts[0]) > 1e-3
+    assert max(np.abs(renamed[1].state[key] - together[1].state[key]).max() for key in starts[1]) < 1e-9
+    assert max(np.abs(unseeded[0].state[key] - unseeded[1].state[key]).max() for key in starts[0]) > 1e-3
+
+
+def test_a_sites_dp_seed_names_the_seed_the_site_the_round_and_its_steps_so_far():
+    # Prepare
+    seeded = PrivacyConfig(mode="sample_dp", noise_multiplier=1.0, reproducible=True)
+
+    # Execute
+    base = dp_seed(seeded, 0, "paris", 1, [])
+    others = [dp_seed(seeded, 1, "paris", 1, []), dp_seed(seeded, 0, "lyon", 1, []),
+              dp_seed(seeded, 0, "paris", 2, []), dp_seed(seeded, 0, "paris", 1, [(1.0, 0.5, 6)])]
+
+    # Assert: one seed for one (train.seed, site, round, steps taken), another as soon as one differs; none at all
+    # (the operating system's randomness) unless asked for
+    assert base == dp_seed(seeded, 0, "paris", 1, []) and 0 <= base < 2**63
+    assert len({base, *others}) == 5
+    assert dp_seed(replace(seeded, reproducible=False), 0, "paris", 1, []) is None

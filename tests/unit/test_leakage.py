@@ -9,7 +9,7 @@ import pytest
 from fed_netgpt.adapters import attach_adapter
 from fed_netgpt.config import load_config
 from fed_netgpt.leakage import canaries, chance_auc_std, membership_auc, roc_auc, split_members
-from fed_netgpt.training import train_adapter
+from fed_netgpt.training.reference import train_adapter
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""fed_netgpt/personalization.py: Ditto's personal adapter on the tiny random model."""
+"""fed_netgpt/training/personalization.py: Ditto's personal adapter on the tiny random model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from fed_netgpt.adapters import attach_adapter, get_state, load_adapter, read_adapter, set_state
 from fed_netgpt.config import load_config
 from fed_netgpt.evaluation import completion_loss
-from fed_netgpt.personalization import RUN_MARK, train_personal_adapter
 from fed_netgpt.runs import is_adapter
+from fed_netgpt.training.engine import SiteJob, TrainResult
+from fed_netgpt.training.personalization import RUN_MARK, train_personal_adapters
 from tests.states import assert_same_state, l2_distance
 
 # fp32 (exact and reproducible), small batches, a rate that moves the tiny model in a few steps.
@@ -19,6 +20,12 @@ FAST = ["model.name=tiny-random", "train.bf16=false", "train.batch_size=4", "tra
         "personalization.steps=3"]
 
 
+
+
+def train_personal_adapter(base, config, pairs, regional, folder, run_id: str, seed: int) -> TrainResult:
+    """One site's personal pass, as a node runs it after the site's federated update."""
+    (result,) = train_personal_adapters(base, config, [SiteJob("paris", pairs, regional, seed=seed)], [folder], run_id)
+    return result
 
 
 @pytest.fixture

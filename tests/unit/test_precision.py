@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fed_netgpt import precision, training
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
+from fed_netgpt import grouped_lora, precision
+from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import DeviceError, resolve_device
 from fed_netgpt.precision import (
@@ -22,8 +22,11 @@ from fed_netgpt.precision import (
     parse_bf16_setting,
     step_benchmark,
 )
-from fed_netgpt.privacy import train_adapter_private
-from fed_netgpt.training import collate, train_adapter
+from fed_netgpt.training import engine
+from fed_netgpt.training.batches import collate
+from fed_netgpt.training.engine import SiteJob, train_sites
+from fed_netgpt.training.privacy import SiteAccountant
+from fed_netgpt.training.reference import train_adapter
 
 CUDA = torch.device("cuda")
 
@@ -144,18 +147,20 @@ def test_device_name_keys_the_cpu_model_and_threads():
     assert name.endswith(f"({torch.get_num_threads()} threads)") and len(name) > len(" (1 threads)")
 
 
-def test_training_with_auto_times_this_cpu_once_and_caches_it(tiny_base, default_config, adapter_name,
-                                                               monkeypatch, tmp_path):
+PAIRS = [PromptPair("paris", "france", "Status of link A?", "Link A is up."),
+         PromptPair("lyon", "france", "Latency to Paris?", "About 4 ms.")]
+
+
+def test_the_reference_loop_with_auto_times_this_cpu_once_and_caches_it(tiny_base, default_config, adapter_name,
+                                                                        monkeypatch, tmp_path):
     # Prepare: a fresh process-wide choice and an empty cache
     monkeypatch.setenv("FED_NETGPT_CACHE", str(tmp_path))
-    monkeypatch.setattr(training, "_CHOSEN", {})
+    monkeypatch.setattr(engine, "PRECISION_CHOSEN", {})
     model = attach_adapter(tiny_base, adapter_name, default_config.lora)
-    pairs = [PromptPair("paris", "france", "Status of link A?", "Link A is up."),
-             PromptPair("lyon", "france", "Latency to Paris?", "About 4 ms.")]
     config = replace(default_config.train, bf16="auto", local_steps=1, batch_size=2)
 
     # Execute
-    result = train_adapter(model, adapter_name, tiny_base.tokenizer, pairs, config)
+    result = train_adapter(model, adapter_name, tiny_base.tokenizer, PAIRS, config)
 
     # Assert: one entry, keyed on this CPU, the model and the batch, and the step used what it says
     cache = json.loads((tmp_path / "precision.json").read_text())
@@ -165,40 +170,80 @@ def test_training_with_auto_times_this_cpu_once_and_caches_it(tiny_base, default
     assert entry["bf16_seconds"] > 0 and entry["fp32_seconds"] > 0
     assert result.metrics["bf16"] == float(entry["bf16_seconds"] * precision.MIN_SPEEDUP < entry["fp32_seconds"])
     # another batch size in the same process is timed on its own, not given the first one's choice
-    train_adapter(model, adapter_name, tiny_base.tokenizer, pairs, replace(config, batch_size=1))
+    train_adapter(model, adapter_name, tiny_base.tokenizer, PAIRS, replace(config, batch_size=1))
     cache = json.loads((tmp_path / "precision.json").read_text())
     assert sorted(cache) == sorted([key, f"{device_name(torch.device('cpu'))}|{model.name_or_path}|1"])
 
 
-def test_dp_training_times_its_own_step_and_its_timing_leaves_no_trace(tiny_base, default_config, monkeypatch,
-                                                                       tmp_path):
-    # Prepare: two DP-SGD rounds from one start, every pair in every batch (q = 1), noise and clipping negligible:
-    # one with auto (it times the DP step, made to pick fp32 whatever it measures), one with fp32 set (no timing)
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "sample_dp"])
+def test_a_pack_and_a_private_pass_time_their_own_step_with_auto_and_log_it(tiny_base, default_config, adapter_name,
+                                                                            monkeypatch, tmp_path, caplog, private):
+    # Prepare: a fresh process-wide choice, an empty cache, a pack of two sites (plain) or one site under DP-SGD
     monkeypatch.setenv("FED_NETGPT_CACHE", str(tmp_path))
-    monkeypatch.setattr(training, "_CHOSEN", {})
+    monkeypatch.setattr(engine, "PRECISION_CHOSEN", {})
+    start = get_state(attach_adapter(tiny_base, adapter_name, default_config.lora), adapter_name)
+    config = replace(default_config.train, bf16="auto", local_steps=1, batch_size=2)
+    privacy = replace(default_config.privacy, mode="sample_dp", noise_multiplier=1.0)
+    jobs = ([SiteJob("paris", PAIRS, start, accountant=SiteAccountant(privacy, 1, []))] if private else
+            [SiteJob("paris", PAIRS, start), SiteJob("lyon", PAIRS[::-1], start)])
+
+    # Execute
+    with caplog.at_level("INFO", logger="fed_netgpt.training.engine"):
+        results = train_sites(tiny_base, jobs, default_config.lora, config)
+
+    # Assert: the grouped step itself was timed (its own cache entry), never the CPU-flag rule, and logged once
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    kind = "grouped-dp-1" if private else "grouped-2"
+    key = f"{device_name(torch.device('cpu'))}|{tiny_base.model.name_or_path}|2|{kind}"
+    assert list(cache) == [key]
+    entry = cache[key]
+    assert all(r.metrics["bf16"] == float(entry["bf16_seconds"] * precision.MIN_SPEEDUP < entry["fp32_seconds"])
+               for r in results)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision")]
+    assert len(logged) == 1 and "measured" in logged[0] and "not measured" not in logged[0], logged
+
+
+@pytest.mark.parametrize("engine_name", ["grouped", "opacus"])
+def test_dp_training_times_its_own_step_and_its_timing_leaves_no_trace(tiny_base, default_config, monkeypatch,
+                                                                       tmp_path, engine_name):
+    # Prepare: two DP-SGD rounds from one start with the same seeded draws (q = 1/2) and negligible noise, every
+    # pair's gradient clipped: one with auto (it times the DP step on the first two pairs, made to pick fp32
+    # whatever it measures), one with fp32 set (no timing)
+    monkeypatch.setenv("FED_NETGPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(engine, "PRECISION_CHOSEN", {})
     monkeypatch.setattr(precision, "MIN_SPEEDUP", 1e9)
-    pairs = [PromptPair("paris", "france", "Status of link A?", "Link A is up."),
-             PromptPair("lyon", "france", "Latency to Paris?", "About 4 ms.")]
-    privacy = replace(default_config.privacy, mode="sample_dp", noise_multiplier=1e-12, max_grad_norm=1e3)
-    states = {}
+    privacy = replace(default_config.privacy, mode="sample_dp", noise_multiplier=1e-12, max_grad_norm=1e-5,
+                      engine=engine_name, reproducible=True)
+    pairs = [*PAIRS, PromptPair("nice", "france", "Status of link B?", "Link B is down, since noon."),
+             PromptPair("nantes", "france", "Loss on link C?", "None in the last hour.")]
+    start = get_state(attach_adapter(tiny_base, "dp-probe", default_config.lora, seed=3), "dp-probe")
+    start = {k: v + 0.01 for k, v in start.items()}  # B != 0: no weight with a zero gradient, which AdamW would
+    # move by the sign of the (tiny) noise alone
+    states, kept = {}, []
+    clipped_sums = grouped_lora.RowGradients.clipped_sums
+
+    def counted(self, *args, **kwargs):  # how many factors' gradients a step clips
+        kept.append(len(self.norms))
+        return clipped_sums(self, *args, **kwargs)
+
+    monkeypatch.setattr(grouped_lora.RowGradients, "clipped_sums", counted)
     for bf16 in ("auto", "false"):
-        name = f"dp-probe-{bf16}"
-        model = attach_adapter(tiny_base, name, default_config.lora, seed=3)
-        set_state(model, name, {k: v + 0.01 for k, v in get_state(model, name).items()})  # B != 0: no weight
-        # with a zero gradient, which AdamW would move by the sign of the (tiny) noise alone
         config = replace(default_config.train, bf16=bf16, local_steps=2, batch_size=2, learning_rate=1e-2)
 
         # Execute
-        train_adapter_private(model, name, tiny_base.tokenizer, pairs, config, privacy, [], planned_steps=2)
-        states[bf16] = get_state(model, name)
-        model.delete_adapter(name)
+        (result,) = train_sites(tiny_base, [SiteJob("paris", pairs, start, accountant=SiteAccountant(privacy, 2, []))],
+                                default_config.lora, config)
+        states[bf16] = result.state
 
-    # Assert: the DP step has a cache entry of its own, and the timing passes' per-pair gradients were not
-    # stepped with (AdamW's second step would show them)
+    # Assert: the DP step has a cache entry of its own, and the timing passes' per-pair gradients were neither
+    # clipped nor stepped with: both rounds took the same steps (their draws and noise seeded alike), and each
+    # step clipped the gradients of its own pass only (2 layers x q, k, v, o x A, B)
+    assert kept == ([16] * 4 if engine_name == "grouped" else [])
     for key, value in states["false"].items():
-        np.testing.assert_allclose(states["auto"][key], value, rtol=0, atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(states["auto"][key], value, rtol=0, atol=1e-7, err_msg=key)
     cache = json.loads((tmp_path / "precision.json").read_text())
-    assert list(cache) == [f"{device_name(torch.device('cpu'))}|{tiny_base.model.name_or_path}|2|dp-sgd"]
+    kind = "grouped-dp-1" if engine_name == "grouped" else "dp-sgd"
+    assert list(cache) == [f"{device_name(torch.device('cpu'))}|{tiny_base.model.name_or_path}|2|{kind}"]
 
 
 # ---- CUDA auto: capability, benchmark, cache --------------------------------------------------

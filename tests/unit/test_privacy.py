@@ -1,4 +1,4 @@
-"""fed_netgpt/privacy.py: DP-SGD at a site. Accounting checked against Opacus's RDP analysis called directly,
+"""fed_netgpt/training/privacy.py: DP-SGD at a site. Accounting checked against Opacus's RDP analysis called directly,
 Poisson sampling and the per-sequence loss against hand computations, and training on the tiny random model."""
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-import fed_netgpt.privacy as privacy_module
+import fed_netgpt.training.privacy as privacy_module
+import fed_netgpt.training.reference as reference_module
 from fed_netgpt.adapters import attach_adapter, get_state, set_state
-from fed_netgpt.config import ConfigError, PrivacyConfig, load_config
+from fed_netgpt.config import ConfigError, LoraConfig, PrivacyConfig, load_config
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.evaluation import completion_loss
-from fed_netgpt.privacy import (
+from fed_netgpt.training.engine import SiteJob, TrainResult, train_sites
+from fed_netgpt.training.losses import sequence_losses
+from fed_netgpt.training.privacy import (
     BudgetSpent,
     SiteAccountant,
     check_budget,
@@ -27,10 +30,9 @@ from fed_netgpt.privacy import (
     poisson_batch,
     privacy_report,
     sample_rate,
-    sequence_losses,
-    train_adapter_private,
     with_steps,
 )
+from fed_netgpt.training.reference import REFERENCE_ADAPTER, train_adapter_private
 from tests.states import assert_same_state, l2_distance
 
 # Opacus's RDPAccountant.DEFAULT_ALPHAS, written out: the orders epsilon_of must use.
@@ -54,6 +56,7 @@ def _opacus_epsilon(history: list[tuple[float, float, int]], delta: float) -> fl
 def no_draws(monkeypatch) -> None:
     """Every Poisson draw comes out empty: each step is noise alone (and fast: no forward pass)."""
     monkeypatch.setattr(privacy_module, "poisson_batch", lambda num_pairs, rate, rng: [])
+    monkeypatch.setattr(reference_module, "poisson_batch", lambda num_pairs, rate, rng: [])
 
 
 # ---- accounting ------------------------------------------------------------------------------------
@@ -363,11 +366,27 @@ def _hooks(model: torch.nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
+def _train(base, model, adapter_name, pairs, train, site: SiteAccountant, seed: int = 0) -> TrainResult:
+    """One site's private training through the engine (its privacy.engine), from the peft adapter's weights; the
+    result is set back on the adapter, as a federation's site holds it."""
+    (result,) = train_sites(base, [SiteJob("a", pairs, get_state(model, adapter_name), seed=seed, accountant=site)],
+                            site_lora(model, adapter_name), train)
+    set_state(model, adapter_name, result.state)
+    return result
+
+
+def site_lora(model, adapter_name):
+    peft = model.peft_config[adapter_name]
+    return LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
+                      target_modules=sorted(peft.target_modules))
+
+
 @pytest.mark.parametrize("engine", ["grouped", "opacus"])
 def test_private_training_learns_and_reports_what_it_spent(tiny_base, adapter_name, engine):
     # Prepare: a learnable task (one pair, repeated); a previous round at another noise and rate
     config = load_config(overrides=[*DP, "privacy.noise_multiplier=0.5", f"privacy.engine={engine}"])
     train = dataclasses.replace(config.train, local_steps=10, batch_size=8, learning_rate=3e-2)
+    attach_adapter(tiny_base, REFERENCE_ADAPTER, config.lora)  # Opacus's engine trains in this one: there already
     model = attach_adapter(tiny_base, adapter_name, config.lora)
     pairs = [PING] * 16
     start = get_state(model, adapter_name)
@@ -377,7 +396,7 @@ def test_private_training_learns_and_reports_what_it_spent(tiny_base, adapter_na
 
     # Execute
     site = SiteAccountant(config.privacy, planned_steps=10, history=history)
-    result = site.train(model, adapter_name, tiny_base.tokenizer, pairs, train)
+    result = _train(tiny_base, model, adapter_name, pairs, train, site)
     new_history = site.history
     loss_after = completion_loss(model, tiny_base.tokenizer, pairs)
 
@@ -405,7 +424,7 @@ def test_private_training_learns_and_reports_what_it_spent(tiny_base, adapter_na
     # neither engine leaves anything behind on the shared model (Opacus's hooks, the grouped layers)
     assert _hooks(model) == hooks and modules == [type(m) for m in model.modules()]
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
-    assert not model.training
+    assert not any(module.training for module in tiny_base.model.modules())  # the shared base left in eval mode
 
 
 def test_the_round_merges_into_a_history_of_the_same_noise_and_rate(tiny_base, adapter_name, no_draws):
@@ -415,8 +434,9 @@ def test_the_round_merges_into_a_history_of_the_same_noise_and_rate(tiny_base, a
     model = attach_adapter(tiny_base, adapter_name, config.lora)
 
     # Execute
-    result, history = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 16, train,
-                                            config.privacy, [[0.5, 0.5, 4]], planned_steps=2)
+    site = SiteAccountant(config.privacy, planned_steps=2, history=[[0.5, 0.5, 4]])
+    result = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 16, train, site)
+    history = site.history
 
     # Assert
     assert history == [(0.5, 0.5, 6)]
@@ -431,7 +451,7 @@ def _three_steps_at_a_tiny_rate(tiny_base, adapter_name, engine):
     model = attach_adapter(tiny_base, adapter_name, config.lora)
     start = get_state(model, adapter_name)
     site = SiteAccountant(config.privacy, planned_steps=3, history=[])
-    result = site.train(model, adapter_name, tiny_base.tokenizer, [PING] * 1000, train)
+    result = _train(tiny_base, model, adapter_name, [PING] * 1000, train, site)
     return result, site.history, start
 
 
@@ -475,8 +495,8 @@ def test_the_noise_is_fresh_not_reproducible_from_a_seed(tiny_base, adapter_name
         set_state(model, adapter_name, start)
         torch.manual_seed(0)
         random.seed(0)
-        result, _ = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 8, train,
-                                          config.privacy, [], planned_steps=2)
+        result = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 8, train,
+                                       SiteAccountant(config.privacy, 2, []))
         states.append(result.state)
 
     # Assert: whoever knows the seeds cannot regenerate (and subtract) the noise
@@ -492,8 +512,8 @@ def test_freeze_lora_a_leaves_a_at_its_start_under_dp(tiny_base, adapter_name, n
     start = get_state(model, adapter_name)
 
     # Execute
-    result, _ = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 8, train,
-                                      config.privacy, [], planned_steps=2, freeze_lora_a=True)
+    result = train_adapter_private(model, adapter_name, tiny_base.tokenizer, [PING] * 8, train,
+                                   SiteAccountant(config.privacy, 2, []), freeze_lora_a=True)
 
     # Assert
     for key in start:
@@ -508,20 +528,19 @@ def test_budget_across_rounds_then_refusal_changes_nothing(tiny_base, adapter_na
     train = dataclasses.replace(config.train, local_steps=4, batch_size=2, learning_rate=1e-2)
     model = attach_adapter(tiny_base, adapter_name, config.lora)
     pairs = [PING] * 8
-    history: list = []
+    site = SiteAccountant(config.privacy, planned_steps=12, history=[])
     epsilons, noises = [], []
 
     # Execute
     for _ in range(3):
-        result, history = train_adapter_private(model, adapter_name, tiny_base.tokenizer, pairs, train,
-                                                config.privacy, history, planned_steps=12)
+        result = train_adapter_private(model, adapter_name, tiny_base.tokenizer, pairs, train, site)
         epsilons.append(result.metrics["epsilon"])
         noises.append(result.metrics["noise_multiplier"])
     before = get_state(model, adapter_name)
-    kept = list(history)
+    kept = list(site.history)
     with pytest.raises(BudgetSpent, match=r"privacy\.target_epsilon=2"):
-        train_adapter_private(model, adapter_name, tiny_base.tokenizer, pairs, train, config.privacy, history,
-                              planned_steps=12)
+        train_adapter_private(model, adapter_name, tiny_base.tokenizer, pairs, train, site)
+    history = site.history
 
     # Assert: one noise for the whole run, epsilon grows to just under the target
     sigma = noise_multiplier_for(config.privacy, 0.25, 12)
@@ -546,8 +565,8 @@ def test_a_proximal_term_survives_dp(tiny_base, adapter_name):
         model = attach_adapter(tiny_base, name, config.lora)
         start = get_state(model, name)
         train = dataclasses.replace(config.train, local_steps=5, batch_size=4, learning_rate=3e-2, proximal_mu=mu)
-        result, _ = train_adapter_private(model, name, tiny_base.tokenizer, pairs, train, config.privacy, [],
-                                          planned_steps=5)
+        result = train_adapter_private(model, name, tiny_base.tokenizer, pairs, train,
+                                       SiteAccountant(config.privacy, 5, []))
         distances[mu] = l2_distance(result.state, start)
 
     # Assert (measured: 6.6 free, 1.7 pulled)
@@ -561,8 +580,8 @@ def test_no_pairs_is_an_error(tiny_base, adapter_name):
 
     # Execute / Assert
     with pytest.raises(ValueError, match="at least one training pair"):
-        train_adapter_private(model, adapter_name, tiny_base.tokenizer, [], config.train, config.privacy, [],
-                              planned_steps=1)
+        train_adapter_private(model, adapter_name, tiny_base.tokenizer, [], config.train,
+                              SiteAccountant(config.privacy, 1, []))
 
 
 # ---- the site's accountant and the report ----------------------------------------------------------
@@ -577,9 +596,9 @@ def test_site_accountant_accumulates_every_training_of_the_site(tiny_base, adapt
     site = SiteAccountant(config.privacy, planned_steps=6, history=given)
 
     # Execute: two trainings of the site at q = 4/8 and one at q = 4/16
-    site.train(model, adapter_name, tiny_base.tokenizer, [PING] * 8, train, seed=0)
-    site.train(model, adapter_name, tiny_base.tokenizer, [PING] * 8, train, seed=1)
-    result = site.train(model, adapter_name, tiny_base.tokenizer, [PING] * 16, train, seed=2)
+    _train(tiny_base, model, adapter_name, [PING] * 8, train, site, seed=0)
+    _train(tiny_base, model, adapter_name, [PING] * 8, train, site, seed=1)
+    result = _train(tiny_base, model, adapter_name, [PING] * 16, train, site, seed=2)
 
     # Assert
     expected = [(2.0, 0.1, 3), (1.0, 0.5, 4), (1.0, 0.25, 2)]

@@ -7,6 +7,7 @@ assigns message ids and answers with real `Message(content, reply_to=...)` repli
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -15,21 +16,23 @@ from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import message_site, node_sites, train
-from fed_netgpt.adapters import attach_adapter, get_state, read_adapter, set_state
-from fed_netgpt.config import load_config, to_yaml
+from fed_netgpt.adapters import attach_adapter, get_state, read_adapter
+from fed_netgpt.config import FederationConfig, load_config, to_yaml
 from fed_netgpt.data.sites import load_sites
 from fed_netgpt.models import load_base
-from fed_netgpt.training import train_adapter
-from server.site_grid import SiteGrid, discover_sites
-from strategies.records import CONFIG_KEY, RUN_ID_KEY, SITE_KEY, from_record, to_record
+from fed_netgpt.protocol import CONFIG_KEY, RUN_ID_KEY, SITE_KEY, from_record, to_record
+from fed_netgpt.training.engine import SiteJob, train_sites
+from server.site_grid import QUERY_RETRY_SECONDS, DiscoveryError, SiteGrid, discover_sites
 from tests.grids import UnusedTransportGrid
 
 
 class DeliveringGrid(UnusedTransportGrid):
-    """Transport double: `handler(message)` answers each message of connected nodes; nothing else is needed."""
+    """Transport double: `handler(message)` answers each message of connected nodes; nothing else is needed.
+    Pushed messages (discovery's) are answered when pulled, and only once the handler has an answer (not None)."""
 
-    def __init__(self, node_ids: Iterable[int], handler: Callable[[Message], Message]) -> None:
+    def __init__(self, node_ids: Iterable[int], handler: Callable[[Message], Message | None]) -> None:
         self.node_ids, self.handler, self.sent = list(node_ids), handler, []
+        self.unanswered: dict[str, Message] = {}  # pushed, not yet answered: message id -> message
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
@@ -41,6 +44,19 @@ class DeliveringGrid(UnusedTransportGrid):
             self.sent.append(msg)
             replies.append(self.handler(msg))
         return replies
+
+    def push_messages(self, messages):
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"p{len(self.sent)}"
+            self.sent.append(msg)
+            self.unanswered[msg.metadata.message_id] = msg
+            yield msg.metadata.message_id
+
+    def pull_messages(self, message_ids):
+        replies = [self.handler(self.unanswered[i]) for i in message_ids if i in self.unanswered]
+        for reply in filter(None, replies):
+            del self.unanswered[reply.metadata.reply_to_message_id]
+        return [reply for reply in replies if reply is not None]
 
 
 @pytest.fixture(autouse=True)
@@ -146,13 +162,134 @@ def test_discover_sites_numbers_every_served_site_and_keeps_the_first_node_of_a_
         return Message(RecordDict({"sites": ConfigRecord({"json": json.dumps(sites)})}), reply_to=msg)
 
     # Execute
-    sites, routes = discover_sites(DeliveringGrid([11, 12, 13], answer), expected_sites=3, min_nodes=0, timeout=5,
-                                   message_config=ConfigRecord({}))
+    sites, routes = discover_sites(DeliveringGrid([11, 12, 13], answer), expected_sites=3,
+                                   federation=FederationConfig(), message_config=ConfigRecord({}))
 
     # Assert
     assert routes == {1: (11, "lyon"), 2: (11, "paris"), 3: (12, "tokyo")}
     assert sites[3].site_id == "tokyo" and sites[3].facts == ("Tokyo",)
     assert "site paris is served by nodes 11 and 12; node 11 keeps it" in caplog.text
+
+
+class Clock:
+    """Discovery's clock and sleep: time moves only while discovery sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _starting_nodes(clock: Clock, ready_at: dict[int, float], loading_replies: dict[int, int] | None = None):
+    """Nodes that answer a query only once started (`ready_at` seconds; inf: never), the first
+    `loading_replies[node]` queries with an error, as a node whose ClientApp is still loading; node n serves
+    site "s<n>"."""
+    errors_left = dict(loading_replies or {})
+
+    def answer(msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        if clock.now < ready_at[node]:
+            return None
+        if errors_left.get(node, 0) > 0:
+            errors_left[node] -= 1
+            return Message(Error(code=1, reason="LoadClientAppError: the ClientApp is still loading"), reply_to=msg)
+        sites = [{"site-id": f"s{node}", "region": "x"}]
+        return Message(RecordDict({"sites": ConfigRecord({"json": json.dumps(sites)})}), reply_to=msg)
+
+    return answer
+
+
+def _queries_to(grid: DeliveringGrid) -> dict[int, int]:
+    return {node: sum(m.metadata.dst_node_id == node for m in grid.sent) for node in grid.node_ids}
+
+
+def test_a_node_that_answers_only_its_second_query_is_asked_again_and_waited_for(caplog):
+    # Prepare: node 11 answers at once; node 12 answers its first query with an error (its ClientApp still loading)
+    clock = Clock()
+    grid = DeliveringGrid([11, 12], _starting_nodes(clock, {11: 0, 12: 0}, loading_replies={12: 1}))
+
+    # Execute
+    sites, routes = discover_sites(grid, expected_sites=2, federation=FederationConfig(discovery_timeout=60),
+                                   message_config=ConfigRecord({}), clock=clock, sleep=clock.sleep)
+
+    # Assert: both sites served; node 12 was asked twice, the second time after the retry delay, node 11 once
+    assert routes == {1: (11, "s11"), 2: (12, "s12")} and sites[2].site_id == "s12"
+    assert _queries_to(grid) == {11: 1, 12: 2}
+    assert QUERY_RETRY_SECONDS <= clock.now < QUERY_RETRY_SECONDS + 2
+    assert ("node 12 could not say which sites it serves (LoadClientAppError: the ClientApp is still loading); "
+            "asking it again") in caplog.text
+
+
+def test_nodes_slower_to_start_than_the_round_timeout_are_waited_for_within_the_discovery_timeout():
+    # Prepare: node 12 takes 100 s to start; a round's timeout is 30 s, discovery's 300 s
+    clock = Clock()
+    grid = DeliveringGrid([11, 12], _starting_nodes(clock, {11: 5, 12: 100}))
+    federation = FederationConfig(timeout=30, discovery_timeout=300)
+
+    # Execute
+    _, routes = discover_sites(grid, expected_sites=2, federation=federation, message_config=ConfigRecord({}),
+                               clock=clock, sleep=clock.sleep)
+
+    # Assert: discovery went on past federation.timeout until node 12 answered; one query each, none piled up on a
+    # node that is still starting
+    assert routes == {1: (11, "s11"), 2: (12, "s12")}
+    assert 100 <= clock.now < 102
+    assert _queries_to(grid) == {11: 1, 12: 1}
+
+
+def test_no_node_answering_ends_at_the_discovery_timeout_with_one_line_that_names_it():
+    # Prepare: two connected nodes that never answer; a round's timeout (3600 s) far beyond discovery's (30 s)
+    clock = Clock()
+    grid = DeliveringGrid([11, 12], _starting_nodes(clock, {11: math.inf, 12: math.inf}))
+    federation = FederationConfig(timeout=3600, discovery_timeout=30)
+
+    # Execute
+    with pytest.raises(DiscoveryError) as raised:
+        discover_sites(grid, expected_sites=2, federation=federation, message_config=ConfigRecord({}),
+                       clock=clock, sleep=clock.sleep)
+
+    # Assert: it gave up at the discovery timeout, not the round's, with one line that says what to raise
+    assert 30 <= clock.now < 32
+    assert str(raised.value) == (
+        "no node answered the discovery query within federation.discovery_timeout=30s (2 nodes connected): raise "
+        "federation.discovery_timeout, or check the nodes' logs")
+
+
+def test_nodes_that_keep_failing_are_named_in_the_error_and_asked_only_every_retry_delay():
+    clock = Clock()
+    grid = DeliveringGrid([11, 12], _starting_nodes(clock, {11: 0, 12: math.inf}, loading_replies={11: 1000}))
+    with pytest.raises(DiscoveryError, match=r"\(2 nodes connected; node 11: LoadClientAppError: the ClientApp is "
+                       r"still loading\): raise federation.discovery_timeout"):
+        discover_sites(grid, expected_sites=2, federation=FederationConfig(discovery_timeout=30),
+                       message_config=ConfigRecord({}), clock=clock, sleep=clock.sleep)
+    assert _queries_to(grid) == {11: 4, 12: 1}  # at 0, 10, 20 and 30 s; node 12's one query still outstanding
+
+
+def test_a_federation_no_node_answers_is_marked_failed_with_that_line(tmp_path, caplog):
+    from fed_netgpt.runs import RunFolderError, check_not_failed, metrics_rows
+    from server.app import run_federation
+
+    # Prepare: two nodes connected that never answer, a short discovery timeout (real time) beside a round's
+    config = load_config(overrides=["model.name=tiny-random", f"run.output_dir={tmp_path}",
+                                    "federation.discovery_timeout=0.5", "federation.timeout=2"])
+    grid = DeliveringGrid([11, 12], lambda msg: None)
+
+    # Execute
+    folder = run_federation(grid, config)
+
+    # Assert: the run ends (no exception) with the folder marked failed by that one line, and nothing trained
+    reason = json.loads((folder / "failed.json").read_text())["reason"]
+    assert reason == ("no node answered the discovery query within federation.discovery_timeout=0.5s (2 nodes "
+                      "connected): raise federation.discovery_timeout, or check the nodes' logs")
+    assert f"the run failed: {reason}" in caplog.text
+    assert not (folder / "adapters").exists() and not (folder / "checkpoints").exists()
+    assert metrics_rows(folder / "metrics.jsonl") == []
+    with pytest.raises(RunFolderError, match="holds a failed run"):
+        check_not_failed(folder)
 
 
 def test_sites_sharing_a_node_end_with_the_adapters_they_get_alone(tmp_path):
@@ -170,10 +307,9 @@ def test_sites_sharing_a_node_end_with_the_adapters_they_get_alone(tmp_path):
 
     # Execute: lyon then paris on the node; paris alone on a fresh adapter from the same start
     together = {site: from_record(train(train_message(site), context).content["arrays"]) for site in ("lyon", "paris")}
-    model = attach_adapter(base, "site-grid-alone", config.lora)
-    set_state(model, "site-grid-alone", start)
     paris = next(s for s in load_sites(config.data) if s.site_id == "paris")
-    alone = train_adapter(model, "site-grid-alone", base.tokenizer, paris.train, config.train, seed=1).state
+    (alone,) = (r.state for r in train_sites(base, [SiteJob("paris", paris.train, start, seed=1)], config.lora,
+                                              config.train))
 
     # Assert: paris trained after lyon on the same node is paris alone; lyon's adapter is another one
     assert together["paris"].keys() == alone.keys()

@@ -1,5 +1,6 @@
-"""Sample-level differential privacy at a site (`privacy.mode=sample_dp`): DP-SGD on the LoRA weights, with
-Opacus, where the privacy unit is one prompt pair (one sequence).
+"""Sample-level differential privacy at a site (`privacy.mode=sample_dp`): DP-SGD on the LoRA weights by Opacus's
+rules and accountant, where the privacy unit is one prompt pair (one sequence). The training itself is the
+engine's (`engine.train_sites`, a job with a `SiteAccountant`); this module holds the accounting and the noise.
 
 What each piece is for:
 
@@ -12,13 +13,15 @@ What each piece is for:
   weights only is clipped to `max_grad_norm`; the clipped sum gets N(0, (noise_multiplier x max_grad_norm)^2)
   and is divided by the expected batch size. Two engines make the per-pair gradients (`privacy.engine`):
   `grouped` (default), the grouped LoRA layer (`GroupedDPSGD`; a site alone is a grouped pass of one), two
-  batched matmuls a layer; `opacus`, Opacus's `GradSampleModule` hooks and `DPOptimizer`. A float64 test holds
-  the first equal to the second. The hooks add per-layer kernels from Python: on a GPU, where a step is bound
-  by launches, they cost ~2x a plain step against the grouped layer's ~1.2x. Hook mode, not ghost clipping:
-  LoRA's per-pair gradients are r x width per layer (a few MB a batch), so ghost clipping has little memory to
-  save here.
+  batched matmuls a layer; `opacus`, Opacus's `GradSampleModule` hooks and `DPOptimizer` (`reference.py`). A
+  float64 test holds the first equal to the second. The hooks add per-layer kernels from Python: on a GPU, where
+  a step is bound by launches, they cost ~2x a plain step against the grouped layer's ~1.2x. Hook mode, not ghost
+  clipping: LoRA's per-pair gradients are r x width per layer (a few MB a batch), so ghost clipping has little
+  memory to save here.
 - **A proximal pull survives.** FedProx's and Ditto's term depends on no data, so its gradient is added to the
   privatised gradient (post-processing costs no privacy); Opacus alone would overwrite `p.grad` and drop it.
+- **Fresh randomness.** Draws and noise come from the operating system, never from a seed the server knows
+  (it could regenerate the noise and subtract it); `privacy.reproducible` seeds them per site for experiments.
 - **Cumulative accounting.** The RDP accountant's history [(noise_multiplier, q, steps), ...] is the site's
   state across rounds, so epsilon covers the whole run; a round that would take it past `target_epsilon` is
   refused before any step.
@@ -27,37 +30,19 @@ What each piece is for:
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import random
 import secrets
-import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fed_netgpt.adapters import AdapterState, get_state, lora_config_from_json, set_state, state_of_parameters
-from fed_netgpt.config import LoraConfig, PrivacyConfig, TrainConfig
-from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.training import (
-    TrainResult,
-    autocast,
-    collate,
-    on_device,
-    precision_for,
-    proximal_term,
-    token_losses,
-    train_grouped,
-    trainable_parameters,
-)
+from fed_netgpt.config import PrivacyConfig, TrainConfig
 
 Row = TypeVar("Row")
 History = list[tuple[float, float, int]]  # the RDP accountant's [(noise_multiplier, sample_rate, steps)]
@@ -173,109 +158,6 @@ def poisson_batch(num_pairs: int, rate: float, rng: random.Random) -> list[int]:
     return [i for i in range(num_pairs) if rng.random() < rate]
 
 
-def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each row's mean cross-entropy over its own completion tokens (labels != -100), shape [batch]."""
-    tokens, counted = token_losses(logits, labels)
-    mask = counted.float()
-    return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-
-
-def train_adapter_private(
-    model: PeftModel,
-    adapter_name: str,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[PromptPair],
-    config: TrainConfig,
-    privacy: PrivacyConfig,
-    history: History,
-    planned_steps: int,
-    *,
-    anchor: dict[str, torch.Tensor] | None = None,
-    freeze_lora_a: bool = False,
-) -> tuple[TrainResult, History]:
-    """`training.train_adapter` under DP-SGD: `config.local_steps` Poisson-sampled steps on `pairs`.
-
-    `history` is the site's accountant history before this round; the one returned includes it. Raises
-    `BudgetSpent` (and changes nothing) when the round would exceed `privacy.target_epsilon`. The batches and
-    the noise come from the operating system's randomness, never from a seed: whoever knew the seed (the
-    server sends it) could regenerate the noise and subtract it.
-    """
-    if not pairs:
-        raise ValueError("train_adapter_private needs at least one training pair")
-    noise, rate = plan_round(privacy, history, len(pairs), config, planned_steps)
-    model.set_adapter(adapter_name)
-    device = next(model.parameters()).device
-    params = trainable_parameters(model, freeze_lora_a)
-    if config.proximal_mu > 0 and anchor is None:
-        anchor = {n: p.detach().clone() for n, p in params.items()}
-    anchor = anchor if config.proximal_mu > 0 else None
-    accountant = RDPAccountant()
-    accountant.history = as_history(history)
-    optimizer = DPOptimizer(
-        torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=config.weight_decay),
-        noise_multiplier=noise, max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=expected_batch(rate, len(pairs)), loss_reduction="mean",
-        generator=torch.Generator(device=device).manual_seed(secrets.randbits(63)),
-    )
-    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=rate))
-    per_pair = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-
-    def pair_loss_sum(_: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = per_pair(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_losses(logits, batch["labels"]).sum()
-
-    # timed with the per-pair gradients (on a CPU without AMX they made bf16 far slower than fp32), then the
-    # timing passes' per-pair gradients are dropped
-    first = on_device(collate(tokenizer, pairs[: config.batch_size], config.max_length), device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
-        precision = precision_for(config, model, first, loss=pair_loss_sum, step="dp-sgd")
-    per_pair.zero_grad(set_to_none=True)
-    rng = random.SystemRandom()
-    model.train()
-    losses, started = [], time.perf_counter()
-    try:
-        for _ in range(config.local_steps):
-            chosen = [pairs[i] for i in poisson_batch(len(pairs), rate, rng)]
-            if chosen:
-                batch = on_device(collate(tokenizer, chosen, config.max_length), device)
-                with autocast(precision.bf16, device):
-                    logits = per_pair(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                per_sequence = sequence_losses(logits, batch["labels"])
-                with warnings.catch_warnings():  # Opacus' hooks on the first LoRA layer, whose input is frozen
-                    warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
-                    per_sequence.sum().backward()
-                losses.append(float(per_sequence.mean().detach()))
-            else:  # nobody drawn: the step is noise alone, and it is counted
-                for p in optimizer.params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            if optimizer.pre_step():
-                if anchor is not None:  # data-independent: added after privatisation
-                    with torch.enable_grad():
-                        pull = torch.autograd.grad((config.proximal_mu / 2) * proximal_term(model, anchor),
-                                                   list(params.values()), allow_unused=True)
-                    for p, g in zip(params.values(), pull):
-                        if g is not None:
-                            p.grad = p.grad + g
-                optimizer.original_optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    finally:
-        per_pair._close()
-        model.eval()
-    history = as_history(accountant.history)
-    spent = privacy_spent(history, privacy.delta)
-    metrics = {
-        "train_loss": sum(losses) / len(losses) if losses else math.nan,
-        "train_loss_last": losses[-1] if losses else math.nan,
-        "train_seconds": time.perf_counter() - started,
-        "steps": float(config.local_steps),
-        "bf16": float(precision.bf16),
-        **spent.metrics(),
-    }
-    result = TrainResult(state=get_state(model, adapter_name), num_examples=len(pairs), metrics=metrics)
-    return result, history
-
-
 class SiteAccountant:
     """One site's DP-SGD across a run: every private training of the site (its federated adapter, its personal
     adapter) draws on the same accountant, so epsilon covers all that the site's data shaped."""
@@ -283,30 +165,6 @@ class SiteAccountant:
     def __init__(self, privacy: PrivacyConfig, planned_steps: int, history: History) -> None:
         self.privacy, self.planned_steps = privacy, planned_steps
         self.history = as_history(history)
-
-    def train(self, model: PeftModel, adapter_name: str, tokenizer: PreTrainedTokenizerBase,
-              pairs: Sequence[PromptPair], config: TrainConfig, seed: int = 0, *,
-              anchor: dict[str, torch.Tensor] | None = None, freeze_lora_a: bool = False) -> TrainResult:
-        """`training.train_adapter`'s signature, under DP-SGD (`seed` is not used: DP randomness must not be
-        predictable); the history grows with every step taken.
-
-        `privacy.engine=grouped` trains the adapter as a grouped pass of one site (`train_grouped_private`, tested
-        equal to Opacus's DPOptimizer; on a GPU ~1.2x a plain step against ~2x with Opacus's hooks, whose per-layer
-        Python launches bind the step); `opacus` trains it with Opacus's hooks (`train_adapter_private`)."""
-        if self.privacy.engine == "opacus":
-            result, self.history = train_adapter_private(model, adapter_name, tokenizer, pairs, config, self.privacy,
-                                                         self.history, self.planned_steps, anchor=anchor,
-                                                         freeze_lora_a=freeze_lora_a)
-            return result
-        if not pairs:
-            raise ValueError("a private training needs at least one training pair")
-        lora = lora_config_from_json(model.peft_config[adapter_name].to_dict(), f"adapter {adapter_name!r}")
-        anchors = None if anchor is None else [state_of_parameters(anchor, adapter_name)]
-        (result,) = train_grouped_private(model.get_base_model(), tokenizer, [pairs], [get_state(model, adapter_name)],
-                                          lora, config, [self], anchors=anchors, freeze_lora_a=freeze_lora_a)
-        set_state(model, adapter_name, result.state)
-        model.eval()  # as train_adapter leaves it
-        return result
 
     def plan(self, num_pairs: int, config: TrainConfig) -> tuple[float, float]:
         """(noise multiplier, sample rate) of the site's next round; `BudgetSpent` if it would pass the target."""
@@ -317,66 +175,79 @@ class SiteAccountant:
         return privacy_spent(self.history, self.privacy.delta).metrics()
 
 
-class GroupedDPSGD:
-    """DP-SGD for the sites of one grouped pass (`training.train_grouped(private=...)`), each site as
-    `train_adapter_private` trains it alone: Poisson sampling at its own rate, each pair's gradient clipped to
-    `max_grad_norm`, the site's clipped sum plus N(0, (its noise multiplier x max_grad_norm)^2) per number,
-    divided by its expected batch size. Opacus cannot hook the grouped layer, so the layer keeps each pair's
-    gradient (`grouped_lora.RowGradients`) and this applies Opacus's rules; a test holds the result equal to
-    Opacus's own DPOptimizer on the same pairs."""
+def dp_seed(privacy: PrivacyConfig, train_seed: int, site: str, seed: int, history: History) -> int | None:
+    """The seed of one private training's randomness (its Poisson draws and its noise), or None: the operating
+    system's randomness, the default. Under `privacy.reproducible` it comes from `train.seed`, the site, the
+    training's seed (the round) and the steps the site has taken, so a site draws the same batches and noise
+    whichever node trains it, alone or packed, and its federated and personal passes draw apart. Whoever knows
+    train.seed can then regenerate the noise and remove it: that mode is for experiments, never for real users."""
+    if not privacy.reproducible:
+        return None
+    steps = sum(n for _, _, n in as_history(history))
+    digest = hashlib.sha256(f"{train_seed}/{site}/{seed}/{steps}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: what torch.Generator.manual_seed takes
 
-    def __init__(self, max_grad_norm: float, plans: Sequence[tuple[float, float]], sizes: Sequence[int]) -> None:
+
+class GroupedDPSGD:
+    """DP-SGD for the sites of one grouped pass (`engine.train_sites` with accountants), each site as Opacus
+    would train it alone: Poisson sampling at its own rate, each pair's gradient clipped to `max_grad_norm`, the
+    site's clipped sum plus N(0, (its noise multiplier x max_grad_norm)^2) per number, divided by its expected
+    batch size. Opacus cannot hook the grouped layer, so the layer keeps each pair's gradient
+    (`grouped_lora.RowGradients`) and this applies Opacus's rules; a test holds the result equal to Opacus's own
+    DPOptimizer on the same pairs. Each site draws from its own random streams (`seeds`; None: the operating
+    system's randomness for its draws, a generator seeded from it for its noise), so what a site draws never
+    depends on the sites packed with it."""
+
+    def __init__(self, max_grad_norm: float, plans: Sequence[tuple[float, float]], sizes: Sequence[int],
+                 seeds: Sequence[int | None] | None = None) -> None:
         self.max_grad_norm = max_grad_norm
         self.plans = list(plans)
-        self.rng = random.SystemRandom()
+        self.seeds = list(seeds or [None] * len(self.plans))
         self.noise_std = [noise * max_grad_norm for noise, _ in plans]
         self.expected = [expected_batch(rate, n) for (_, rate), n in zip(plans, sizes)]
-        self.generator: torch.Generator | None = None
+        self.generators: list[torch.Generator] = []
         self._tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def draws(self, sites: Sequence[Sequence[Row]]) -> list[Iterator[list[Row]]]:
-        """Each site's endless Poisson-sampled batches (the operating system's randomness, never a seed)."""
-        def draw(rows: Sequence[Row], rate: float) -> Iterator[list[Row]]:
+        """Each site's endless Poisson-sampled batches, from its own stream."""
+        def draw(rows: Sequence[Row], rate: float, rng: random.Random) -> Iterator[list[Row]]:
             while True:
-                yield [rows[i] for i in poisson_batch(len(rows), rate, self.rng)]
-        return [draw(rows, rate) for rows, (_, rate) in zip(sites, self.plans)]
+                yield [rows[i] for i in poisson_batch(len(rows), rate, rng)]
+        return [draw(rows, rate, random.SystemRandom() if seed is None else random.Random(seed))
+                for rows, (_, rate), seed in zip(sites, self.plans, self.seeds)]
 
     def privatize(self, clipped_sums: dict[torch.nn.Parameter, torch.Tensor]) -> None:
-        """Set each stacked factor's `.grad`: site k's slice is its clipped sum, noised and averaged."""
-        for param, total in clipped_sums.items():
+        """Set each stacked factor's `.grad`: site k's slice is its clipped sum, noised and averaged. Site k's
+        noise for all factors is one draw from its own generator, laid out factor after factor."""
+        sums = list(clipped_sums.values())
+        if not sums:
+            return
+        first = sums[0]
+        sizes = [total[0].numel() for total in sums]
+        noise = torch.empty(len(self.plans), sum(sizes), dtype=first.dtype, device=first.device)
+        for row, generator in zip(noise, self._generators(first.device)):
+            row.normal_(generator=generator)
+        offset = 0
+        for (param, total), size in zip(clipped_sums.items(), sizes):
             std, expected = self._per_site(total)
-            param.grad = torch.addcmul(total, torch.randn(total.shape, generator=self.generator, dtype=total.dtype,
-                                                          device=total.device), std).div_(expected)
+            param.grad = torch.addcmul(total, noise[:, offset : offset + size].view(total.shape), std).div_(expected)
+            offset += size
+
+    def _generators(self, device: torch.device) -> list[torch.Generator]:
+        if not self.generators or self.generators[0].device != device:
+            self.generators = [torch.Generator(device=device).manual_seed(
+                secrets.randbits(63) if seed is None else seed) for seed in self.seeds]
+        return self.generators
 
     def _per_site(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each site's noise std and expected batch size as [K, 1, ...] tensors on `like`'s device, made once (a
         copy to the GPU for each of 240 factors a step cost more than the noise itself)."""
         key = (like.device, like.dtype, like.dim())
         if key not in self._tensors:
-            if self.generator is None or self.generator.device != like.device:
-                self.generator = torch.Generator(device=like.device).manual_seed(secrets.randbits(63))
             shape = (-1, *[1] * (like.dim() - 1))
             self._tensors[key] = tuple(torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
                                        for values in (self.noise_std, self.expected))  # type: ignore[assignment]
         return self._tensors[key]
-
-
-def train_grouped_private(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                          sites: Sequence[Sequence[PromptPair]], starts: Sequence[AdapterState], lora: LoraConfig,
-                          config: TrainConfig, accountants: Sequence[SiteAccountant], *,
-                          anchors: Sequence[AdapterState] | None = None,
-                          freeze_lora_a: bool = False) -> list[TrainResult]:
-    """`training.train_grouped` under DP-SGD, each site drawing on its own accountant (whose history grows by
-    the round's steps). Raises `BudgetSpent` before any step if a site's round would pass the target: check
-    each site with `SiteAccountant.plan` first and leave the refused ones out."""
-    plans = [accountant.plan(len(pairs), config) for accountant, pairs in zip(accountants, sites)]
-    private = GroupedDPSGD(accountants[0].privacy.max_grad_norm, plans, [len(pairs) for pairs in sites])
-    results = train_grouped(model, tokenizer, sites, starts, lora, config, [0] * len(sites),
-                            freeze_lora_a=freeze_lora_a, anchors=anchors, private=private)
-    for accountant, (noise, rate), result in zip(accountants, plans, results):
-        accountant.history = with_steps(accountant.history, noise, rate, config.local_steps)
-        result.metrics.update(accountant.spent())
-    return results
 
 
 def recorded_histories(site_records: Sequence[dict]) -> dict[str, History]:

@@ -12,52 +12,35 @@ regional adapters of a personalized run equal those of a run without it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from peft import PeftModel
 
-from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_adapter, set_state
+from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_adapter
 from fed_netgpt.config import Config, TrainConfig
-from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.models import BaseModel
-from fed_netgpt.privacy import SiteAccountant, train_grouped_private
 from fed_netgpt.runs import is_adapter
-from fed_netgpt.training import TrainResult, train_adapter, train_grouped, trainable_parameters
+from fed_netgpt.training.engine import SiteJob, TrainResult, train_sites
 
 PERSONAL = "personal"
 RUN_MARK = "run.json"  # beside a site adapter: which run trained it, so a new run never inherits a stale one
 
 
-def train_personal_adapter(
-    base: BaseModel, config: Config, pairs: Sequence[PromptPair], regional: AdapterState, folder: Path,
-    run_id: str, seed: int, train: Callable[..., TrainResult] = train_adapter,
-) -> TrainResult:
-    """One round of Ditto's personal update at a site; the adapter is published to `folder` (peft format).
-    `train` is `training.train_adapter`, or a site's `privacy.SiteAccountant.train` under DP."""
-    model = attach_adapter(base, PERSONAL, config.lora, seed=config.run.seed)
-    set_state(model, PERSONAL, regional)
-    anchor = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
-    set_state(model, PERSONAL, _own_adapter(folder, run_id) or regional)
-    result = train(model, PERSONAL, base.tokenizer, pairs, ditto_settings(config), seed=seed, anchor=anchor)
-    _publish(model, folder, run_id, result.state)
-    return result
+def personal_job(federated: SiteJob, folder: Path, run_id: str) -> SiteJob:
+    """Ditto's personal pass of a site, from the job of its federated update: it starts from the site's own adapter
+    (the regional one it was sent, the first time) and is pulled toward that regional adapter; it draws on the same
+    DP accountant, so epsilon covers both."""
+    return replace(federated, start=_own_adapter(folder, run_id) or federated.start, anchor=federated.start)
 
 
-def train_personal_adapters_grouped(
-    base: BaseModel, config: Config, sites: Sequence[Sequence[PromptPair]], regionals: Sequence[AdapterState],
-    folders: Sequence[Path], run_id: str, seed: int, accountants: Sequence[SiteAccountant] | None = None,
-) -> list[TrainResult]:
-    """`train_personal_adapter` for several sites of a node in one grouped pass (`training.train_grouped`, or
-    under DP-SGD `privacy.train_grouped_private` drawing on each site's accountant)."""
-    starts = [_own_adapter(folder, run_id) or regional for folder, regional in zip(folders, regionals)]
-    if accountants:
-        results = train_grouped_private(base.model, base.tokenizer, sites, starts, config.lora,
-                                        ditto_settings(config), accountants, anchors=regionals)
-    else:
-        results = train_grouped(base.model, base.tokenizer, sites, starts, config.lora, ditto_settings(config),
-                                [seed] * len(sites), anchors=regionals)
+def train_personal_adapters(base: BaseModel, config: Config, federated: Sequence[SiteJob], folders: Sequence[Path],
+                            run_id: str) -> list[TrainResult]:
+    """One round of Ditto's personal update for each site of `federated` (one grouped pass); each adapter is
+    published to its folder (peft format) with the run's mark."""
+    jobs = [personal_job(job, folder, run_id) for job, folder in zip(federated, folders)]
+    results = train_sites(base, jobs, config.lora, ditto_settings(config))
     model = attach_adapter(base, PERSONAL, config.lora, seed=config.run.seed)  # its config goes with each file
     for folder, result in zip(folders, results):
         _publish(model, folder, run_id, result.state)
