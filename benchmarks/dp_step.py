@@ -23,10 +23,10 @@ import torch
 from multisite import interleaved  # benchmarks/ is the running script's folder
 from train_step import random_base, step_parser
 
-from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
-from fed_netgpt.models import load_base
+from fed_netgpt.model.adapters import attach_adapter, get_state
+from fed_netgpt.model.base import load_base
 from fed_netgpt.training.engine import SiteJob, train_sites
 from fed_netgpt.training.privacy import SiteAccountant
 from fed_netgpt.training.reference import train_adapter, train_adapter_private

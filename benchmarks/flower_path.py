@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
-from fed_netgpt.models import load_base
+from fed_netgpt.model.adapters import attach_adapter, get_state
+from fed_netgpt.model.base import load_base
 from fed_netgpt.training.engine import SiteJob, train_sites
 
 

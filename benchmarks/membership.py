@@ -2,13 +2,13 @@
 
     python benchmarks/membership.py [--model smollm2-135m] [--canaries 128] [--steps 120] [--epsilons inf 8 1]
 
-The biggest site of the built-in data gets `--canaries` canary pairs (fed_netgpt/leakage.py); a random half joins
-its training data. For each epsilon a fresh adapter trains `--steps` steps on it (inf: plain training; else DP-SGD
-with the noise derived to end the steps at that epsilon: the site's `SiteJob` with a `SiteAccountant`), by the
-engine a site trains with (`engine.train_sites`, one site: K=1; `train.engine=peft` and `privacy.engine=opacus` pick
-the reference engines), and the attack scores every canary. Prints the ROC AUC (0.5: nothing leaks; its spread when
-nothing leaks is printed too), the calibrated attack's (each canary's loss drop from the base model's,
-fed_netgpt/leakage.py) and the members' and non-members' mean loss.
+The biggest site of the built-in data gets `--canaries` canary pairs (fed_netgpt/evaluation/leakage.py); a random
+half joins its training data. For each epsilon a fresh adapter trains `--steps` steps on it (inf: plain training;
+else DP-SGD with the noise derived to end the steps at that epsilon: the site's `SiteJob` with a `SiteAccountant`),
+by the engine a site trains with (`engine.train_sites`, one site: K=1; `train.engine=peft` and
+`privacy.engine=opacus` pick the reference engines), and the attack scores every canary. Prints the ROC AUC (0.5:
+nothing leaks; its spread when nothing leaks is printed too), the calibrated attack's (each canary's loss drop from
+the base model's, fed_netgpt/evaluation/leakage.py) and the members' and non-members' mean loss.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import replace
 
 import torch
 
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.sites import load_sites
-from fed_netgpt.leakage import canaries, chance_auc_std, membership_auc, split_members
-from fed_netgpt.models import load_base
+from fed_netgpt.evaluation.leakage import canaries, chance_auc_std, membership_auc, split_members
+from fed_netgpt.model.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.model.base import load_base
 from fed_netgpt.training.engine import SiteJob, train_sites
 from fed_netgpt.training.privacy import SiteAccountant
 

@@ -20,7 +20,7 @@ import time
 
 import psutil
 
-from fed_netgpt.models import load_base
+from fed_netgpt.model.base import load_base
 
 
 def tree_rss(process: psutil.Process) -> int:

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from train_step import random_base, step_parser  # benchmarks/ is the running script's folder
 
-from fed_netgpt import fused, grouped_lora
-from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import Config, load_config
 from fed_netgpt.data.sites import load_sites
-from fed_netgpt.models import BaseModel, load_base
-from fed_netgpt.prompting import encode_pair
+from fed_netgpt.model import fused, grouped_lora
+from fed_netgpt.model.adapters import attach_adapter, get_state
+from fed_netgpt.model.base import BaseModel, load_base
+from fed_netgpt.model.prompting import encode_pair
 from fed_netgpt.training.batches import batches
 from fed_netgpt.training.engine import SiteJob, train_sites
 from fed_netgpt.training.reference import train_adapter

@@ -27,10 +27,10 @@ import torch
 from fed_netgpt.config import ServingConfig
 from fed_netgpt.data.facts import fact_levels, fact_vocabulary, levels_of
 from fed_netgpt.data.sites import load_pairs
-from fed_netgpt.evaluation import sample_test_rows
-from fed_netgpt.metrics import carries_local_facts, score_row
-from fed_netgpt.prompting import chat_prompt
-from fed_netgpt.runs import read_run_config
+from fed_netgpt.evaluation.metrics import carries_local_facts, score_row
+from fed_netgpt.evaluation.scoring import sample_test_rows
+from fed_netgpt.model.prompting import chat_prompt
+from fed_netgpt.run.folder import read_run_config
 from fed_netgpt.serving.cloud import LocalCloud
 from fed_netgpt.serving.edge import EdgeService
 from fed_netgpt.serving.engine import DecodeRow

@@ -1,1 +1,1 @@
-"""Flower ClientApp: thin glue from messages to fed_netgpt.training and fed_netgpt.evaluation."""
+"""Flower ClientApp: thin glue from messages to fed_netgpt.training and fed_netgpt.evaluation.scoring."""

@@ -22,13 +22,12 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from fed_netgpt.adapters import AdapterState, adapter_name_for, attach_adapter, save_adapter, set_state
 from fed_netgpt.config import Config, TrainConfig, from_yaml
 from fed_netgpt.data.facts import facts_by_site
 from fed_netgpt.data.sites import SiteData, load_sites
-from fed_netgpt.evaluation import completion_loss, evaluate_site, site_sample
-from fed_netgpt.faults import InjectedCrash, crashes, is_slow, poison_update, poisoned_sites
-from fed_netgpt.models import BaseModel, load_base
+from fed_netgpt.evaluation.scoring import completion_loss, evaluate_site, site_sample
+from fed_netgpt.model.adapters import AdapterState, adapter_name_for, attach_adapter, save_adapter, set_state
+from fed_netgpt.model.base import BaseModel, load_base
 from fed_netgpt.protocol import (
     ARRAYS,
     CLIPPING_NORM,
@@ -47,7 +46,8 @@ from fed_netgpt.protocol import (
     from_record,
     train_reply,
 )
-from fed_netgpt.runs import site_adapter_dir
+from fed_netgpt.run.faults import InjectedCrash, crashes, is_slow, poison_update, poisoned_sites
+from fed_netgpt.run.folder import site_adapter_dir
 from fed_netgpt.training.engine import SiteJob, train_sites
 from fed_netgpt.training.personalization import this_runs_adapter, train_personal_adapters
 from fed_netgpt.training.privacy import BudgetSpent, SiteAccountant, longer
@@ -253,9 +253,11 @@ def train(msg: Message, context: Context) -> Message:
     stalls(config, plan.server_round, [u.site.site_id for u in updates])
     survivors = [u for u in updates if not crashes(config.faults.crash_probability, config.run.seed, plan.server_round,
                                                    u.site.site_id)]
-    if not survivors:  # the site, or every packed site, crashed: the node's reply is an error
-        raise InjectedCrash(f"injected crash (faults.crash_probability={config.faults.crash_probability}) of "
-                            f"{', '.join(u.site.site_id for u in updates)} in round {plan.server_round}")
+    if not survivors:  # the site, or every packed site, crashed: the node's reply is an error (one site's names
+        # no site: it is in the site's metrics.jsonl line, and the failure summary counts one reason, not one a site)
+        raise InjectedCrash(f"injected crash of every packed site ({', '.join(request.sites)}) in round "
+                            f"{plan.server_round}" if request.packed else
+                            f"injected crash (faults.crash_probability={config.faults.crash_probability})")
     accountants = {u.site.site_id: site_accountant(config, context, u.site.site_id, request.run, plan)
                    for u in survivors}
     refused = refused_sites(config, survivors, accountants, plan)

@@ -23,12 +23,17 @@ from pathlib import Path
 
 import torch
 
-from fed_netgpt.adapters import AdapterError
-from fed_netgpt.comparison import jobs_for, mean_over_seeds, privacy_utility, run_config
 from fed_netgpt.config import Config, ConfigError, ServingConfig, SimulationConfig, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
-from fed_netgpt.deployment import (
+from fed_netgpt.evaluation.comparison import jobs_for, mean_over_seeds, privacy_utility, run_config
+from fed_netgpt.evaluation.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
+from fed_netgpt.evaluation.report import duration, json_safe, write_report
+from fed_netgpt.evaluation.scoring import evaluate_run
+from fed_netgpt.model.adapters import AdapterError
+from fed_netgpt.model.base import DeviceError, ModelNotFoundError, cache_root, load_base, resolve_device
+from fed_netgpt.model.prompting import check_pair_lengths
+from fed_netgpt.run.deployment import (
     DEFAULT_PORT,
     CredentialsError,
     check_host,
@@ -38,12 +43,7 @@ from fed_netgpt.deployment import (
     render_commands,
     write_credentials,
 )
-from fed_netgpt.evaluation import evaluate_run
-from fed_netgpt.models import DeviceError, ModelNotFoundError, cache_root, load_base, resolve_device
-from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
-from fed_netgpt.prompting import check_pair_lengths
-from fed_netgpt.report import duration, json_safe, write_report
-from fed_netgpt.runs import (
+from fed_netgpt.run.folder import (
     FAILED,
     RunFolderError,
     check_not_failed,
@@ -148,7 +148,7 @@ def prepared_config(args: argparse.Namespace) -> Config:
     """The config with what this machine decides resolved, logged and saved with the run: an absolute run folder
     (Ray workers write site adapters there) and `train.device=auto` turned into cpu or cuda (with a GPU share per
     client when none is set). `train.bf16=auto` stays: the first worker to train times a bf16 and an fp32 step of
-    the real model once per machine, model and batch (fed_netgpt/precision.py) and logs what it chose."""
+    the real model once per machine, model and batch (fed_netgpt/model/precision.py) and logs what it chose."""
     config = load_config(args.config, args.overrides)
     device = resolve_device(config.train.device)
     train, simulation = replace(config.train, device=device.type), config.simulation
@@ -401,7 +401,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def deploy_credentials_command(args: argparse.Namespace) -> int:
-    """Write the credentials and print the commands that use them (fed_netgpt/deployment.py)."""
+    """Write the credentials and print the commands that use them (fed_netgpt/run/deployment.py)."""
     nodes = [parse_node(text) for text in args.node]
     hosts = [check_host(host) for host in args.host]
     address = args.superlink_address or f"{hosts[0] if hosts else '127.0.0.1'}:{DEFAULT_PORT}"

@@ -69,7 +69,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 128
     proximal_mu: float = 0.0  # FedProx term weight; 0 disables it
-    bf16: str = "auto"  # auto | true | false: bf16 autocast only where it is faster (fed_netgpt/precision.py)
+    bf16: str = "auto"  # auto | true | false: bf16 autocast only where it is faster (fed_netgpt/model/precision.py)
     device: str = "auto"  # auto (cuda where the process sees a GPU) | cpu | cuda
     sites_per_pass: int = 1  # a node's sites trained in one grouped forward/backward (grouped_lora.py); 1: in turn
     fused_kernels: bool = True  # on a GPU, grouped passes use torch's fused RMSNorm and compiled MLPs (fused.py)
@@ -158,13 +158,13 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class FaultsConfig:
-    """Faults injected into a simulation (fed_netgpt/faults.py)."""
+    """Faults injected into a simulation (fed_netgpt/run/faults.py)."""
 
     crash_probability: float = 0.0  # each site, each round: its training crashes with this probability
     slow_probability: float = 0.0  # each site, each round: it stalls `slow_seconds` before training
     slow_seconds: float = 0.0  # how long a slow site stalls (beyond federation.timeout: its reply comes too late)
     poison_fraction: float = 0.0  # sites of each region (rounded to the nearest, halves up) that send poisoned updates
-    poison_kind: str = "sign_flip"  # scale | sign_flip | random (fed_netgpt/faults.py:poison_update)
+    poison_kind: str = "sign_flip"  # scale | sign_flip | random (fed_netgpt/run/faults.py:poison_update)
     poison_scale: float = 10.0  # how far a poisoned update goes, in multiples of the site's real update
 
 
@@ -359,11 +359,11 @@ def _check_compare(compare: CompareConfig, privacy: PrivacyConfig) -> None:
                           f"compare.epsilons; leave privacy.mode=none (got {privacy.mode})")
 
 
-POISON_KINDS = ("scale", "sign_flip", "random")  # fed_netgpt/faults.py:poison_update says what each sends
+POISON_KINDS = ("scale", "sign_flip", "random")  # fed_netgpt/run/faults.py:poison_update says what each sends
 ROBUST = ("none", "median", "trimmed_mean", "clipped_mean", "krum")  # strategies/robust.py says what each does
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 CONTEXTS = ("none", "city", "coordinates")
-# What `fed-netgpt compare` can train and evaluate side by side (fed_netgpt/comparison.py says what each is).
+# What `fed-netgpt compare` can train and evaluate side by side (fed_netgpt/evaluation/comparison.py says what each is).
 DEFAULT_VARIANTS = ("base", "local", "global", "global_city", "regional", "personalized", "regional_ffa",
                     "regional_svd")
 VARIANTS = (*DEFAULT_VARIANTS, "local_dp", "regional_dp", "personalized_dp", "regional_ffa_dp")

@@ -7,19 +7,19 @@ import random
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.config import Config, load_config, overrides_from_run_config, to_yaml
 from fed_netgpt.data.sites import load_pairs, load_sites
-from fed_netgpt.evaluation import evaluate_run
-from fed_netgpt.faults import poisoned_sites
-from fed_netgpt.models import BaseModel, load_base
-from fed_netgpt.plots import validation_curves, write_plot
+from fed_netgpt.evaluation.plots import validation_curves, write_plot
+from fed_netgpt.evaluation.report import duration, write_report
+from fed_netgpt.evaluation.scoring import evaluate_run
+from fed_netgpt.model.adapters import AdapterState, attach_adapter, get_state
+from fed_netgpt.model.base import BaseModel, load_base
 from fed_netgpt.protocol import RunContext, from_record, to_record
-from fed_netgpt.report import duration, write_report
-from fed_netgpt.runs import (
+from fed_netgpt.run.faults import poisoned_sites
+from fed_netgpt.run.folder import (
     FAILED,
     RunFolderError,
     aggregation_group,
@@ -41,7 +41,7 @@ from fed_netgpt.training.privacy import privacy_report, recorded_histories
 from server.federated_report import federated_report, scored_by_sites
 from server.site_grid import DiscoveryError, SiteGrid, discover_sites
 from strategies.aggregation import merge_regions, split_regions
-from strategies.regional import RegionalStrategy
+from strategies.regional import RegionalStrategy, RoundOutcome
 from strategies.registry import make_strategy
 
 log = logging.getLogger("fed_netgpt.server")
@@ -69,94 +69,135 @@ def server_app_for(config: Config) -> ServerApp:
 
 
 def run_federation(grid: Grid, config: Config) -> Path:
-    _setup_logging()
-    folder, run_id = start_run(config)
-    log.info("run folder: %s\n%s", folder, to_yaml(config))
-    private = config.privacy.mode == "sample_dp"  # each site is told how much it has spent (a resumed run's too)
-    message_config = RunContext(to_yaml(config), run_id,
-                                recorded_histories(site_records(folder)) if private else None).to_record()
-    expected = len(load_sites(config.data))
-    try:
-        sites, routes = discover_sites(grid, expected, config.federation, message_config)
-    except DiscoveryError as err:  # no node served a site: one line for the user, the folder marked failed
-        mark_failed(folder, str(err))
-        log.error("the run failed: %s; %s marks the folder", err, FAILED)
-        return folder
-    site_grid = SiteGrid(grid, routes, config.train.sites_per_pass)  # from here on messages go to sites
-    site_groups = {number: aggregation_group(config, s.site_id, s.region) for number, s in sites.items()}
-    base = load_base(config.model.name, config.model.cache_dir, config.train.device)
-    regions = sorted(set(site_groups.values()))
-    done, arrays = starting_point(folder, config, base, regions)
-    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), site_groups,
-                                config.federation.lora_aggregation, config.lora.r, config.federation.wire_dtype,
-                                rounds_done=done, min_replies=config.federation.min_replies,
-                                max_update_norm=config.federation.max_update_norm)
-    poisoned = poisoned_sites(config.faults.poison_fraction, config.run.seed,
-                              {s.site_id: s.region for s in sites.values()})
-    if poisoned:
-        log.warning("faults.poison_fraction=%g: %s send %s-poisoned updates every round (federation.robust=%s)",
-                    config.faults.poison_fraction, ", ".join(sorted(poisoned)), config.faults.poison_kind,
-                    config.federation.robust)
-    random.seed(config.run.seed)  # Flower's strategies sample sites with Python's random: a run is reproducible
-    if done:  # the server optimizer and the site sampling continue where the checkpoint left them
-        strategy.restore_optimizer_states(checkpoint_optimizer(folder, done))
-        sampling = checkpoint_sampling(folder, done)
-        if sampling is not None:
-            random.setstate(sampling)
-    started = time.perf_counter()
+    """One federated run on `grid` with `config`; returns its run folder."""
+    return Federation(grid, config).run()
 
-    def end_of_round(server_round: int, round_arrays: ArrayRecord) -> None:
-        if server_round == 0:
-            return None
-        server_round += done  # a resumed run numbers its rounds after the checkpoint's
-        rows = [{"round": server_round, "seconds": round(time.perf_counter() - started, 1), **strategy.round_metrics,
-                 **site_grid.train_downlink}]
-        for number, record in strategy.site_replies.items():
-            site = sites[number]
+
+class Federation:
+    """A federated run on the server, phase by phase: `discover` the sites the nodes serve, `start` (or resume
+    from the last checkpoint), run the rounds, each closed by `end_of_round` with what the strategy hands over,
+    and `finish` (the adapters, a failure marked, the report)."""
+
+    def __init__(self, grid: Grid, config: Config) -> None:
+        _setup_logging()
+        self.grid, self.config = grid, config
+        self.folder, self.run_id = start_run(config)
+        log.info("run folder: %s\n%s", self.folder, to_yaml(config))
+        self.private = config.privacy.mode == "sample_dp"  # sites are told what they spent (a resumed run's too)
+        self.message_config = self._run_context().to_record()
+        self.started = time.perf_counter()
+
+    def run(self) -> Path:
+        if self.discover():
+            self.start()
+            self.finish(self.rounds())
+        return self.folder
+
+    def _run_context(self) -> RunContext:
+        histories = recorded_histories(site_records(self.folder)) if self.private else None
+        return RunContext(to_yaml(self.config), self.run_id, histories)
+
+    def discover(self) -> bool:
+        """Which node serves which site; False (the folder marked failed, one line logged) when none serves one."""
+        try:
+            self.sites, routes = discover_sites(self.grid, len(load_sites(self.config.data)), self.config.federation,
+                                                self.message_config)
+        except DiscoveryError as err:
+            self._fail(str(err))
+            return False
+        self.site_grid = SiteGrid(self.grid, routes, self.config.train.sites_per_pass)  # from here on: sites
+        self.site_groups = {number: aggregation_group(self.config, s.site_id, s.region)
+                            for number, s in self.sites.items()}
+        self.groups = sorted(set(self.site_groups.values()))
+        self.poisoned = poisoned_sites(self.config.faults.poison_fraction, self.config.run.seed,
+                                       {s.site_id: s.region for s in self.sites.values()})
+        if self.poisoned:
+            faults = self.config.faults
+            log.warning("faults.poison_fraction=%g: %s send %s-poisoned updates every round (federation.robust=%s)",
+                        faults.poison_fraction, ", ".join(sorted(self.poisoned)), faults.poison_kind,
+                        self.config.federation.robust)
+        return True
+
+    def start(self) -> None:
+        """Each group's starting adapter and the strategy: fresh, or continued from the latest checkpoint (the
+        server optimizer and the site sampling too)."""
+        config = self.config
+        self.base = load_base(config.model.name, config.model.cache_dir, config.train.device)
+        self.done, self.arrays = starting_point(self.folder, config, self.base, self.groups)
+        done = self.done
+        self.strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), self.site_groups,
+                                         config.federation.lora_aggregation, config.lora.r,
+                                         config.federation.wire_dtype, rounds_done=done,
+                                         min_replies=config.federation.min_replies,
+                                         max_update_norm=config.federation.max_update_norm)
+        random.seed(config.run.seed)  # Flower's strategies sample sites with Python's random: a run is reproducible
+        if done:
+            self.strategy.restore_optimizer_states(checkpoint_optimizer(self.folder, done))
+            sampling = checkpoint_sampling(self.folder, done)
+            if sampling is not None:
+                random.setstate(sampling)
+
+    def rounds(self) -> dict[str, AdapterState]:
+        """The rounds still to run, on Flower's own round loop; each group's adapter after the last."""
+        num_rounds = self.config.federation.num_rounds
+        if self.done < num_rounds:
+            result = self.strategy.start(
+                grid=self.site_grid, initial_arrays=to_record(self.arrays), num_rounds=num_rounds - self.done,
+                timeout=self.config.federation.timeout, train_config=self.message_config,
+                evaluate_config=self.message_config, evaluate_fn=self.strategy.round_end(self.end_of_round))
+            self.arrays = from_record(result.arrays)
+        return split_regions(self.arrays)
+
+    def end_of_round(self, outcome: RoundOutcome) -> None:
+        """Checkpoint the round, then append its summary and each site's record to metrics.jsonl (a crash between
+        loses nothing: the checkpoint keeps them too), and say how it went."""
+        server_round = outcome.server_round
+        elapsed = time.perf_counter() - self.started
+        rows = [{"round": server_round, "seconds": round(elapsed, 1), **outcome.summary,
+                 **self.site_grid.take_train_downlink()}]
+        for number, record in outcome.sites.items():
+            site = self.sites[number]
             rows.append({"round": server_round, "site_id": site.site_id, "region": site.region, **record,
-                         **({"poisoned": True} if site.site_id in poisoned else {})})
-        save_checkpoint(folder, server_round, from_record(round_arrays), strategy.optimizer_states(), rows,
-                        random.getstate())
-        append_metrics(folder, rows)  # after the checkpoint, which keeps them too (a crash between loses nothing)
-        _log_round(server_round, config.federation.num_rounds, done + 1, time.perf_counter() - started, regions,
-                   strategy.round_metrics)
-        if private:  # the next round's messages: a node's own record may lag (two of its sites trained at once
-            # in a simulation both rewrote its state), the server's does not
-            message_config.update(RunContext(to_yaml(config), run_id,
-                                             recorded_histories(site_records(folder))).to_record())
-        return None
+                         **({"poisoned": True} if site.site_id in self.poisoned else {})})
+        save_checkpoint(self.folder, server_round, from_record(outcome.arrays), self.strategy.optimizer_states(),
+                        rows, random.getstate())
+        append_metrics(self.folder, rows)
+        _log_round(server_round, self.config.federation.num_rounds, self.done + 1, elapsed, self.groups,
+                   outcome.summary)
+        if self.private:  # the next round's messages: a node's own record may lag (two of its sites trained at
+            # once in a simulation both rewrote its state), the server's does not
+            self.message_config.update(self._run_context().to_record())
 
-    if done < config.federation.num_rounds:
-        arrays = from_record(strategy.start(
-            grid=site_grid, initial_arrays=to_record(arrays), num_rounds=config.federation.num_rounds - done,
-            timeout=config.federation.timeout, train_config=message_config, evaluate_config=message_config,
-            evaluate_fn=end_of_round,
-        ).arrays)
-    states = split_regions(arrays)
-    untrained = never_updated(folder, regions)
-    if untrained:
-        reason = (f"no valid update ever reached {', '.join(untrained)} in {config.federation.num_rounds} rounds "
-                  f"(its sites failed or were rejected: {_reasons(folder)})")
-        mark_failed(folder, reason)
+    def finish(self, states: dict[str, AdapterState]) -> None:
+        """Write the groups' adapters (published unless a group never got a valid update: then the run failed),
+        and the report."""
+        config, folder = self.config, self.folder
+        untrained = never_updated(folder, self.groups)
+        if untrained:
+            self._fail(f"no valid update ever reached {', '.join(untrained)} in {config.federation.num_rounds} "
+                       f"rounds (its sites failed or were rejected: {_reasons(folder)})")
+        save_adapters(folder, self.base, config, states, publish=not untrained)
+        failures = failure_summary(folder)
+        if failures["failed_or_rejected"]:
+            log.warning("%d of %d site-rounds failed or were rejected: %s", failures["failed_or_rejected"],
+                        failures["site_rounds"], _reasons(folder))
+        if not config.run.report or untrained:
+            return
+        if scored_by_sites(config, self.sites):
+            report = federated_report(self.site_grid, config, folder, self.base, self.sites, self.site_groups,
+                                      states, self.message_config)
+        else:
+            report = evaluate_run(folder, config, load_pairs(config.data), self.base)
+        if config.privacy.mode != "none":
+            report["privacy"] = privacy_report(config.privacy, site_records(folder), round_summaries(folder))
+        report["failures"] = failures
+        if self.poisoned:
+            report["poisoned_sites"] = sorted(self.poisoned)
+        publish_report(folder, config, report)
+
+    def _fail(self, reason: str) -> None:
+        mark_failed(self.folder, reason)
         log.error("the run failed: %s; %s marks the folder", reason, FAILED)
-    save_adapters(folder, base, config, states, publish=not untrained)
-    failures = failure_summary(folder)
-    if failures["failed_or_rejected"]:
-        log.warning("%d of %d site-rounds failed or were rejected: %s", failures["failed_or_rejected"],
-                    failures["site_rounds"], _reasons(folder))
-    if not config.run.report or untrained:
-        return folder
-    if scored_by_sites(config, sites):
-        report = federated_report(site_grid, config, folder, base, sites, site_groups, states, message_config)
-    else:
-        report = evaluate_run(folder, config, load_pairs(config.data), base)
-    if config.privacy.mode != "none":
-        report["privacy"] = privacy_report(config.privacy, site_records(folder), round_summaries(folder))
-    report["failures"] = failures
-    if poisoned:
-        report["poisoned_sites"] = sorted(poisoned)
-    publish_report(folder, config, report)
-    return folder
 
 
 def _reasons(folder: Path) -> str:

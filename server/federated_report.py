@@ -1,12 +1,12 @@
 """The final report scored where the data is: each site evaluates its own test rows, the server adds up counts.
 
 In deployment the server does not hold the sites' rows (a node may train on its own `data-path`), so it cannot
-generate and score their completions. Instead each site scores its own held-out-intent rows with every variant
-and replies with additive tallies (`fed_netgpt.metrics.tally`); summed over sites they give exactly the numbers
-the pooled rows would (`fed_netgpt.evaluation.result_from_tallies`). Two things need every site: a fact's level
-(region-level when every site of the region states it) and the vocabulary of wrong facts. Each site reported its
-distinct facts when it was discovered; the server derives both and sends them back with the final adapters.
-Held-out sites are no node, so the server scores them itself when it has their rows (the built-in data).
+generate and score their completions. Instead each site scores its own held-out-intent rows with every variant and
+replies with additive tallies (`fed_netgpt.evaluation.metrics.tally`); summed over sites they give exactly the
+numbers the pooled rows would (`fed_netgpt.evaluation.scoring.result_from_tallies`). Two things need every site: a
+fact's level (region-level when every site of the region states it) and the vocabulary of wrong facts. Each site
+reported its distinct facts when it was discovered; the server derives both and sends them back with the final
+adapters. Held-out sites are no node, so the server scores them itself when it has their rows (the built-in data).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fed_netgpt.adapters import AdapterState
 from fed_netgpt.config import Config
 from fed_netgpt.data.facts import facts_by_site, levels_from_sites
 from fed_netgpt.data.schema import DataError, PromptPair
 from fed_netgpt.data.sites import load_heldout_sites
-from fed_netgpt.evaluation import GROUPS, evaluate_run, result_from_tallies, run_variants, site_shares
-from fed_netgpt.models import BaseModel
+from fed_netgpt.evaluation.scoring import GROUPS, evaluate_run, result_from_tallies, run_variants, site_shares
+from fed_netgpt.model.adapters import AdapterState
+from fed_netgpt.model.base import BaseModel
 from fed_netgpt.protocol import ARRAYS, CONFIG, ReportReply, ReportRequest, SiteDescription, to_record
 
 log = logging.getLogger("fed_netgpt.server")

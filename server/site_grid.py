@@ -32,7 +32,7 @@ from fed_netgpt.protocol import (
     site_part,
     sites_of_discovery_reply,
 )
-from fed_netgpt.runs import short_reason
+from fed_netgpt.run.folder import short_reason
 from strategies.regional import array_bytes
 
 log = logging.getLogger("fed_netgpt.server")
@@ -47,7 +47,13 @@ class SiteGrid:
         self._grid = grid
         self.routes = dict(routes)
         self.sites_per_pass = sites_per_pass
-        self.train_downlink: dict[str, int] = {}  # the last packed train send: adapter bytes sent, and unshared
+        self._train_downlink: dict[str, int] = {}  # the round's packed train send: adapter bytes sent, and unshared
+
+    def take_train_downlink(self) -> dict[str, int]:
+        """The round's packed train send (adapter bytes on the wire, and what unpacked messages would have carried),
+        handed over once; empty when nothing was packed."""
+        downlink, self._train_downlink = self._train_downlink, {}
+        return downlink
 
     def get_node_ids(self) -> list[int]:
         """The sites whose node is connected."""
@@ -74,7 +80,7 @@ class SiteGrid:
                 sent_bytes += array_bytes(wire)
                 unshared_bytes += sum(array_bytes(out) for out, _ in chunk)
         if packs:
-            self.train_downlink = {"bytes_down_wire": sent_bytes, "bytes_down_unshared": unshared_bytes}
+            self._train_downlink = {"bytes_down_wire": sent_bytes, "bytes_down_unshared": unshared_bytes}
         replies = self._grid.send_and_receive([wire for wire, _ in outgoing], timeout=timeout)
         sent = {wire.metadata.message_id: members for wire, members in outgoing}
         return [_unpacked(reply, site, original)

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from fed_netgpt.adapters import l2_norm
+from fed_netgpt.model.adapters import l2_norm
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)

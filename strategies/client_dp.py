@@ -58,6 +58,18 @@ def client_noise_multiplier(privacy: PrivacyConfig, rounds: int) -> float:
     return high
 
 
+def sample_shortfall(strategy: Strategy, connected: int) -> str | None:
+    """Why a client_dp region cannot release a mean this round, or None: with fewer of its sites connected the
+    inner strategy samples fewer than the noise is sized for (Flower's wrapper refuses that round)."""
+    if not isinstance(strategy, DifferentialPrivacyClientSideFixedClipping):
+        return None
+    sampled = sites_sampled(connected, strategy.strategy.fraction_train)  # type: ignore[attr-defined]  # FedAvg's
+    if sampled == strategy.num_sampled_clients:
+        return None
+    return (f"{connected} of its sites are connected, {sampled} would be sampled, and its client_dp noise is sized "
+            f"for {strategy.num_sampled_clients}")
+
+
 def with_client_dp(strategy: Strategy, privacy: PrivacyConfig, num_sites: int, fraction_train: float,
                    num_rounds: int, rounds_done: int = 0) -> DifferentialPrivacyClientSideFixedClipping:
     """`strategy` (one region's, over `num_sites` sites) behind Flower's client-side fixed-clipping wrapper; a

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from fed_netgpt.adapters import describe_mismatch
-from fed_netgpt.protocol import NUM_EXAMPLES, from_record, to_record
+from fed_netgpt.model.adapters import describe_mismatch
+from fed_netgpt.protocol import ARRAYS, NUM_EXAMPLES, from_record, to_record
 from strategies.aggregation import (
     group_by,
     merge_regions,
@@ -38,10 +39,22 @@ from strategies.aggregation import (
     update_norm,
     weighted_average,
 )
+from strategies.client_dp import sample_shortfall
 from strategies.optimizer_state import export_optimizer, restore_optimizer
 
 log = logging.getLogger(__name__)
-ARRAYS = "arrays"  # the ArrayRecord key of Flower's strategies (arrayrecord_key)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a round produced, handed to whoever ends it: the run's round number, every region's adapter, the
+    round's summary ("train": each region's mean metrics, "bytes": the adapters' traffic, "evaluate": validation)
+    and each site's record of the round, by the id the strategy knows it by."""
+
+    server_round: int
+    arrays: ArrayRecord
+    summary: dict[str, dict[str, float]]
+    sites: dict[int, dict[str, Any]]
 
 
 class RegionGrid:
@@ -81,9 +94,18 @@ class RegionalStrategy(Strategy):
         self.strategies = {region: make_strategy(sum(r == region for r in self.node_regions.values()))
                            for region in self.regions}
         self.current: dict[str, dict[str, Any]] = {}
-        self.round_metrics: dict[str, dict[str, float]] = {}
-        self.site_replies: dict[int, dict[str, Any]] = {}  # node -> its last training reply's metrics or error
-        self.downlink_bytes: dict[int, int] = {}  # node -> adapter bytes sent to it this round
+        # what the round in progress produces, handed over at its end (`round_end`)
+        self._summary: dict[str, dict[str, float]] = {}  # "train", "bytes", "evaluate"
+        self._sites: dict[int, dict[str, Any]] = {}  # node -> its training reply's metrics or error
+        self._downlink: dict[int, int] = {}  # node -> adapter bytes sent to it this round
+
+    def round_end(self, receive: Callable[[RoundOutcome], None]) -> Callable[[int, ArrayRecord], None]:
+        """Flower's `evaluate_fn`, which its round loop calls once a round is over: it hands `receive` what the
+        round produced (round 0, before any training, produced nothing)."""
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> None:
+            if server_round > 0:
+                receive(RoundOutcome(server_round + self.rounds_done, arrays, dict(self._summary), dict(self._sites)))
+        return evaluate_fn
 
     def optimizer_states(self) -> dict[str, Any]:
         """Every region's server optimizer state, keys prefixed by region (empty for FedAvg)."""
@@ -117,9 +139,14 @@ class RegionalStrategy(Strategy):
                 log.warning("%s: region %s has no connected site; it sits out round %d and keeps its adapter",
                             method, region, server_round)
                 continue
+            reason = sample_shortfall(strategy, len(region_grid.get_node_ids()))
+            if reason:
+                log.warning("%s: region %s sits out round %d and keeps its adapter: %s", method, region,
+                            server_round, reason)
+                continue
             try:
                 messages += configure(server_round, ArrayRecord(regions[region]), region_config, region_grid)
-            except (PrivacyBudgetExhausted, ValueError) as err:  # client_dp: over budget, or sites missing
+            except PrivacyBudgetExhausted as err:  # client_dp: the round would pass privacy.target_epsilon
                 log.warning("%s: region %s sits out round %d and keeps its adapter: %s", method, region,
                             server_round, err)
         if self.wire_dtype != "float32":
@@ -130,7 +157,7 @@ class RegionalStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = self._configure("configure_train", server_round, arrays, config, grid)
-        self.downlink_bytes = {msg.metadata.dst_node_id: array_bytes(msg) for msg in messages}
+        self._downlink = {msg.metadata.dst_node_id: array_bytes(msg) for msg in messages}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -145,14 +172,14 @@ class RegionalStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         server_round += self.rounds_done
-        self.site_replies = {msg.metadata.src_node_id: {
-            **_reply_record(msg), "bytes_down": self.downlink_bytes.get(msg.metadata.src_node_id, 0),
+        self._sites = {msg.metadata.src_node_id: {
+            **_reply_record(msg), "bytes_down": self._downlink.get(msg.metadata.src_node_id, 0),
             "bytes_up": 0 if msg.has_error() else array_bytes(msg)} for msg in replies}
-        for node in self.downlink_bytes.keys() - self.site_replies.keys():
+        for node in self._downlink.keys() - self._sites.keys():
             log.warning("aggregate_train: node %d (%s) did not reply within federation.timeout in round %d", node,
                         self.node_regions[node], server_round)
-            self.site_replies[node] = {"error": "no reply within federation.timeout",
-                                       "bytes_down": self.downlink_bytes[node], "bytes_up": 0}
+            self._sites[node] = {"error": "no reply within federation.timeout",
+                                 "bytes_down": self._downlink[node], "bytes_up": 0}
         if self.wire_dtype != "float32":  # 16-bit replies are averaged in float32
             for msg in replies:
                 if not msg.has_error() and ARRAYS in msg.content.array_records:
@@ -186,9 +213,8 @@ class RegionalStrategy(Strategy):
                 new_states[region] = from_record(arrays)
             region_metrics.update(_client_privacy(self.strategies[region]))
             metrics.update(_prefixed(region, region_metrics))
-        uplink = sum(record["bytes_up"] for record in self.site_replies.values())
-        self.round_metrics = {"train": metrics,
-                              "bytes": {"downlink": sum(self.downlink_bytes.values()), "uplink": uplink}}
+        uplink = sum(record["bytes_up"] for record in self._sites.values())
+        self._summary = {"train": metrics, "bytes": {"downlink": sum(self._downlink.values()), "uplink": uplink}}
         return to_record(merge_regions(new_states)), MetricRecord(metrics)
 
     def _svd(self, region: str, replies: list[Message]) -> tuple[dict[str, Any], float]:
@@ -207,7 +233,7 @@ class RegionalStrategy(Strategy):
         for region in self.regions:
             valid = [msg for msg in grouped.get(region, []) if not msg.has_error()]
             metrics.update(_prefixed(region, _mean_metrics(valid)))
-        self.round_metrics["evaluate"] = metrics
+        self._summary["evaluate"] = metrics
         return MetricRecord(metrics) if metrics else None
 
     def _accept(self, region: str, msg: Message) -> bool:
@@ -240,7 +266,7 @@ class RegionalStrategy(Strategy):
 
     def _rejected(self, msg: Message, reason: str) -> None:
         """Say why in the site's metrics.jsonl record of this round."""
-        record = self.site_replies.get(msg.metadata.src_node_id)
+        record = self._sites.get(msg.metadata.src_node_id)
         if record is not None:
             record["rejected"] = reason
 

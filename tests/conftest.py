@@ -12,7 +12,7 @@ from fed_netgpt.config import Config, load_config
 from fed_netgpt.data.geography import select_sites
 from fed_netgpt.data.prompts import build_pairs
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.models import BaseModel, cache_root, load_base, tiny_random_folder
+from fed_netgpt.model.base import BaseModel, cache_root, load_base, tiny_random_folder
 
 _ADAPTER_NUMBERS = itertools.count()
 

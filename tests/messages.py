@@ -59,3 +59,10 @@ def reply(node: int, state: dict[str, np.ndarray], num_examples: int, loss: floa
         {"arrays": record(state), "metrics": MetricRecord({"train_loss": loss, "num-examples": num_examples})}
     )
     return Message(content, reply_to=instruction(node))
+
+
+def round_outcome(strategy, server_round: int = 1):
+    """What `strategy` hands over at the end of the round in progress (`RegionalStrategy.round_end`)."""
+    received = []
+    strategy.round_end(received.append)(server_round, ArrayRecord())
+    return received[0]

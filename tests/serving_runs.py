@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import uvicorn
 
-from fed_netgpt.adapters import AdapterState, attach_adapter, get_state, publish_adapter
 from fed_netgpt.config import Config, load_config
-from fed_netgpt.models import BaseModel
-from fed_netgpt.runs import save_adapters, site_adapter_dir, start_run
+from fed_netgpt.model.adapters import AdapterState, attach_adapter, get_state, publish_adapter
+from fed_netgpt.model.base import BaseModel
+from fed_netgpt.run.folder import save_adapters, site_adapter_dir, start_run
 
 
 def serving_config(folder: Path) -> Config:

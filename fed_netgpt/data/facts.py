@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.metrics import normalize
+from fed_netgpt.evaluation.metrics import normalize
 
 REGION, SITE = "region", "site"
 

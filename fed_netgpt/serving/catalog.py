@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fed_netgpt.adapters import AdapterError, lora_config_from_json, read_adapter
 from fed_netgpt.config import Config, LoraConfig
 from fed_netgpt.data.schema import DataError
 from fed_netgpt.data.sites import load_pairs
-from fed_netgpt.runs import (
+from fed_netgpt.model.adapters import AdapterError, lora_config_from_json, read_adapter
+from fed_netgpt.run.folder import (
     RunFolderError,
     adapter_dir,
     check_not_failed,

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from fed_netgpt.adapters import AdapterError
 from fed_netgpt.config import ConfigError, ServingConfig
 from fed_netgpt.data.schema import DataError
-from fed_netgpt.models import load_private_base, resolve_device
-from fed_netgpt.prompting import chat_prompt
-from fed_netgpt.runs import RunFolderError, published
+from fed_netgpt.model.adapters import AdapterError
+from fed_netgpt.model.base import load_private_base, resolve_device
+from fed_netgpt.model.prompting import chat_prompt
+from fed_netgpt.run.folder import RunFolderError, published
 from fed_netgpt.serving.catalog import Catalog, Target, UnknownTarget, read_states, run_catalog
 from fed_netgpt.serving.engine import DecodeRow, Engine, Sampling
 from fed_netgpt.serving.quantize import int8_supported, quantize_linears

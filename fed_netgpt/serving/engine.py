@@ -1,6 +1,6 @@
 """Batched decoding over one shared base, each row with its own LoRA adapter.
 
-The run's adapters are stacked into `GroupedLoraLinear` layers (`fed_netgpt.grouped_lora`, the same module
+The run's adapters are stacked into `GroupedLoraLinear` layers (`fed_netgpt.model.grouped_lora`, the same module
 multi-site training uses) that stay installed while the engine lives: slot 0 is a zero adapter (the base model
 itself, for cloud-style chat and the `base` model name), slot k+1 the k-th adapter. A batch whose rows use
 different adapters is one forward pass per token; peft's `adapter_names=` loops over adapters in Python instead.
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from fed_netgpt.adapters import AdapterError, AdapterState, describe_mismatch
 from fed_netgpt.config import LoraConfig
-from fed_netgpt.grouped_lora import GroupedAdapters, grouped_adapters, lora_shapes
-from fed_netgpt.models import BaseModel
-from fed_netgpt.prompting import chat_prompt, end_of_turn_id
+from fed_netgpt.model.adapters import AdapterError, AdapterState, describe_mismatch
+from fed_netgpt.model.base import BaseModel
+from fed_netgpt.model.grouped_lora import GroupedAdapters, grouped_adapters, lora_shapes
+from fed_netgpt.model.prompting import chat_prompt, end_of_turn_id
 
 # each adapter's draft sources: its completions of these (no user's text); several, so that more of the ways an
 # adapter phrases its location are there to copy from

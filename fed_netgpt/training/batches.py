@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.prompting import encode_pair
+from fed_netgpt.model.prompting import encode_pair
 
 Row = TypeVar("Row")
 Encoded = tuple[Sequence[int], Sequence[int]]  # a pair's token ids and labels (`encode_pair`)

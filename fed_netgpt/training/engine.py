@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from fed_netgpt.adapters import AdapterState
 from fed_netgpt.config import LoraConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.fused import fused_kernels
-from fed_netgpt.grouped_lora import GroupedAdapters, RowGradients, grouped_adapters
-from fed_netgpt.models import BaseModel, cache_root
-from fed_netgpt.precision import Precision, choose_precision, device_name, step_benchmark
+from fed_netgpt.model.adapters import AdapterState
+from fed_netgpt.model.base import BaseModel, cache_root
+from fed_netgpt.model.fused import fused_kernels
+from fed_netgpt.model.grouped_lora import GroupedAdapters, RowGradients, grouped_adapters
+from fed_netgpt.model.precision import Precision, choose_precision, device_name, step_benchmark
 from fed_netgpt.training.batches import SiteRows, batches, grouped_batch
 from fed_netgpt.training.losses import per_site_mean, row_loss_sums
 from fed_netgpt.training.privacy import GroupedDPSGD, SiteAccountant, dp_seed, with_steps

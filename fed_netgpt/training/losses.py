@@ -6,7 +6,7 @@ import torch
 import torch.utils.checkpoint
 from transformers import PreTrainedModel
 
-from fed_netgpt.fused import cross_entropy_rows
+from fed_netgpt.model.fused import cross_entropy_rows
 
 LOGITS_CHUNK_BYTES = 1 << 30  # fp32 logits held at once by `row_loss_sums` (SmolLM2: ~5,400 positions)
 

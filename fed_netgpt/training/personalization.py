@@ -18,10 +18,10 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_adapter
 from fed_netgpt.config import Config, TrainConfig
-from fed_netgpt.models import BaseModel
-from fed_netgpt.runs import is_adapter
+from fed_netgpt.model.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_adapter
+from fed_netgpt.model.base import BaseModel
+from fed_netgpt.run.folder import is_adapter
 from fed_netgpt.training.engine import SiteJob, TrainResult, train_sites
 
 PERSONAL = "personal"

@@ -23,10 +23,10 @@ from opacus.optimizers import DPOptimizer
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
 from fed_netgpt.config import LoraConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.models import BaseModel
+from fed_netgpt.model.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.model.base import BaseModel
 from fed_netgpt.training.batches import batches, collate, on_device
 from fed_netgpt.training.engine import SiteJob, TrainResult, autocast, precision_for
 from fed_netgpt.training.losses import row_loss_sums, sequence_losses

@@ -175,7 +175,7 @@ def test_a_damaged_run_folder_is_named_by_complete(tmp_path: Path, capsys: pytes
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from fed_netgpt.runs import run_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from fed_netgpt.run.folder import run_lock\n"
                                f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_simulate import run_dir  # noqa: F401 - the smoke run, a fixture
 from tests.unit.test_contracts import assert_extended, frozen
 
 pytestmark = pytest.mark.integration

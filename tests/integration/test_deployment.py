@@ -1,4 +1,4 @@
-"""The README's deployment walkthrough on loopback, secured: credentials from fed_netgpt/deployment.py, a SuperLink
+"""The README's deployment walkthrough on loopback, secured: credentials from fed_netgpt/run/deployment.py, a SuperLink
 with TLS and SuperNode authentication, registered SuperNodes naming their sites (one edge server serves two) in
 two regions, `flwr run`. A node whose key was never registered is refused; a node killed mid-round does not stop
 the run."""
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fed_netgpt.deployment import CONNECTION, Commands, NodeSpec, deployment_commands, write_credentials
-from fed_netgpt.runs import round_summaries, site_records
+from fed_netgpt.run.deployment import CONNECTION, Commands, NodeSpec, deployment_commands, write_credentials
+from fed_netgpt.run.folder import round_summaries, site_records
 from tests.serving_runs import free_port
 
 pytestmark = pytest.mark.integration

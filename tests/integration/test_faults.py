@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fed_netgpt.faults import crashes, is_slow
-from fed_netgpt.runs import round_summaries, site_records
+from fed_netgpt.run.faults import crashes, is_slow
+from fed_netgpt.run.folder import round_summaries, site_records
 from tests.integration.test_simulate import REGIONS, TRAINING_SITES, fed_netgpt
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fed_netgpt.runs import round_summaries, site_records
+from fed_netgpt.run.folder import round_summaries, site_records
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fed_netgpt.config import ServingConfig
-from fed_netgpt.models import smollm2_gguf
+from fed_netgpt.model.base import smollm2_gguf
 from fed_netgpt.serving.cloud import OpenAICloud
 from fed_netgpt.serving.edge import EdgeService
 from fed_netgpt.serving.http import create_app

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fed_netgpt.runs import site_records
+from fed_netgpt.run.folder import site_records
 
 pytestmark = pytest.mark.integration
 ADAPTERS = [f"adapters/{region}" for region in ("france", "japan")] + [
@@ -35,13 +35,17 @@ def test_one_site_a_pass_and_packs_of_four_end_with_the_same_adapters(tmp_path: 
     for k, out in runs.items():
         simulate(out, f"train.sites_per_pass={k}", *privacy)
 
-    # Assert: every regional and personal adapter is the same (to fp32 rounding), and each site spent the same
+    # Assert: every regional and personal adapter is the same to fp32 rounding (which AdamW magnifies where a
+    # gradient is near zero: seen up to 7e-6 on one weight, 3e-6 of the adapter's norm; a DP run packed otherwise
+    # used to differ by 1.55 of it), and each site spent the same
     alone, packed = ({rel: load_file(str(out / rel / "adapter_model.safetensors")) for rel in ADAPTERS}
                      for out in runs.values())
     for rel in ADAPTERS:
         assert alone[rel].keys() == packed[rel].keys()
-        for key in alone[rel]:
-            np.testing.assert_allclose(packed[rel][key], alone[rel][key], rtol=0, atol=1e-6, err_msg=f"{rel} {key}")
+        one, other = (np.concatenate([state[key].ravel() for key in sorted(state)])
+                      for state in (alone[rel], packed[rel]))
+        assert np.linalg.norm(other - one) / np.linalg.norm(one) < 1e-5, rel
+        assert np.abs(other - one).max() < 1e-4, rel
         assert max(np.abs(v).max() for k, v in alone[rel].items() if "lora_B" in k) > 1e-3  # trained, not zero
     records = [{(r["round"], r["site_id"]): r for r in site_records(out)} for out in runs.values()]
     assert records[0].keys() == records[1].keys() and len(records[0]) == 8

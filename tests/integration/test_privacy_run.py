@@ -11,7 +11,7 @@ from dp_accounting import dp_event, rdp
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
-from fed_netgpt.runs import round_summaries, site_records
+from fed_netgpt.run.folder import round_summaries, site_records
 from tests.integration.test_simulate import TRAINING_SITES, fed_netgpt
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fed_netgpt.models import load_base
-from fed_netgpt.runs import round_summaries, site_records
+from fed_netgpt.model.base import load_base
+from fed_netgpt.run.folder import round_summaries, site_records
 
 pytestmark = pytest.mark.integration
 REGIONS = ("france", "japan")
@@ -27,16 +27,6 @@ TRAINING_SITES = ["marseille", "paris", "tokyo", "yokohama"]  # smoke: 2 a regio
 def fed_netgpt(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fed_netgpt.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2 regions x 2 sites, 2 rounds (conf/smoke.yaml), on Flower's simulation engine."""
-    out = tmp_path_factory.mktemp("run") / "smoke"
-    done = fed_netgpt("simulate", "preset=smoke", f"run.output_dir={out}")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "[round 2/2 |" in done.stdout
-    return out
 
 
 def test_run_folder_has_the_contracted_layout(run_dir: Path) -> None:
@@ -82,7 +72,7 @@ def test_regions_train_different_adapters_that_moved_from_the_start(run_dir: Pat
 def test_each_training_site_keeps_its_own_peft_adapter(run_dir: Path) -> None:
     from peft import PeftModel
 
-    from fed_netgpt.models import load_base
+    from fed_netgpt.model.base import load_base
 
     assert sorted(p.name for p in (run_dir / "site_adapters").iterdir()) == TRAINING_SITES
     fresh = copy.deepcopy(load_base("tiny-random").model)
@@ -117,9 +107,9 @@ def test_evaluate_prints_the_runs_report_as_json(run_dir: Path) -> None:
 
 
 def test_complete_uses_the_site_adapter_then_the_regions(run_dir: Path) -> None:
-    from fed_netgpt.adapters import load_adapter
-    from fed_netgpt.evaluation import generate_completions
-    from fed_netgpt.models import load_base
+    from fed_netgpt.evaluation.scoring import generate_completions
+    from fed_netgpt.model.adapters import load_adapter
+    from fed_netgpt.model.base import load_base
 
     base = load_base("tiny-random")
     for site, folder in (("paris", run_dir / "site_adapters" / "paris"), ("lyon", run_dir / "adapters" / "france")):

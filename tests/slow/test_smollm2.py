@@ -9,12 +9,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fed_netgpt.adapters import attach_adapter, get_state, load_adapter, save_adapter, set_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.facts import fact_levels, fact_vocabulary
 from fed_netgpt.data.sites import load_pairs, load_sites
-from fed_netgpt.evaluation import generate_completions, run_variant, score_variant
-from fed_netgpt.models import SMOLLM2, cache_root, load_base, smollm2_folder
+from fed_netgpt.evaluation.scoring import generate_completions, run_variant, score_variant
+from fed_netgpt.model.adapters import attach_adapter, get_state, load_adapter, save_adapter, set_state
+from fed_netgpt.model.base import SMOLLM2, cache_root, load_base, smollm2_folder
 from fed_netgpt.training.engine import SiteJob, train_sites
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_over_http_the_edge_adds_the_regions_facts_and_a_cloud_instance_answers(
     import httpx
 
     from fed_netgpt.config import ServingConfig
-    from fed_netgpt.runs import start_run
+    from fed_netgpt.run.folder import start_run
     from fed_netgpt.serving.cloud import LocalCloud, OpenAICloud
     from fed_netgpt.serving.edge import EdgeService
     from fed_netgpt.serving.http import create_app

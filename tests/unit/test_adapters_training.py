@@ -1,4 +1,5 @@
-"""fed_netgpt/adapters.py and the training engine on the tiny random model: state I/O, training, peft compatibility."""
+"""fed_netgpt/model/adapters.py and the reference loop on the tiny random model: state I/O, training, peft
+compatibility."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fed_netgpt.adapters import (
+from fed_netgpt.data.schema import DataError
+from fed_netgpt.evaluation.scoring import completion_loss, generate_completions
+from fed_netgpt.model.adapters import (
     AdapterError,
     attach_adapter,
     get_state,
@@ -22,10 +25,8 @@ from fed_netgpt.adapters import (
     save_adapter,
     set_state,
 )
-from fed_netgpt.data.schema import DataError
-from fed_netgpt.evaluation import completion_loss, generate_completions
-from fed_netgpt.models import cache_root, tiny_random_folder
-from fed_netgpt.prompting import chat_prompt, encode_pair
+from fed_netgpt.model.base import cache_root, tiny_random_folder
+from fed_netgpt.model.prompting import chat_prompt, encode_pair
 from fed_netgpt.training.batches import batches, collate
 from fed_netgpt.training.engine import precision_for
 from fed_netgpt.training.losses import token_losses

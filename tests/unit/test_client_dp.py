@@ -162,3 +162,27 @@ def test_a_region_over_its_budget_sits_out_the_round_and_keeps_its_adapter(caplo
     assert "region france sits out round 2" in caplog.text and "exceed max_epsilon" in caplog.text
     for key, value in numpy_of(arrays).items():
         np.testing.assert_array_equal(numpy_of(kept)[key], value)
+
+
+def test_a_region_with_a_site_disconnected_sits_out_and_a_bug_in_its_strategy_is_not_hidden(caplog, monkeypatch):
+    # Prepare: france's noise is sized for its 2 sites, but only node 11 is connected; japan's site is
+    config = Config(federation=FederationConfig(num_rounds=2), privacy=_privacy(noise_multiplier=1.0))
+    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
+    start = merged({"france": _state(0.0), "japan": _state(0.0)})
+    connected = ConnectedNodesGrid([11, 21])
+
+    # Execute
+    with caplog.at_level("WARNING"):
+        sent = list(strategy.configure_train(1, start, ConfigRecord({}), connected))
+
+    # Assert: france sits out, saying why; japan trains
+    assert [msg.metadata.dst_node_id for msg in sent] == [21]
+    assert "region france sits out round 1" in caplog.text and "sized for 2" in caplog.text
+
+    # Execute / Assert: any other error of a region's strategy reaches the caller instead of a log line
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(strategy.strategies["japan"], "configure_train", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        strategy.configure_train(2, start, ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS))

@@ -1,4 +1,4 @@
-"""fed_netgpt/comparison.py: which runs a comparison trains, their configs, and the mean over seeds."""
+"""fed_netgpt/evaluation/comparison.py: which runs a comparison trains, their configs, and the mean over seeds."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fed_netgpt.comparison import RUNS, SOURCES, Job, jobs_for, mean_over_seeds, privacy_utility, run_config
 from fed_netgpt.config import DEFAULT_VARIANTS, VARIANTS, CompareConfig, ConfigError, load_config
+from fed_netgpt.evaluation.comparison import RUNS, SOURCES, Job, jobs_for, mean_over_seeds, privacy_utility, run_config
 
 # ---- jobs_for --------------------------------------------------------------------------------------
 

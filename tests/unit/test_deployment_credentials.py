@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
 
 from fed_netgpt.cli import main
-from fed_netgpt.deployment import (
+from fed_netgpt.run.deployment import (
     CredentialsError,
     NodeSpec,
     deployment_commands,

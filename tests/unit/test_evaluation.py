@@ -1,4 +1,5 @@
-"""fed_netgpt/evaluation.py: test-row sampling, scoring by hand, adapter routing, generation and loss on the tiny model.
+"""fed_netgpt/evaluation/scoring.py: test-row sampling, scoring by hand, adapter routing, generation and loss on the
+tiny model.
 
 The metric functions themselves (score_row, summarize, rouge_l) are tested in tests/unit/test_metrics.py.
 """
@@ -13,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from fed_netgpt.adapters import attach_adapter, get_state, load_adapter, peft_model_of, save_adapter, set_state
 from fed_netgpt.config import load_config
 from fed_netgpt.data.facts import fact_levels, fact_vocabulary
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.evaluation import (
+from fed_netgpt.evaluation.scoring import (
     GROUPS,
     completion_loss,
     completion_loss_sum,
@@ -31,7 +31,8 @@ from fed_netgpt.evaluation import (
     site_shares,
     site_tallies,
 )
-from fed_netgpt.prompting import chat_prompt
+from fed_netgpt.model.adapters import attach_adapter, get_state, load_adapter, peft_model_of, save_adapter, set_state
+from fed_netgpt.model.prompting import chat_prompt
 from fed_netgpt.training.batches import collate
 
 ITEMS = [("site: Paris", "Call me a taxi."), ("site: Osaka", "Find an art museum."), ("", "Hello?")]

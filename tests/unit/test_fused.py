@@ -1,4 +1,4 @@
-"""fed_netgpt/fused.py: the fused RMSNorm and rotary embedding compute what transformers' do, forward and
+"""fed_netgpt/model/fused.py: the fused RMSNorm and rotary embedding compute what transformers' do, forward and
 backward (the Triton kernels' tests need a GPU: `pytest -m gpu` on a machine with one)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from fed_netgpt.fused import cross_entropy_rows, fused_kernels, rotary
-from fed_netgpt.models import load_private_base
+from fed_netgpt.model.base import load_private_base
+from fed_netgpt.model.fused import cross_entropy_rows, fused_kernels, rotary
 
 
 @pytest.mark.parametrize(("dtype", "scale_dtype"), [(torch.float32, torch.float32),

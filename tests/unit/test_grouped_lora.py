@@ -1,4 +1,4 @@
-"""fed_netgpt/grouped_lora.py and the training engine's grouped pass: many adapters in one pass equal each alone."""
+"""fed_netgpt/model/grouped_lora.py and the engine's grouped pass: many adapters in one pass equal each alone."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from fed_netgpt.adapters import AdapterError, attach_adapter, get_state, set_state
-from fed_netgpt.grouped_lora import grouped_adapters
+from fed_netgpt.model.adapters import AdapterError, attach_adapter, get_state, set_state
+from fed_netgpt.model.grouped_lora import grouped_adapters
 from fed_netgpt.training.batches import collate
 from fed_netgpt.training.engine import SiteJob, _loss_metrics, train_sites
 from fed_netgpt.training.losses import row_loss_sums, token_losses

@@ -10,9 +10,9 @@ import torch
 from peft import get_peft_model_state_dict
 
 import fed_netgpt.training.privacy as privacy_module
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
 from fed_netgpt.config import PrivacyConfig
-from fed_netgpt.grouped_lora import grouped_adapters
+from fed_netgpt.model.adapters import attach_adapter, get_state, set_state
+from fed_netgpt.model.grouped_lora import grouped_adapters
 from fed_netgpt.training.batches import collate
 from fed_netgpt.training.engine import SiteJob, train_sites
 from fed_netgpt.training.losses import row_loss_sums

@@ -1,4 +1,4 @@
-"""fed_netgpt/leakage.py: the canaries, the AUC, and an attack that does find a memorising adapter."""
+"""fed_netgpt/evaluation/leakage.py: the canaries, the AUC, and an attack that does find a memorising adapter."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from fed_netgpt.adapters import attach_adapter
 from fed_netgpt.config import load_config
-from fed_netgpt.leakage import canaries, chance_auc_std, membership_auc, roc_auc, split_members
+from fed_netgpt.evaluation.leakage import canaries, chance_auc_std, membership_auc, roc_auc, split_members
+from fed_netgpt.model.adapters import attach_adapter
 from fed_netgpt.training.reference import train_adapter
 
 

@@ -1,4 +1,4 @@
-"""fed_netgpt/metrics.py: every pitfall of a naive substring metric, with expected values computed by hand."""
+"""fed_netgpt/evaluation/metrics.py: every pitfall of a naive substring metric, expected values computed by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from rouge_score import rouge_scorer
 
-from fed_netgpt.metrics import RowScore, fact_present, normalize, rouge_l, score_row, summarize
+from fed_netgpt.evaluation.metrics import RowScore, fact_present, normalize, rouge_l, score_row, summarize
 
 REQUEST = "Call me a taxi."
 LYON_REFERENCE = "I am in Lyon, France (Europe/Paris time, prices in EUR, calling code +33). Call me a taxi."
@@ -371,7 +371,7 @@ def test_zero_denominators_are_nan():
     ("Paris has many bistros.", False),  # another site's city
 ])
 def test_a_cloud_answer_carries_local_facts_only_when_it_names_one_of_its_own(answer, carries):
-    from fed_netgpt.metrics import carries_local_facts
+    from fed_netgpt.evaluation.metrics import carries_local_facts
 
     score = score_row(answer, "", REQUEST, LYON_FACTS, LYON_LEVELS, FOREIGN)
     assert carries_local_facts(score) is carries

@@ -1,4 +1,4 @@
-"""fed_netgpt/models.py: the one-time conversion of the embedded SmolLM2 keeps progress bars off the console."""
+"""fed_netgpt/model/base.py: the one-time conversion of the embedded SmolLM2 keeps progress bars off the console."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import pytest
 from tqdm import tqdm
 
-from fed_netgpt.models import _progress_bars_hidden
+from fed_netgpt.model.base import _progress_bars_hidden
 
 
 def test_a_conversion_shows_no_progress_bar_and_shows_it_when_the_conversion_fails(capsys):

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from fed_netgpt.adapters import attach_adapter, get_state, load_adapter, read_adapter, set_state
 from fed_netgpt.config import load_config
-from fed_netgpt.evaluation import completion_loss
-from fed_netgpt.runs import is_adapter
+from fed_netgpt.evaluation.scoring import completion_loss
+from fed_netgpt.model.adapters import attach_adapter, get_state, load_adapter, read_adapter, set_state
+from fed_netgpt.run.folder import is_adapter
 from fed_netgpt.training.engine import SiteJob, TrainResult
 from fed_netgpt.training.personalization import RUN_MARK, train_personal_adapters
 from tests.states import assert_same_state, l2_distance

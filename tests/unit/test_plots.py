@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fed_netgpt.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
+from fed_netgpt.evaluation.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
 
 
 def _metrics(tmp_path: Path) -> Path:

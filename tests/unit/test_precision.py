@@ -1,4 +1,5 @@
-"""fed_netgpt/precision.py: parsing train.bf16, the auto choice on CPU and CUDA, the benchmark cache, step_benchmark."""
+"""fed_netgpt/model/precision.py: parsing train.bf16, the auto choice on CPU and CUDA, the benchmark cache, the
+step benchmark, and the engine's measured choice."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from fed_netgpt import grouped_lora, precision
-from fed_netgpt.adapters import attach_adapter, get_state
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.models import DeviceError, resolve_device
-from fed_netgpt.precision import (
+from fed_netgpt.model import grouped_lora, precision
+from fed_netgpt.model.adapters import attach_adapter, get_state
+from fed_netgpt.model.base import DeviceError, resolve_device
+from fed_netgpt.model.precision import (
     Precision,
     choose_precision,
     cpu_has_amx,

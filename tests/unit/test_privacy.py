@@ -15,10 +15,10 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 import fed_netgpt.training.privacy as privacy_module
 import fed_netgpt.training.reference as reference_module
-from fed_netgpt.adapters import attach_adapter, get_state, set_state
 from fed_netgpt.config import ConfigError, LoraConfig, PrivacyConfig, load_config
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.evaluation import completion_loss
+from fed_netgpt.evaluation.scoring import completion_loss
+from fed_netgpt.model.adapters import attach_adapter, get_state, set_state
 from fed_netgpt.training.engine import SiteJob, TrainResult, train_sites
 from fed_netgpt.training.losses import sequence_losses
 from fed_netgpt.training.privacy import (

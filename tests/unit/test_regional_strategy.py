@@ -26,6 +26,7 @@ from tests.messages import (  # noqa: F401 - server_identity is a fixture
     numpy_of,
     record,
     reply,
+    round_outcome,
     server_identity,
     state_of,
 )
@@ -148,7 +149,7 @@ def test_aggregate_train_fedavg_is_the_example_weighted_mean_per_region(configur
         {"france/train_loss": 3.5, "france/num-examples": 4.0, "japan/train_loss": 1.0, "japan/num-examples": 5.0}
     )
     # bytes: every message carries one region's A (2x3) and B (3x2) in float32: 48 bytes; 3 sent, 3 received
-    assert configured.round_metrics == {"train": dict(metrics), "bytes": {"downlink": 144, "uplink": 144}}
+    assert round_outcome(configured).summary == {"train": dict(metrics), "bytes": {"downlink": 144, "uplink": 144}}
 
 
 def test_float16_on_the_wire_halves_the_bytes_and_averages_in_float32():
@@ -167,8 +168,8 @@ def test_float16_on_the_wire_halves_the_bytes_and_averages_in_float32():
     sent = numpy_of(messages[0].content["arrays"])
     assert {v.dtype for v in sent.values()} == {np.dtype(np.float16)}
     assert sent["lora_A.weight"][0, 0] == np.float16(1 / 3) != np.float32(1 / 3)
-    assert strategy.round_metrics["bytes"] == {"downlink": 72, "uplink": 72}
-    assert {node: (r["bytes_down"], r["bytes_up"]) for node, r in strategy.site_replies.items()} == {
+    assert round_outcome(strategy).summary["bytes"] == {"downlink": 72, "uplink": 72}
+    assert {node: (r["bytes_down"], r["bytes_up"]) for node, r in round_outcome(strategy).sites.items()} == {
         11: (24, 24), 12: (24, 24), 21: (24, 24)}
     # the mean is taken in float32 over the float16 values: (1 x f16(1/3) + 2 x f16(2/3)) / 3
     result = numpy_of(arrays)
@@ -281,7 +282,7 @@ def test_aggregate_evaluate_prefixes_example_weighted_metrics(configured):
 
     # Assert: france (1*1 + 3*3) / 4 = 2.5; japan failed -> no japan keys
     assert dict(metrics) == pytest.approx({"france/eval_loss": 2.5, "france/num-examples": 4.0})
-    assert configured.round_metrics["evaluate"] == dict(metrics)
+    assert round_outcome(configured).summary["evaluate"] == dict(metrics)
 
 
 def test_regional_fedavgm_runs_per_region_and_keeps_regions_apart():
@@ -410,8 +411,8 @@ def test_a_non_finite_or_negative_example_count_is_rejected_not_averaged(configu
     np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 3.0))
     assert metrics["france/num-examples"] == 2
     assert "rejected the update of node 11 (france)" in caplog.text and "finite num-examples" in caplog.text
-    assert "finite num-examples" in configured.site_replies[11]["rejected"]
-    assert "rejected" not in configured.site_replies[12]
+    assert "finite num-examples" in round_outcome(configured).sites[11]["rejected"]
+    assert "rejected" not in round_outcome(configured).sites[12]
 
 
 def test_the_odd_reply_out_is_dropped_even_when_it_comes_first():
@@ -427,7 +428,7 @@ def test_the_odd_reply_out_is_dropped_even_when_it_comes_first():
     # Assert: the two agreeing replies are averaged, the first one is the one dropped
     np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 2.0))
     assert metrics["france/train_loss"] == pytest.approx(3.0)
-    assert "metric keys differ" in strategy.site_replies[11]["rejected"]
+    assert "metric keys differ" in round_outcome(strategy).sites[11]["rejected"]
 
 
 def test_one_nan_loss_does_not_remove_the_regions_loss(configured):
@@ -500,8 +501,8 @@ def test_an_update_beyond_max_update_norm_is_rejected_with_its_norm(caplog):
     with caplog.at_level(logging.WARNING, logger="strategies.regional"):
         arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
-    assert "update norm 10.39 > federation.max_update_norm=5" in strategy.site_replies[11]["rejected"]
-    assert "rejected" not in strategy.site_replies[12] and "rejected" not in strategy.site_replies[21]
+    assert "update norm 10.39 > federation.max_update_norm=5" in round_outcome(strategy).sites[11]["rejected"]
+    assert "rejected" not in round_outcome(strategy).sites[12] and "rejected" not in round_outcome(strategy).sites[21]
 
 
 def test_a_region_below_min_replies_keeps_its_adapter(caplog):
@@ -531,8 +532,8 @@ def test_a_node_sent_a_message_that_never_replied_gets_a_record_saying_so(config
         configured.aggregate_train(1, [reply(11, state_of(1.0), 2, 0.5), reply(21, state_of(11.0), 3, 0.5)])
 
     # Assert: its record says why, with the bytes it was sent and none back
-    record = configured.site_replies[12]
+    record = round_outcome(configured).sites[12]
     assert record["error"] == "no reply within federation.timeout"
     assert record["bytes_down"] > 0 and record["bytes_up"] == 0
     assert "node 12 (france) did not reply within federation.timeout in round 1" in caplog.text
-    assert "error" not in configured.site_replies[11]
+    assert "error" not in round_outcome(configured).sites[11]

@@ -1,4 +1,4 @@
-"""fed_netgpt/report.py: report.json stays valid JSON, report.md holds the tables, cells are formatted by hand."""
+"""fed_netgpt/evaluation/report.py: report.json stays valid JSON, report.md holds the tables, cells by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fed_netgpt.report import COLUMNS, cell, json_safe, privacy_utility_table, variant_table, write_report
+from fed_netgpt.evaluation.report import COLUMNS, cell, json_safe, privacy_utility_table, variant_table, write_report
 
 # ---- cell ------------------------------------------------------------------------------------------
 

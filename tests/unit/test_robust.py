@@ -1,4 +1,4 @@
-"""Poisoned sites (fed_netgpt/faults.py) and robust aggregation (strategies/robust.py): who is poisoned and what
+"""Poisoned sites (fed_netgpt/run/faults.py) and robust aggregation (strategies/robust.py): who is poisoned and what
 they send, and that under 20 % of sign-flipped updates FedAvg is dragged away while every robust aggregator
 stays near the honest sites' mean."""
 
@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fed_netgpt.config import Config, ConfigError, FederationConfig, load_config
-from fed_netgpt.faults import poison_update, poisoned_count, poisoned_sites
+from fed_netgpt.run.faults import poison_update, poisoned_count, poisoned_sites
 from strategies.aggregation import clip_update, clipped_mean, update_norm
 from strategies.regional import RegionalStrategy
 from strategies.registry import make_strategy

@@ -1,4 +1,4 @@
-"""fed_netgpt/runs.py: which adapter serves a site, aggregation groups, and the run folder's lifecycle."""
+"""fed_netgpt/run/folder.py: which adapter serves a site, aggregation groups, and the run folder's lifecycle."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from fed_netgpt.adapters import attach_adapter, save_adapter
 from fed_netgpt.config import load_config
-from fed_netgpt.runs import (
+from fed_netgpt.model.adapters import attach_adapter, save_adapter
+from fed_netgpt.run.folder import (
     OWNED,
     RunFolderError,
     adapter_dir,
@@ -334,7 +334,7 @@ def test_run_finished_needs_the_same_config_and_its_last_round(tmp_path):
 
 
 def test_crashes_are_reproducible_and_as_frequent_as_asked():
-    from fed_netgpt.faults import crashes
+    from fed_netgpt.run.faults import crashes
 
     draws = [crashes(0.3, 0, r, f"site-{k}") for r in range(1, 51) for k in range(200)]
     assert abs(sum(draws) / len(draws) - 0.3) < 0.01
@@ -345,11 +345,11 @@ def test_crashes_are_reproducible_and_as_frequent_as_asked():
 
 
 def test_short_reason_is_the_raised_line_of_a_traceback():
-    from fed_netgpt.runs import short_reason
+    from fed_netgpt.run.folder import short_reason
 
     ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
            "  File \"x.py\", line 3, in f\n    raise InjectedCrash(...)\n"
-           "fed_netgpt.faults.InjectedCrash: injected crash of site lyon in round 2\n")
+           "fed_netgpt.run.faults.InjectedCrash: injected crash of site lyon in round 2\n")
     assert short_reason(ray) == "InjectedCrash: injected crash of site lyon in round 2"
     assert short_reason("out of memory\nmore") == "out of memory"
     assert short_reason("ValueError: x" + "y" * 500) == "ValueError: x" + "y" * 147
@@ -357,7 +357,7 @@ def test_short_reason_is_the_raised_line_of_a_traceback():
 
 def test_a_run_folder_records_its_manifest(tmp_path):
     from fed_netgpt.config import load_config
-    from fed_netgpt.runs import start_run
+    from fed_netgpt.run.folder import start_run
 
     config = load_config(overrides=[f"run.output_dir={tmp_path / 'run'}", "train.device=cpu", "train.bf16=false"])
     folder, _ = start_run(config)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fed_netgpt.adapters import AdapterError, attach_adapter, set_state
-from fed_netgpt.evaluation import generate_completions
-from fed_netgpt.models import BaseModel, load_private_base
-from fed_netgpt.prompting import chat_prompt
+from fed_netgpt.evaluation.scoring import generate_completions
+from fed_netgpt.model.adapters import AdapterError, attach_adapter, set_state
+from fed_netgpt.model.base import BaseModel, load_private_base
+from fed_netgpt.model.prompting import chat_prompt
 from fed_netgpt.serving.engine import NEUTRAL_PROMPTS, DecodeRow, DraftStats, Engine, Sampling, agreed, draft
 from fed_netgpt.serving.quantize import Int8WeightLinear, quantize_linears
 from tests.serving_runs import random_state, serving_config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fed_netgpt.config import ServingConfig
-from fed_netgpt.runs import save_adapters, start_run
+from fed_netgpt.run.folder import save_adapters, start_run
 from fed_netgpt.serving.catalog import UnknownTarget, run_catalog
 from fed_netgpt.serving.edge import EdgeService, PromptTooLong
 from tests.serving_runs import random_state, serving_config, write_run

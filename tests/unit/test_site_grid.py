@@ -16,10 +16,10 @@ from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import message_site, node_sites, train
-from fed_netgpt.adapters import attach_adapter, get_state, read_adapter
 from fed_netgpt.config import FederationConfig, load_config, to_yaml
 from fed_netgpt.data.sites import load_sites
-from fed_netgpt.models import load_base
+from fed_netgpt.model.adapters import attach_adapter, get_state, read_adapter
+from fed_netgpt.model.base import load_base
 from fed_netgpt.protocol import CONFIG_KEY, RUN_ID_KEY, SITE_KEY, from_record, to_record
 from fed_netgpt.training.engine import SiteJob, train_sites
 from server.site_grid import QUERY_RETRY_SECONDS, DiscoveryError, SiteGrid, discover_sites
@@ -270,7 +270,7 @@ def test_nodes_that_keep_failing_are_named_in_the_error_and_asked_only_every_ret
 
 
 def test_a_federation_no_node_answers_is_marked_failed_with_that_line(tmp_path, caplog):
-    from fed_netgpt.runs import RunFolderError, check_not_failed, metrics_rows
+    from fed_netgpt.run.folder import RunFolderError, check_not_failed, metrics_rows
     from server.app import run_federation
 
     # Prepare: two nodes connected that never answer, a short discovery timeout (real time) beside a round's
@@ -416,5 +416,6 @@ def test_a_pack_carries_an_adapter_its_sites_share_once():
     (wire,) = inner.sent
     assert sorted(key for key in wire.content if key.endswith("/arrays")) == ["lyon/arrays", "paris/arrays"]
     assert list(wire.content["pack"]["arrays_of"]) == ["lyon", "paris", "lyon"]
-    assert grid.train_downlink == {"bytes_down_wire": 2 * 48, "bytes_down_unshared": 3 * 48}
+    assert grid.take_train_downlink() == {"bytes_down_wire": 2 * 48, "bytes_down_unshared": 3 * 48}
+    assert grid.take_train_downlink() == {}  # handed over once
     assert sorted(r.content["echo"]["site"] for r in replies) == ["lyon", "nice", "paris"]

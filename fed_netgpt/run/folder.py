@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from fed_netgpt.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_tensors
 from fed_netgpt.config import Config, ConfigError, from_yaml, to_yaml
-from fed_netgpt.models import BaseModel
-from fed_netgpt.report import write_atomically
+from fed_netgpt.evaluation.report import write_atomically
+from fed_netgpt.model.adapters import AdapterError, AdapterState, attach_adapter, publish_adapter, read_tensors
+from fed_netgpt.model.base import BaseModel
 
 
 class RunFolderError(ValueError):

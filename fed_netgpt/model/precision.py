@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from fed_netgpt.models import cache_root
-from fed_netgpt.report import write_atomically
+from fed_netgpt.evaluation.report import write_atomically
+from fed_netgpt.model.base import cache_root
 
 MIN_SPEEDUP = 1.05  # bf16 must beat fp32 by more than 5% to be chosen
 

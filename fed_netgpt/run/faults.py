@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fed_netgpt.adapters import l2_norm
 from fed_netgpt.config import POISON_KINDS
+from fed_netgpt.model.adapters import l2_norm
 
 
 class InjectedCrash(RuntimeError):

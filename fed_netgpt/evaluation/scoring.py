@@ -1,4 +1,4 @@
-"""Evaluation of a run: every variant's completions on the same sampled rows, scored by `fed_netgpt.metrics`.
+"""Evaluation of a run: every variant's completions on the same sampled rows, scored by `fed_netgpt.evaluation.metrics`.
 
 Two test groups, reported apart: held-out intents at the training sites (requests no site trained on), and
 held-out sites (sites that never trained: cold start with the region's adapter). A variant is one way to serve a
@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fed_netgpt.adapters import adapter_name_for, load_adapter, peft_model_of
 from fed_netgpt.config import Config
 from fed_netgpt.data.facts import fact_levels, fact_vocabulary, levels_of
 from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.data.sites import site_datasets
-from fed_netgpt.metrics import RowScore, add_tallies, score_row, summarize_tally, tally
-from fed_netgpt.models import BaseModel
-from fed_netgpt.prompting import chat_prompt, end_of_turn_id
-from fed_netgpt.runs import RunFolderError, federated_variant, serving_adapter
+from fed_netgpt.evaluation.metrics import RowScore, add_tallies, score_row, summarize_tally, tally
+from fed_netgpt.model.adapters import adapter_name_for, load_adapter, peft_model_of
+from fed_netgpt.model.base import BaseModel
+from fed_netgpt.model.prompting import chat_prompt, end_of_turn_id
+from fed_netgpt.run.folder import RunFolderError, federated_variant, serving_adapter
 from fed_netgpt.training.batches import collate, on_device
 from fed_netgpt.training.losses import token_losses
 

@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_
 from safetensors.numpy import load_file, save_file
 
 from fed_netgpt.config import LoraConfig
-from fed_netgpt.models import BaseModel
+from fed_netgpt.model.base import BaseModel
 
 AdapterState = dict[str, np.ndarray]
 _PEFT_MODELS: dict[int, PeftModel] = {}

@@ -26,7 +26,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fed_netgpt.data.schema import PromptPair
-from fed_netgpt.evaluation import batch_token_losses
+from fed_netgpt.evaluation.scoring import batch_token_losses
 
 PLACES = ("garage", "gym", "studio", "storage unit", "office", "workshop", "cellar", "clinic", "library annex",
           "bike room", "rooftop", "boathouse", "greenhouse", "archive", "print shop", "bakery")

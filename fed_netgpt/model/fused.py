@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
-from fed_netgpt.grouped_lora import GroupedLoraLinear
+from fed_netgpt.model.grouped_lora import GroupedLoraLinear
 
 try:  # Triton comes with torch's CUDA builds; without it the rotary embedding stays transformers' own
     import triton

@@ -9,7 +9,7 @@ training; this layer does neither.
 Module surgery is temporary: `grouped_adapters(model, ...)` swaps the target Linear layers (or the Linear
 inside a peft LoRA layer) for `GroupedLoraLinear` and puts the originals back on exit, so the process-wide
 frozen base and its peft adapters are untouched. States go in and out in peft's key format (the same
-`AdapterState` as `fed_netgpt.adapters`), so a slice is a normal peft adapter.
+`AdapterState` as `fed_netgpt.model.adapters`), so a slice is a normal peft adapter.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed_netgpt.adapters import AdapterError, AdapterState, describe_mismatch
 from fed_netgpt.config import LoraConfig
+from fed_netgpt.model.adapters import AdapterError, AdapterState, describe_mismatch
 
 PEFT_PREFIX = "base_model.model."
 

@@ -10,8 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers, edge nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fed_netgpt.report import epsilon_labels  # noqa: E402
-from fed_netgpt.runs import round_summaries  # noqa: E402
+from fed_netgpt.evaluation.report import epsilon_labels  # noqa: E402
+from fed_netgpt.run.folder import round_summaries  # noqa: E402
 
 
 def validation_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
