@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
@@ -15,6 +16,21 @@ from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.model.base import BaseModel, cache_root, load_base, tiny_random_folder
 
 _ADAPTER_NUMBERS = itertools.count()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--order", default="file", help="file (default) | reverse | shuffle:SEED: run the collected "
+                     "tests in another order, to show that none depends on what ran before it")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    order = config.getoption("--order")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("shuffle:"):
+        random.Random(int(order.removeprefix("shuffle:"))).shuffle(items)
+    elif order != "file":
+        raise pytest.UsageError(f"--order must be file, reverse or shuffle:SEED; got {order!r}")
 
 
 @pytest.fixture(autouse=True)
