@@ -22,14 +22,17 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/fed-netgpt simulate
 
+# ruff: style and likely bugs; mypy: types of fed_netgpt/, clients/, server/ and strategies/ (config in pyproject.toml).
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q --durations=12  # the 12 slowest, to keep the suite fast
 
 # test-all adds the slow tests on the real SmolLM2 and a real third-party OpenAI-compatible cloud: llama-cpp-python's
 # server (source only on PyPI: it compiles llama.cpp, 8 min 15 s on a 2-core EPYC).
 test-all: install $(VENV)/.llama-cpp
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 $(VENV)/.llama-cpp: $(STAMP)
@@ -38,6 +41,7 @@ $(VENV)/.llama-cpp: $(STAMP)
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache

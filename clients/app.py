@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from peft import PeftModel
 
 from fed_netgpt.config import Config, TrainConfig, from_yaml
 from fed_netgpt.data.facts import facts_by_site
@@ -156,7 +158,7 @@ def personal_folder(config: Config, context: Context, site_id: str) -> Path:
     return Path(str(root)) / site_id if root else site_adapter_dir(config.run.output_dir, site_id)
 
 
-def prepared_model(msg: Message, config: Config) -> tuple[BaseModel, torch.nn.Module]:
+def prepared_model(msg: Message, config: Config) -> tuple[BaseModel, PeftModel]:
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     model = attach_adapter(base, RECEIVED, config.lora, seed=config.run.seed)
     set_state(model, RECEIVED, from_record(msg.content.array_records[ARRAYS]))
@@ -222,7 +224,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(discovery_reply(described), reply_to=msg)
 
 
-def clip_for_client_dp(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+def clip_for_client_dp(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower's `fixedclipping_mod` (the site's update clipped before it leaves) on the train messages of a
     client_dp run, which carry the clipping norm; the other runs' messages pass untouched."""
     if CONFIG in msg.content.config_records and CLIPPING_NORM in msg.content.config_records[CONFIG]:

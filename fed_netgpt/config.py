@@ -364,8 +364,8 @@ ROBUST = ("none", "median", "trimmed_mean", "clipped_mean", "krum")  # strategie
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
 CONTEXTS = ("none", "city", "coordinates")
 # What `fed-netgpt compare` can train and evaluate side by side (fed_netgpt/evaluation/comparison.py says what each is).
-DEFAULT_VARIANTS = ("base", "local", "global", "global_city", "regional", "personalized", "regional_ffa",
-                    "regional_svd")
+DEFAULT_VARIANTS: tuple[str, ...] = ("base", "local", "global", "global_city", "regional", "personalized",
+                                     "regional_ffa", "regional_svd")
 VARIANTS = (*DEFAULT_VARIANTS, "local_dp", "regional_dp", "personalized_dp", "regional_ffa_dp")
 
 
@@ -410,7 +410,7 @@ def load_config(
         if preset:
             merged = OmegaConf.merge(merged, _load_yaml(_preset_path(str(preset))))
         merged = OmegaConf.merge(merged, file_conf, override_conf)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return _to_config(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
     except ConfigError:
@@ -475,6 +475,14 @@ def _overrides_to_conf(overrides: Mapping[str, Any] | list[str] | None) -> Any:
     return conf
 
 
+def _to_config(merged: Any) -> Config:
+    """The `Config` a merge onto `OmegaConf.structured(Config)` builds (omegaconf types it as any container)."""
+    config = OmegaConf.to_object(merged)
+    if not isinstance(config, Config):
+        raise TypeError(f"expected the merged config to build a Config, got a {type(config).__name__}")
+    return config
+
+
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     message = str(err).splitlines()[0]
@@ -495,7 +503,7 @@ def from_yaml(text: str) -> Config:
         raise ConfigError(f"not valid YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), _checked_sections(saved, "the saved config"))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return _to_config(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err)) from None
 

@@ -18,12 +18,12 @@ command line, the one place in the library that touches Flower, and only its rec
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, ConfigScalar, MetricRecord, RecordDict
 
 # The records of a message's content.
 ARRAYS = "arrays"  # an adapter state (peft keys), or the regional strategy's "<region>/<key>" arrays
@@ -58,6 +58,25 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """The arrays of a record; float16 ones (16 bits on the wire) come back as float32 for the arithmetic."""
     arrays = {key: array.numpy() for key, array in record.items()}
     return {key: value.astype(np.float32) if value.dtype == np.float16 else value for key, value in arrays.items()}
+
+
+def metric_record(metrics: Mapping[str, float]) -> MetricRecord:
+    """Scalar metrics as a MetricRecord (Flower types its argument as a dict of every value type it takes)."""
+    return MetricRecord(dict(metrics))
+
+
+def scalar(value: ConfigRecordValues, key: str) -> ConfigScalar:
+    """A record's value where one number or string belongs (a config or metric record's `key`)."""
+    if isinstance(value, list):
+        raise TypeError(f"record key {key!r}: expected a scalar, got a list")
+    return value
+
+
+def strings(value: ConfigRecordValues, key: str) -> list[str]:
+    """A record's value where a list of strings belongs (a config record's `key`)."""
+    if not isinstance(value, list):
+        raise TypeError(f"record key {key!r}: expected a list, got a {type(value).__name__}")
+    return [str(item) for item in value]
 
 
 def _json(record: ConfigRecord, key: str, default: Any) -> Any:
@@ -126,24 +145,25 @@ class TrainRequest:
 
     @property
     def server_round(self) -> int:
-        return int(self.config.get(SERVER_ROUND, 0))  # type: ignore[arg-type]  # Flower sets an int
+        return int(scalar(self.config.get(SERVER_ROUND, 0), SERVER_ROUND))  # Flower sets an int
 
     def proximal_mu(self, default: float) -> float:
-        return float(self.config.get(PROXIMAL_MU, default))  # type: ignore[arg-type]  # FedProx sets a float
+        return float(scalar(self.config.get(PROXIMAL_MU, default), PROXIMAL_MU))  # FedProx sets a float
 
     @classmethod
     def from_content(cls, content: RecordDict) -> TrainRequest:
         if PACK not in content:
             return cls(("",), (from_record(content.array_records[ARRAYS]),), content.config_records[CONFIG], False)
         pack = content.config_records[PACK]
-        names = [str(name) for name in pack["sites"]]  # type: ignore[union-attr]  # a list of str on the wire
-        owners = [str(name) for name in pack["arrays_of"]] if "arrays_of" in pack else names  # type: ignore[union-attr]
+        names = strings(pack["sites"], "sites")
+        owners = strings(pack["arrays_of"], "arrays_of") if "arrays_of" in pack else names
         received = {owner: from_record(content.array_records[f"{owner}/{ARRAYS}"]) for owner in set(owners)}
         return cls(tuple(names), tuple(received[owner] for owner in owners),
                    content.config_records[f"{names[0]}/{CONFIG}"], True)
 
 
-def pack_train_messages(contents: Sequence[tuple[str, RecordDict]], digest) -> RecordDict:  # type: ignore[no-untyped-def]
+def pack_train_messages(contents: Sequence[tuple[str, RecordDict]],
+                        digest: Callable[[ArrayRecord], str]) -> RecordDict:
     """One train message's content for several sites of a node: each site's records under "<site>/", an adapter
     that several of them start from only once (`digest` tells equal arrays apart; "arrays_of" names, for each
     site, the site whose arrays it trains from)."""
@@ -152,7 +172,7 @@ def pack_train_messages(contents: Sequence[tuple[str, RecordDict]], digest) -> R
     for site, content in contents:
         sites.append(site)
         for key, record in content.items():
-            if key == ARRAYS:
+            if key == ARRAYS and isinstance(record, ArrayRecord):
                 owner = first_with.setdefault(digest(record), site)
                 owners.append(owner)
                 if owner != site:
@@ -183,7 +203,7 @@ def train_reply(replies: Sequence[SiteTrainReply], packed: bool, wire_dtype: str
             continue
         assert reply.state is not None  # a site that trained has a state
         content[f"{prefix}{ARRAYS}"] = to_record(reply.state, wire_dtype)
-        content[f"{prefix}{METRICS}"] = MetricRecord(reply.metrics)
+        content[f"{prefix}{METRICS}"] = metric_record(reply.metrics)
     return content
 
 
@@ -193,7 +213,7 @@ def site_part(content: RecordDict, site: str) -> RecordDict | str | None:
     if not records:
         return None
     if SITE_ERROR in records:  # this site was refused (its DP budget), its packmates trained
-        return str(records[SITE_ERROR]["reason"])  # type: ignore[index]  # a ConfigRecord on the wire
+        return str(records[SITE_ERROR]["reason"])
     return RecordDict(records)
 
 
@@ -222,8 +242,9 @@ class ReportRequest:
         if FINAL_REPORT_KEY not in record:
             return None
         limit = record.get("max-examples")
-        return cls(tuple(str(v) for v in record["variants"]),  # type: ignore[union-attr]  # a list on the wire
-                   int(record["sample-offset"]), None if limit is None else int(limit),  # type: ignore[arg-type]
+        return cls(tuple(strings(record["variants"], "variants")),
+                   int(scalar(record["sample-offset"], "sample-offset")),
+                   None if limit is None else int(scalar(limit, "max-examples")),
                    _json(record, "fact-levels", {}), tuple(_json(record, "fact-vocabulary", [])))
 
 
@@ -248,8 +269,8 @@ class ReportReply:
         tallies: dict[str, dict[str, float]] = {}
         for key, value in content.metric_records[METRICS].items():
             variant, _, name = key.partition("/")
-            tallies.setdefault(variant, {})[name] = float(value)  # type: ignore[arg-type]  # scalars in a report
-        examples = json.loads(str(content[EXAMPLES]["json"])) if EXAMPLES in content else None  # type: ignore[index]
+            tallies.setdefault(variant, {})[name] = float(scalar(value, key))
+        examples = json.loads(str(content[EXAMPLES]["json"])) if EXAMPLES in content else None
         return cls(tallies, examples)
 
 
@@ -258,4 +279,4 @@ def evaluate_reply(eval_loss: float | None, num_examples: int) -> RecordDict:
     metrics: dict[str, float] = {NUM_EXAMPLES: num_examples}
     if eval_loss is not None:
         metrics = {"eval_loss": eval_loss, **metrics}
-    return RecordDict({METRICS: MetricRecord(metrics)})
+    return RecordDict({METRICS: metric_record(metrics)})

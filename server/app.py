@@ -142,7 +142,8 @@ class Federation:
         num_rounds = self.config.federation.num_rounds
         if self.done < num_rounds:
             result = self.strategy.start(
-                grid=self.site_grid, initial_arrays=to_record(self.arrays), num_rounds=num_rounds - self.done,
+                grid=self.site_grid,  # type: ignore[arg-type]  # a Grid proxy, duck-typed (server/site_grid.py)
+                initial_arrays=to_record(self.arrays), num_rounds=num_rounds - self.done,
                 timeout=self.config.federation.timeout, train_config=self.message_config,
                 evaluate_config=self.message_config, evaluate_fn=self.strategy.round_end(self.end_of_round))
             self.arrays = from_record(result.arrays)

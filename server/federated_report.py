@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 
 from fed_netgpt.config import Config
 from fed_netgpt.data.facts import facts_by_site, levels_from_sites
@@ -26,6 +25,7 @@ from fed_netgpt.evaluation.scoring import GROUPS, evaluate_run, result_from_tall
 from fed_netgpt.model.adapters import AdapterState
 from fed_netgpt.model.base import BaseModel
 from fed_netgpt.protocol import ARRAYS, CONFIG, ReportReply, ReportRequest, SiteDescription, to_record
+from server.site_grid import SiteGrid
 
 log = logging.getLogger("fed_netgpt.server")
 
@@ -37,7 +37,7 @@ def scored_by_sites(config: Config, nodes: dict[int, SiteDescription]) -> bool:
     return config.evaluation.federated == "true"
 
 
-def federated_report(grid: Grid, config: Config, folder: Path, base: BaseModel, nodes: dict[int, SiteDescription],
+def federated_report(grid: SiteGrid, config: Config, folder: Path, base: BaseModel, nodes: dict[int, SiteDescription],
                      groups: dict[int, str], states: dict[str, AdapterState],
                      message_config: ConfigRecord) -> dict[str, Any]:
     """report.json's content from the sites' own scoring (training sites) and the server's (held-out sites)."""

@@ -88,7 +88,8 @@ class SiteGrid:
 
     def _routed(self, msg: Message) -> Message:
         node, site_id = self.routes[msg.metadata.dst_node_id]
-        content = RecordDict({key: ConfigRecord({**dict(record), SITE_KEY: site_id}) if key == CONFIG else record
+        content = RecordDict({key: ConfigRecord({**dict(record), SITE_KEY: site_id})
+                              if key == CONFIG and isinstance(record, ConfigRecord) else record
                               for key, record in msg.content.items()})
         return Message(content, dst_node_id=node, message_type=msg.metadata.message_type,
                        group_id=msg.metadata.group_id, ttl=msg.metadata.ttl)
@@ -163,7 +164,7 @@ def discover_sites(grid: Grid, expected_sites: int, federation: FederationConfig
         pending.update(_send_queries(grid, ask, message_config))
         for node, reply in _pull_answers(grid, pending):
             if reply.has_error():
-                reason = short_reason(reply.error.reason)
+                reason = short_reason(str(reply.error.reason))
                 if failed.get(node, (0.0, ""))[1] != reason:
                     log.warning("discover_sites: node %d could not say which sites it serves (%s); asking it again "
                                 "until federation.discovery_timeout", node, reason)

@@ -34,7 +34,8 @@ def weighted_average(
             raise ValueError(f"state {i} has keys {sorted(set(state) ^ keys)} that state 0 does not share")
     averaged: dict[str, np.ndarray | float] = {}
     for key in states[0]:
-        acc = sum(np.asarray(s[key], dtype=np.float64) * (w / total) for s, w in zip(states, weights))
+        acc = sum((np.asarray(s[key], dtype=np.float64) * (w / total) for s, w in zip(states, weights)),
+                  start=np.float64(0.0))
         first = states[0][key]
         if isinstance(first, np.ndarray):
             averaged[key] = acc.astype(first.dtype) if np.issubdtype(first.dtype, np.floating) else acc
@@ -114,7 +115,7 @@ def _site_factors(
     at most one module's tensors are held in float64. Ranks may differ between sites; update shapes may not."""
     total = _check_like_weighted_average(states, weights)
     for prefix, (a_key, b_key) in lora_modules(states[0]).items():
-        sites = []
+        sites: list[tuple[float, np.ndarray, np.ndarray]] = []
         for i, (state, weight) in enumerate(zip(states, weights)):
             a = np.asarray(state[a_key], dtype=np.float64)
             b = np.asarray(state[b_key], dtype=np.float64)

@@ -63,7 +63,8 @@ def sample_shortfall(strategy: Strategy, connected: int) -> str | None:
     inner strategy samples fewer than the noise is sized for (Flower's wrapper refuses that round)."""
     if not isinstance(strategy, DifferentialPrivacyClientSideFixedClipping):
         return None
-    sampled = sites_sampled(connected, strategy.strategy.fraction_train)  # type: ignore[attr-defined]  # FedAvg's
+    fraction = strategy.strategy.fraction_train  # type: ignore[attr-defined]  # typed Strategy; a FedAvg (registry.py)
+    sampled = sites_sampled(connected, fraction)
     if sampled == strategy.num_sampled_clients:
         return None
     return (f"{connected} of its sites are connected, {sampled} would be sampled, and its client_dp noise is sized "

@@ -20,16 +20,16 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
 from fed_netgpt.model.adapters import describe_mismatch
-from fed_netgpt.protocol import ARRAYS, NUM_EXAMPLES, from_record, to_record
+from fed_netgpt.protocol import ARRAYS, NUM_EXAMPLES, from_record, metric_record, scalar, to_record
 from strategies.aggregation import (
     group_by,
     merge_regions,
@@ -151,7 +151,7 @@ class RegionalStrategy(Strategy):
                             server_round, err)
         if self.wire_dtype != "float32":
             for msg in messages:
-                msg.content[ARRAYS] = to_record(from_record(msg.content[ARRAYS]), self.wire_dtype)
+                msg.content[ARRAYS] = to_record(from_record(msg.content.array_records[ARRAYS]), self.wire_dtype)
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -183,7 +183,7 @@ class RegionalStrategy(Strategy):
         if self.wire_dtype != "float32":  # 16-bit replies are averaged in float32
             for msg in replies:
                 if not msg.has_error() and ARRAYS in msg.content.array_records:
-                    msg.content[ARRAYS] = to_record(from_record(msg.content[ARRAYS]))
+                    msg.content[ARRAYS] = to_record(from_record(msg.content.array_records[ARRAYS]))
         grouped = self._by_region(replies)
         new_states, metrics = {}, {}
         for region in self.regions:
@@ -215,12 +215,13 @@ class RegionalStrategy(Strategy):
             metrics.update(_prefixed(region, region_metrics))
         uplink = sum(record["bytes_up"] for record in self._sites.values())
         self._summary = {"train": metrics, "bytes": {"downlink": sum(self._downlink.values()), "uplink": uplink}}
-        return to_record(merge_regions(new_states)), MetricRecord(metrics)
+        return to_record(merge_regions(new_states)), metric_record(metrics)
 
     def _svd(self, region: str, replies: list[Message]) -> tuple[dict[str, Any], float]:
         """The region's mean of B·A at rank r; returns it and the largest relative residual over modules."""
-        states = [from_record(msg.content[ARRAYS]) for msg in replies]
-        weights = [float(next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES]) for msg in replies]
+        states = [from_record(msg.content.array_records[ARRAYS]) for msg in replies]
+        counts = [next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES] for msg in replies]
+        weights = [float(scalar(count, NUM_EXAMPLES)) for count in counts]
         state, residuals = svd_average(states, weights, self.rank)
         worst = max(residuals.values(), default=0.0)
         log.info("aggregate_train: %s: rank-%d SVD of the mean B·A discards at most %.2e of its norm",
@@ -234,7 +235,7 @@ class RegionalStrategy(Strategy):
             valid = [msg for msg in grouped.get(region, []) if not msg.has_error()]
             metrics.update(_prefixed(region, _mean_metrics(valid)))
         self._summary["evaluate"] = metrics
-        return MetricRecord(metrics) if metrics else None
+        return metric_record(metrics) if metrics else None
 
     def _accept(self, region: str, msg: Message) -> bool:
         """Keep a reply only if it carries a finite adapter of the region's shapes and an example count."""
@@ -245,6 +246,7 @@ class RegionalStrategy(Strategy):
         arrays = msg.content.array_records
         metrics = list(msg.content.metric_records.values())
         count = metrics[0].get(NUM_EXAMPLES, 0) if len(metrics) == 1 else 0
+        reason: str | None
         if list(arrays) != [ARRAYS] or len(metrics) != 1 or not (_finite(count) and float(count) > 0):
             reason = (f"it must carry one ArrayRecord {ARRAYS!r} and one MetricRecord with a finite {NUM_EXAMPLES} > 0"
                       f" (got {count!r})")
@@ -286,12 +288,13 @@ def _reply_record(msg: Message) -> dict[str, Any]:
 
 def _client_privacy(strategy: Strategy) -> dict[str, float]:
     """A DP-wrapped region's spending so far, with what recomputing it takes (none for other strategies)."""
-    spent = getattr(strategy, "privacy_spent", lambda: None)()
+    if not isinstance(strategy, DifferentialPrivacyClientSideFixedClipping):
+        return {}
+    spent = strategy.privacy_spent()
     if spent is None:
         return {}
     return {"client_epsilon": spent.epsilon, "client_delta": spent.delta, "client_releases": spent.num_releases,
-            "client_noise_multiplier": strategy.noise_multiplier,  # type: ignore[attr-defined]
-            "client_sites_sampled": strategy.num_sampled_clients}  # type: ignore[attr-defined]
+            "client_noise_multiplier": strategy.noise_multiplier, "client_sites_sampled": strategy.num_sampled_clients}
 
 
 def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:
@@ -313,21 +316,25 @@ def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:
 
 def _mean_metrics(replies: list[Message]) -> dict[str, float]:
     """Example-weighted mean of the replies' finite scalar metrics (replies without metrics are skipped)."""
-    records = [r for msg in replies for r in list(msg.content.metric_records.values())[:1]]
-    records = [r for r in records if _finite(r.get(NUM_EXAMPLES, 0)) and float(r[NUM_EXAMPLES]) > 0]
+    records = [_finite_scalars(r) for msg in replies for r in list(msg.content.metric_records.values())[:1]]
+    records = [r for r in records if r.get(NUM_EXAMPLES, 0) > 0]
     if not records:
         return {}
     mean: dict[str, float] = {}
     for key in sorted({k for r in records for k in r} - {NUM_EXAMPLES}):  # each over the replies where it is finite
-        holding = [r for r in records if _finite(r.get(key))]
-        if holding:
-            weights = [float(r[NUM_EXAMPLES]) for r in holding]
-            mean[key] = float(weighted_average([{key: float(r[key])} for r in holding], weights)[key])
-    mean[NUM_EXAMPLES] = sum(float(r[NUM_EXAMPLES]) for r in records)
+        holding = [r for r in records if key in r]
+        weights = [r[NUM_EXAMPLES] for r in holding]
+        mean[key] = float(weighted_average([{key: r[key]} for r in holding], weights)[key])
+    mean[NUM_EXAMPLES] = sum(r[NUM_EXAMPLES] for r in records)
     return mean
 
 
-def _finite(value: object) -> bool:
+def _finite_scalars(record: MetricRecord) -> dict[str, float]:
+    """A metric record's finite scalars, as floats (lists and NaN or infinite values left out)."""
+    return {key: float(value) for key, value in record.items() if _finite(value)}
+
+
+def _finite(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
 from fed_netgpt.config import Config
@@ -15,7 +17,7 @@ def make_strategy(config: Config, num_sites: int, rounds_done: int = 0) -> Strat
     every site weighted alike. Nodes were discovered before the first round, so one node is enough to start."""
     federation = config.federation
     client_dp = config.privacy.mode == "client_dp"
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=federation.fraction_train, fraction_evaluate=federation.fraction_evaluate,
         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
         weighted_by_key=UNIT_WEIGHT if client_dp else NUM_EXAMPLES,

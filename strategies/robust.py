@@ -53,11 +53,11 @@ class ClippedMean(FedAvg):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.start: dict[str, Any] = {}
+        self.sent: dict[str, Any] = {}  # not `start`: that is Strategy's round loop
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self.start = from_record(arrays)
+        self.sent = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int,
@@ -65,8 +65,8 @@ class ClippedMean(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
-        states = [from_record(msg.content[self.arrayrecord_key]) for msg in valid]
-        state, bound = clipped_mean(states, self.start)
+        states = [from_record(msg.content.array_records[self.arrayrecord_key]) for msg in valid]
+        state, bound = clipped_mean(states, self.sent)
         log.info("aggregate_train: clipped_mean: %d updates clipped to the median norm %.4g", len(states), bound)
         return to_record(state), self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
 

@@ -102,7 +102,7 @@ def _country_regions(config: DataConfig, big: list[City], countries: Mapping[str
 def _continent_regions(config: DataConfig, big: list[City], countries: Mapping[str, City],
                        continents: Mapping[str, City]) -> dict[str, list[City]]:
     """One region per continent, one city per country: `data.continents`, or those with the most countries."""
-    by_continent: dict[str, list[City]] = {}
+    by_continent: dict[str | None, list[City]] = {}  # None: its country has no known continent
     for city in big:
         by_continent.setdefault(countries.get(city["countrycode"], {}).get("continentcode"), []).append(city)
     by_continent = {code: _one_per_country(members) for code, members in by_continent.items()}

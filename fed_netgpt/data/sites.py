@@ -51,7 +51,8 @@ def _cached(config: DataConfig) -> tuple[tuple[PromptPair, ...], tuple[SiteData,
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(config_yaml: str) -> tuple[tuple[PromptPair, ...], tuple[SiteData, ...]]:
-    config = DataConfig(**OmegaConf.to_container(OmegaConf.create(config_yaml)))  # type: ignore[arg-type]
+    fields = OmegaConf.to_container(OmegaConf.create(config_yaml))
+    config = DataConfig(**fields)  # type: ignore[arg-type]  # omegaconf's any container: a str-keyed dict here
     pairs = _resolve_splits(config)
     return pairs, tuple(site_datasets(list(pairs)))
 

@@ -82,7 +82,7 @@ def generate_completions(
         for start in range(0, len(items), batch_size):
             texts = [chat_prompt(tokenizer, context, prompt) for context, prompt in items[start : start + batch_size]]
             encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            generated = model.generate(
+            generated = model.generate(  # type: ignore[operator]  # nn.Module does not declare a causal LM's generate
                 **encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                 pad_token_id=tokenizer.pad_token_id,
             )
@@ -151,8 +151,9 @@ def run_variant(
         indices = [i for i, a in enumerate(adapters) if a == folder]
         rows = [pairs[i] for i in indices]
         if folder is None:  # the base model: peft injects its layers in place, so they are switched off
-            model = peft_model_of(base) or base.model
-            off = model.disable_adapter() if model is not base.model else contextlib.nullcontext()
+            peft_model = peft_model_of(base)
+            model = peft_model or base.model
+            off = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
         else:
             model, off = load_adapter(base, adapter_name_for(folder), folder), contextlib.nullcontext()
         with off:

@@ -89,7 +89,8 @@ def _load_base_cached(name: str, cache_dir: str, device: str) -> BaseModel:
                 "model folder with a config.json"
             )
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = model.to(device)  # type: ignore[arg-type]  # functools.wraps on PreTrainedModel.to loses its `self`
     model.requires_grad_(False)
     model.eval()
     return BaseModel(model=model, tokenizer=tokenizer, name=name)
@@ -119,8 +120,8 @@ def smollm2_folder(cache_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF is dequantized to fp32 on load; drop the quantization marks so save_pretrained accepts it.
-        model.hf_quantizer = None
-        model.is_quantized = False
+        model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors, modules
+        model.is_quantized = False  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors, modules
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         _save_atomically(model, tokenizer, folder)

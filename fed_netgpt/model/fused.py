@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,16 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 
-def _rms_norm(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+class _RMSNorm(Protocol):
+    """What `_rms_norm` reads of the norm it replaces the forward of (LlamaRMSNorm and its copies)."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+    @property
+    def variance_epsilon(self) -> float: ...
+
+
+def _rms_norm(self: _RMSNorm, hidden_states: torch.Tensor) -> torch.Tensor:
     """LlamaRMSNorm.forward in one kernel: normalized and scaled in fp32, rounded once to the input's dtype
     (transformers rounds before scaling too; the separate scaling was 6 % of a 128-site step on an H200). A scale
     in another dtype than the input (fp32 under autocast) is applied after, in its dtype, as transformers does."""
@@ -163,12 +173,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
 
 class _Rotary(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
         return _rotate(x, cos, sin, backward=False)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         return _rotate(grad, cos, sin, backward=True), None, None
 

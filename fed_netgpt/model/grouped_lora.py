@@ -18,6 +18,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -54,18 +55,31 @@ class RowSelection:
         self.single = int(on_host[0]) if rows and not self.blocks and bool((on_host == on_host[0]).all()) else None
 
 
+class FrozenLinear(Protocol):
+    """What grouped LoRA needs of the layer it adapts: an nn.Linear, or serving's `Int8WeightLinear`."""
+
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def weight(self) -> torch.Tensor: ...
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class GroupedLoraLinear(nn.Module):
     """A frozen Linear plus K stacked LoRA adapters: y = base(x) + scaling · B_k A_k dropout(x), k per row."""
 
-    def __init__(self, base: nn.Module, num_adapters: int, r: int, alpha: float, dropout: float,
+    def __init__(self, base: FrozenLinear, num_adapters: int, r: int, alpha: float, dropout: float,
                  selection: RowSelection) -> None:
         super().__init__()
         self.base = base
         # fp32 master weights under a bf16/fp16 base (as peft keeps them); a float64 base keeps float64
-        weight = base.weight
-        factory = {"device": weight.device, "dtype": torch.promote_types(weight.dtype, torch.float32)}
-        self.lora_A = nn.Parameter(torch.zeros(num_adapters, r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(num_adapters, base.out_features, r, **factory))
+        device, dtype = base.weight.device, torch.promote_types(base.weight.dtype, torch.float32)
+        self.lora_A = nn.Parameter(torch.zeros(num_adapters, r, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_adapters, base.out_features, r, device=device, dtype=dtype))
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.selection = selection
@@ -152,7 +166,7 @@ class _RowGradientUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, sink: RowGradients, layers: tuple[GroupedLoraLinear, ...],  # type: ignore[override]
+    def forward(ctx, h: torch.Tensor, sink: RowGradients, layers: tuple[GroupedLoraLinear, ...],
                 *factors: nn.Parameter) -> torch.Tensor:  # the factors as inputs: the output needs a gradient
         # even where h has none (the first layer's input, the frozen embeddings)
         device = h.device.type  # autocast's dtype chosen here, so that the backward pass computes in the same
@@ -168,7 +182,7 @@ class _RowGradientUpdate(torch.autograd.Function):
         return update
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         h, low, a, b = ctx.saved_tensors
         grad = grad.to(h.dtype)
         grad_low = torch.bmm(grad, b)  # [K, rows/K·T, Σr]
@@ -308,18 +322,18 @@ def _key(path: str, name: str) -> str:
 
 def lora_shapes(model: nn.Module, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
     """The peft keys and shapes of one adapter of `lora` on `model` (what a loaded state must match)."""
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for path, linear in target_linears(model, lora.target_modules).items():
         shapes[_key(path, "lora_A")] = (lora.r, linear.in_features)
         shapes[_key(path, "lora_B")] = (linear.out_features, lora.r)
     return shapes
 
 
-def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Module]:
+def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, FrozenLinear]:
     """The frozen Linear layers LoRA adapts, by module path (peft's rule: the path ends with a target name).
     Inside a peft LoRA layer the Linear is its `base_layer`; a quantized Linear with `in_features`,
     `out_features` and a `weight` (serving's int8 layers) works as well."""
-    found = {}
+    found: dict[str, FrozenLinear] = {}
     for path, module in model.named_modules():
         if path.split(".")[-1] not in target_modules:
             continue
@@ -349,8 +363,8 @@ class SharedInputProjection:
         self.layers = list(layers)
         bases = [layer.base for layer in layers]
         self.weight = torch.cat([base.weight for base in bases])
-        biases = [base.bias for base in bases]
-        self.bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        biases = [base.bias for base in bases if base.bias is not None]
+        self.bias = torch.cat(biases) if len(biases) == len(bases) else None
         self.sizes = [base.weight.shape[0] for base in bases]
         self._input: torch.Tensor | None = None
         self._parts: list[torch.Tensor | None] = []
@@ -361,12 +375,14 @@ class SharedInputProjection:
 
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Layer i's output for input `x`: all layers' computed on the first call for this `x`."""
-        if self._input is not x or self._parts[i] is None:
-            self._input, self._parts = x, list(self._all(x))
-        out, self._parts[i] = self._parts[i], None
+        out = self._parts[i] if self._input is x else None
+        if out is None:
+            parts = self._all(x)
+            self._input, self._parts, out = x, list(parts), parts[i]
+        self._parts[i] = None
         if not any(p is not None for p in self._parts):
             self._input = None  # nothing is kept once every layer has its part
-        return out  # type: ignore[return-value]
+        return out
 
     def _all(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         layers, k, width = self.layers, self.layers[0].lora_A.shape[0], x.shape[-1]

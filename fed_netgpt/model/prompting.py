@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerBase
 
 from fed_netgpt.data.schema import DataError
@@ -16,8 +18,13 @@ SYSTEM_PROMPT = (
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, context: str, prompt: str) -> str:
     """The text before the completion, ending where the assistant turn starts."""
     user = f"{context}\nrequest: {prompt}" if context else f"request: {prompt}"
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return chat_text(tokenizer, [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}])
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict]) -> str:
+    """`messages` in the model's chat template, ending where the assistant turn starts."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return text  # type: ignore[return-value]  # tokenize=False: the rendered text, a str
 
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -76,7 +76,7 @@ def manifest(config: Config) -> dict[str, Any]:
 
     import torch
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in MANIFEST_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)

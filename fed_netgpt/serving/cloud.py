@@ -31,7 +31,8 @@ class CloudAnswer:
 
 
 class Cloud(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def answer(self, prompt: str) -> CloudAnswer: ...
 

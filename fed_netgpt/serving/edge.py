@@ -24,7 +24,7 @@ from fed_netgpt.config import ConfigError, ServingConfig
 from fed_netgpt.data.schema import DataError
 from fed_netgpt.model.adapters import AdapterError
 from fed_netgpt.model.base import load_private_base, resolve_device
-from fed_netgpt.model.prompting import chat_prompt
+from fed_netgpt.model.prompting import chat_prompt, chat_text
 from fed_netgpt.run.folder import RunFolderError, published
 from fed_netgpt.serving.catalog import Catalog, Target, UnknownTarget, read_states, run_catalog
 from fed_netgpt.serving.engine import DecodeRow, Engine, Sampling
@@ -111,7 +111,7 @@ class EdgeService:
     def chat(self, messages: Sequence[dict], *, max_new_tokens: int, sampling: Sampling | None = None,
              on_text: Callable[[str], None] | None = None) -> Completion:
         """A plain chat answer of the base model (how this service acts as another edge's cloud)."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        text = chat_text(self.tokenizer, messages)
         ids = self.encode(text, " ".join(str(m.get("content", "")) for m in messages))
         target = Target(self.catalog.base_name, "", None)
         return self._wait(_Job(target, ids, max_new_tokens, sampling or Sampling(), on_text))
@@ -178,7 +178,8 @@ class EdgeService:
             return
         done = time.perf_counter()
         for (job, _), tokens in zip(runnable, new):
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = decoded.strip()  # type: ignore[union-attr]  # one row's ids decode to a str, not a list
             adapter = job.target.adapter.name if job.target.adapter else "base"
             job.future.set_result(Completion(text, len(tokens), len(job.prompt_ids), done - job.submitted, adapter,
                                              cut=len(tokens) >= job.max_new_tokens, region=job.target.region))
@@ -192,8 +193,8 @@ class EdgeService:
         if marker is None or marker == self.catalog.marker:
             return
         try:
-            catalog, _ = run_catalog(self.run)
-            self.engine.load(catalog.lora, read_states(catalog))
+            catalog, config = run_catalog(self.run)
+            self.engine.load(config.lora, read_states(catalog))
         except (RunFolderError, AdapterError, DataError, ConfigError, OSError, ValueError) as err:
             log.warning("serving: not reloading %s (%s); still serving the run loaded before", self.run, err)
             self.catalog = replace(self.catalog, marker=marker)  # do not retry every batch

@@ -129,7 +129,7 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        first: dict[str, Any] = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})")
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")

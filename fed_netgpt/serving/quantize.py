@@ -17,6 +17,10 @@ from torch import nn
 class Int8WeightLinear(nn.Module):
     """A frozen Linear with int8 weights and a bf16 scale per output row."""
 
+    weight: torch.Tensor  # the buffers registered below, typed
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()

@@ -15,7 +15,8 @@ from fed_netgpt.data.schema import PromptPair
 from fed_netgpt.model.prompting import encode_pair
 
 Row = TypeVar("Row")
-Encoded = tuple[Sequence[int], Sequence[int]]  # a pair's token ids and labels (`encode_pair`)
+# A pair's token ids and labels: `encode_pair`'s lists, or `encoded_pair`'s cached int32 arrays.
+Encoded = tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]
 
 
 def collate(
@@ -36,11 +37,11 @@ def encoded_pair(tokenizer: PreTrainedTokenizerBase, pair: PromptPair, max_lengt
     tokenizing them again took a sixth of a 128-site grouped call on the GPU machine. Kept as int32 arrays
     (32k pairs of ~100 tokens: ~30 MB). A process-wide cache by design: it holds only what the tokenizer would
     give again, keyed on the tokenizer itself."""
-    arrays = tuple(np.asarray(part, dtype=np.int32) for part in encode_pair(tokenizer, pair.context, pair.prompt,
+    ids, labels = (np.asarray(part, dtype=np.int32) for part in encode_pair(tokenizer, pair.context, pair.prompt,
                                                                            pair.completion, max_length))
-    for array in arrays:
+    for array in (ids, labels):
         array.flags.writeable = False  # shared by every later use
-    return arrays  # type: ignore[return-value]  # a 2-tuple of arrays, built from encode_pair's two parts
+    return ids, labels
 
 
 def pad_batch(encoded: Sequence[Encoded], pad: int) -> dict[str, torch.Tensor]:
@@ -79,7 +80,7 @@ class SiteRows(Sequence[Encoded]):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i):  # type: ignore[no-untyped-def,override]  # ints only; Sequence also types slices
+    def __getitem__(self, i: int) -> Encoded:  # type: ignore[override]  # ints only; Sequence also takes slices
         return encoded_pair(self.tokenizer, self.pairs[i], self.max_length)
 
 

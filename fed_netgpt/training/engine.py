@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fed_netgpt.config import LoraConfig, TrainConfig
 from fed_netgpt.data.schema import PromptPair
@@ -83,8 +83,8 @@ def train_sites(base: BaseModel, jobs: Sequence[SiteJob], lora: LoraConfig, conf
     return _train_grouped(base.model, base.tokenizer, jobs, lora, config, freeze_lora_a)
 
 
-def _train_grouped(model: PreTrainedModel, tokenizer, jobs: Sequence[SiteJob], lora: LoraConfig,  # type: ignore[no-untyped-def]
-                   config: TrainConfig, freeze_lora_a: bool) -> list[TrainResult]:
+def _train_grouped(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[SiteJob],
+                   lora: LoraConfig, config: TrainConfig, freeze_lora_a: bool) -> list[TrainResult]:
     device = next(model.parameters()).device
     pad = int(tokenizer.pad_token_id)
     rows = [SiteRows(tokenizer, job.pairs, config.max_length) for job in jobs]
@@ -115,8 +115,11 @@ def _train_grouped(model: PreTrainedModel, tokenizer, jobs: Sequence[SiteJob], l
                     row_sums, row_counts = row_loss_sums(model, batch)
                 index = index.to(device, non_blocking=True)
                 pull = (params, anchor, config.proximal_mu) if anchor else None
-                site_loss = (_backward(row_sums, row_counts, index, len(jobs), pull) if private is None else
-                             _private_backward(row_sums, row_counts, index, len(jobs), pull, private, per_row))
+                if private is None:
+                    site_loss = _backward(row_sums, row_counts, index, len(jobs), pull)
+                else:
+                    assert per_row is not None  # per_row_gradients is entered above whenever private is set
+                    site_loss = _private_backward(row_sums, row_counts, index, len(jobs), pull, private, per_row)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(site_loss.detach())  # kept on the device: no wait for the GPU between steps

@@ -83,7 +83,7 @@ class _FrozenHeadLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, chunk: int, needs_grad: bool) -> torch.Tensor:
         losses, grads = [], []
         for i in chunk_starts(len(targets), chunk):
@@ -97,7 +97,7 @@ class _FrozenHeadLosses(torch.autograd.Function):
         return torch.cat(losses)
 
     @staticmethod
-    def backward(ctx, grad_losses: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_losses: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_losses[:, None].to(grad.dtype), None, None, None, None, None
 

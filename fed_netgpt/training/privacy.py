@@ -245,8 +245,9 @@ class GroupedDPSGD:
         key = (like.device, like.dtype, like.dim())
         if key not in self._tensors:
             shape = (-1, *[1] * (like.dim() - 1))
-            self._tensors[key] = tuple(torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
-                                       for values in (self.noise_std, self.expected))  # type: ignore[assignment]
+            std, expected = (torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+                             for values in (self.noise_std, self.expected))
+            self._tensors[key] = (std, expected)
         return self._tensors[key]
 
 

@@ -73,7 +73,8 @@ def trainable_parameters(model: PeftModel, freeze_lora_a: bool = False) -> dict[
 
 def token_mean_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The batch's mean loss over its completion tokens, through the counted-positions output head."""
-    row_sums, row_counts = row_loss_sums(model.get_base_model(), batch)
+    base = model.get_base_model()
+    row_sums, row_counts = row_loss_sums(base, batch)  # type: ignore[arg-type]  # peft's nn.Module: a PreTrainedModel
     return row_sums.sum() / row_counts.sum().clamp(min=1)
 
 
@@ -201,7 +202,7 @@ def train_adapter_private(
                                                    list(params.values()), allow_unused=True)
                     for p, g in zip(params.values(), pull):
                         if g is not None:
-                            p.grad = p.grad + g
+                            p.grad = g if p.grad is None else p.grad + g
                 optimizer.original_optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     finally:
