@@ -182,22 +182,18 @@ class RoundPlan:
     server_round: int
     train: TrainConfig
     personalized: bool
+    private_steps: TrainConfig  # the round's private steps at a site, federated and personal: its budget check
     planned_dp_steps: int
     run_id: str
 
     @classmethod
     def of(cls, config: Config, request: TrainRequest) -> RoundPlan:
         personal = personalized(config)
-        round_steps = config.train.local_steps + (config.personalization.steps if personal else 0)
-        return cls(server_round=request.server_round,
-                   train=replace(config.train, proximal_mu=request.proximal_mu(config.train.proximal_mu)),
-                   personalized=personal, planned_dp_steps=config.federation.num_rounds * round_steps,
-                   run_id=request.run.run_id)
-
-    def round_steps(self, config: Config) -> TrainConfig:
-        """The site's private steps this round (federated and personal), for the budget check."""
-        extra = config.personalization.steps if self.personalized else 0
-        return replace(self.train, local_steps=self.train.local_steps + extra)
+        train = replace(config.train, proximal_mu=request.proximal_mu(config.train.proximal_mu))
+        round_steps = train.local_steps + (config.personalization.steps if personal else 0)
+        return cls(server_round=request.server_round, train=train, personalized=personal,
+                   private_steps=replace(train, local_steps=round_steps),
+                   planned_dp_steps=config.federation.num_rounds * round_steps, run_id=request.run.run_id)
 
 
 def site_accountant(config: Config, context: Context, site_id: str, run: RunContext,
@@ -320,7 +316,7 @@ def refused_sites(config: Config, updates: list[SiteUpdate], accountants: dict[s
         accountant = accountants[update.site.site_id]
         try:
             if accountant is not None:
-                accountant.plan(len(update.site.train), plan.round_steps(config))
+                accountant.plan(len(update.site.train), plan.private_steps)
         except BudgetSpent as err:
             refused[update.site.site_id] = str(err)
             print(f"[round {plan.server_round}] site {update.site.site_id}: {err}", flush=True)
