@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fed_netgpt.config import Config, ConfigError, ServingConfig, SimulationConfig, load_config, to_yaml
+from fed_netgpt.config import Config, ConfigError, ServingConfig, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
 from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
 from fed_netgpt.evaluation.comparison import jobs_for, mean_over_seeds, privacy_utility, run_config
@@ -53,10 +53,11 @@ from fed_netgpt.run.folder import (
     run_lock,
     site_records,
 )
+from fed_netgpt.run.simulation import SimulationError, run_simulation_app
 from fed_netgpt.training.privacy import privacy_report
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError, DeviceError,
-               CredentialsError)
+               CredentialsError, SimulationError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was started is stopped on the way out; no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -182,48 +186,19 @@ def _simulate(config: Config) -> int:
     sites = load_sites(config.data)  # bad data fails here, before any engine starts
     base = load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
     check_pair_lengths(base.tokenizer, [*sites, *load_heldout_sites(config.data)], config.train.max_length)
-    from flwr.simulation import run_simulation  # Flower (and Ray) load only for the command that needs them
-
-    from clients.app import app as client_app
-    from server.app import server_app_for
-
     regions = sorted({s.region for s in sites})
     heldout = load_heldout_sites(config.data)
     print(f"Simulating {len(sites)} edge sites in {len(regions)} regions ({', '.join(regions)}), "
           f"{len(heldout)} more held out, {config.federation.num_rounds} rounds, model {config.model.name}",
           flush=True)
-    _flower_logs_to(Path(config.run.output_dir) / "flower.log")
-    run_simulation(server_app_for(config), client_app, num_supernodes=config.simulation.num_supernodes or len(sites),
-                   backend_config=simulation_backend(config.simulation))
     folder = Path(config.run.output_dir)
+    run_simulation_app(to_yaml(config), config.simulation, config.simulation.num_supernodes or len(sites),
+                       folder)
     if (folder / FAILED).is_file():
         print(f"error: the run failed: {json.loads((folder / FAILED).read_text())['reason']}", file=sys.stderr)
         return 1
     done = folder / ("report.json" if config.run.report else "adapters")
     return 0 if done.exists() or (folder / "site_adapters").exists() else 1
-
-
-def _flower_logs_to(path: Path) -> None:
-    """Flower's INFO logs (strategy trees, per-round metric dumps) go to the run's log file; the console keeps
-    warnings and fed-netgpt's own progress lines."""
-    import logging
-
-    flower = logging.getLogger("flwr")
-    for handler in flower.handlers:
-        handler.setLevel(logging.WARNING)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    flower.addHandler(file_handler)
-
-
-def simulation_backend(simulation: SimulationConfig) -> dict:
-    """Flower's Ray backend settings: each ClientApp's CPU and GPU share, and a Ray of this machine's cores or,
-    with `simulation.ray_address`, the Ray cluster already running there (several machines; its size is its own)."""
-    resources = {"num_cpus": simulation.num_cpus_per_client, "num_gpus": simulation.num_gpus_per_client}
-    if simulation.ray_address:
-        return {"client_resources": resources, "init_args": {"address": simulation.ray_address}}
-    return {"client_resources": resources, "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
 
 
 def compare_command(args: argparse.Namespace) -> int:

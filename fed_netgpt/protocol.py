@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, ConfigScalar, MetricRecord, RecordDict
 
 # The records of a message's content.
-ARRAYS = "arrays"  # an adapter state (peft keys), or the regional strategy's "<region>/<key>" arrays
+ARRAYS = "arrays"  # an adapter state (peft keys), or the group strategy's "<group>/<key>" arrays
 CONFIG = "config"
 METRICS = "metrics"
 SITES = "sites"  # discovery's answer
@@ -45,7 +45,7 @@ CLIPPING_NORM = "clipping_norm"  # set by Flower's client-side DP wrapper, read 
 FINAL_REPORT_KEY = "final-report"  # an evaluate message that asks a site for its part of the final report
 
 # Keys of the metric records.
-NUM_EXAMPLES = "num-examples"  # what a site's reply weighs in its region's mean
+NUM_EXAMPLES = "num-examples"  # what a site's reply weighs in its group's mean
 UNIT_WEIGHT = "unit-weight"  # 1 in every client_dp reply: equal weights, as the noise assumes
 
 

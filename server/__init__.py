@@ -1,1 +1,1 @@
-"""Flower ServerApp: region discovery, regional rounds, checkpoints and the final report."""
+"""Flower ServerApp: site discovery, rounds per aggregation group, checkpoints and the final report."""

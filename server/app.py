@@ -1,4 +1,4 @@
-"""The ServerApp: learn each node's site and region, run the regional strategy, write the run folder."""
+"""The ServerApp: learn each node's site and region, run the group strategy, write the run folder."""
 
 from __future__ import annotations
 
@@ -37,11 +37,12 @@ from fed_netgpt.run.folder import (
     site_records,
     start_run,
 )
+from fed_netgpt.run.simulation import LAUNCHER, RESOLVED_CONFIG, end_with
 from fed_netgpt.training.privacy import privacy_report, recorded_histories
 from server.federated_report import federated_report, scored_by_sites
 from server.site_grid import DiscoveryError, SiteGrid, discover_sites
-from strategies.aggregation import merge_regions, split_regions
-from strategies.regional import RegionalStrategy, RoundOutcome
+from strategies.aggregation import merge_groups, split_groups
+from strategies.groups import GroupStrategy, RoundOutcome
 from strategies.registry import make_strategy
 
 log = logging.getLogger("fed_netgpt.server")
@@ -51,21 +52,23 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """`flwr run .`: the config comes from conf/ plus the keys changed with --run-config; the run folder is locked
-    as `fed-netgpt simulate` locks it (which holds the lock itself, around server_app_for)."""
+    as `fed-netgpt simulate` locks it."""
     config = load_config(overrides=overrides_from_run_config(context.run_config))
     with run_lock(config.run.output_dir):
         run_federation(grid, config)
 
 
-def server_app_for(config: Config) -> ServerApp:
-    """A ServerApp bound to an already resolved config (what `fed-netgpt simulate` runs)."""
-    bound = ServerApp()
+simulation_app = ServerApp()
 
-    @bound.main()
-    def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config)
 
-    return bound
+@simulation_app.main()
+def simulation_main(grid: Grid, context: Context) -> None:
+    """`fed-netgpt simulate`: the config is the resolved file the command wrote (run_config `resolved-config`);
+    the command holds the run folder's lock, and the run ends when the command does."""
+    end_with(str(context.run_config[LAUNCHER]))
+    config = load_config(str(context.run_config[RESOLVED_CONFIG]))
+    _flower_logs_to(Path(config.run.output_dir) / "flower.log")
+    run_federation(grid, config)
 
 
 def run_federation(grid: Grid, config: Config) -> Path:
@@ -125,11 +128,11 @@ class Federation:
         self.base = load_base(config.model.name, config.model.cache_dir, config.train.device)
         self.done, self.arrays = starting_point(self.folder, config, self.base, self.groups)
         done = self.done
-        self.strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites, done), self.site_groups,
-                                         config.federation.lora_aggregation, config.lora.r,
-                                         config.federation.wire_dtype, rounds_done=done,
-                                         min_replies=config.federation.min_replies,
-                                         max_update_norm=config.federation.max_update_norm)
+        self.strategy = GroupStrategy(lambda num_sites: make_strategy(config, num_sites, done), self.site_groups,
+                                      config.federation.lora_aggregation, config.lora.r,
+                                      config.federation.wire_dtype, rounds_done=done,
+                                      min_replies=config.federation.min_replies,
+                                      max_update_norm=config.federation.max_update_norm)
         random.seed(config.run.seed)  # Flower's strategies sample sites with Python's random: a run is reproducible
         if done:
             self.strategy.restore_optimizer_states(checkpoint_optimizer(self.folder, done))
@@ -147,7 +150,7 @@ class Federation:
                 timeout=self.config.federation.timeout, train_config=self.message_config,
                 evaluate_config=self.message_config, evaluate_fn=self.strategy.round_end(self.end_of_round))
             self.arrays = from_record(result.arrays)
-        return split_regions(self.arrays)
+        return split_groups(self.arrays)
 
     def end_of_round(self, outcome: RoundOutcome) -> None:
         """Checkpoint the round, then append its summary and each site's record to metrics.jsonl (a crash between
@@ -218,31 +221,31 @@ def publish_report(folder: Path, config: Config, report: dict) -> None:
     print(f"\nRun folder: {folder}  (report.md, report.png, adapters/, site_adapters/, metrics.jsonl)")
 
 
-def starting_point(folder: Path, config: Config, base: BaseModel, regions: list[str]) -> tuple[int, dict]:
-    """Rounds already done and every region's adapter to start from: fresh, or the latest checkpoint."""
+def starting_point(folder: Path, config: Config, base: BaseModel, groups: list[str]) -> tuple[int, dict]:
+    """Rounds already done and every group's adapter to start from: fresh, or the latest checkpoint."""
     checkpoint = latest_checkpoint(folder) if config.run.resume else None
     if checkpoint is None:
         initial = get_state(attach_adapter(base, "initial", config.lora, seed=config.run.seed), "initial")
-        return 0, merge_regions({region: initial for region in regions})
+        return 0, merge_groups({group: initial for group in groups})
     done, arrays = checkpoint
-    saved = sorted(split_regions(arrays))
-    if saved != regions:
-        raise RunFolderError(f"{folder}/checkpoints/round-{done} holds regions {saved}, but the nodes serve {regions}")
+    saved = sorted(split_groups(arrays))
+    if saved != groups:
+        raise RunFolderError(f"{folder}/checkpoints/round-{done} holds groups {saved}, but the nodes serve {groups}")
     log.info("resuming after round %d from %s/checkpoints/round-%d", done, folder, done)
     return done, arrays
 
 
-def _log_round(server_round: int, num_rounds: int, first: int, elapsed: float, regions: list[str],
+def _log_round(server_round: int, num_rounds: int, first: int, elapsed: float, groups: list[str],
                metrics: dict) -> None:
     """One progress line a round: rounds done, elapsed, ETA, and each group's train and validation loss."""
     train, evaluate = metrics.get("train", {}), metrics.get("evaluate", {})
     parts = []
-    for region in regions:
-        part = f"{region}: train {train.get(f'{region}/train_loss', float('nan')):.3f}"
-        if f"{region}/personal_loss" in train:
-            part += f", site adapters {train[f'{region}/personal_loss']:.3f}"
-        if f"{region}/eval_loss" in evaluate:
-            part += f", valid {evaluate[f'{region}/eval_loss']:.3f}"
+    for group in groups:
+        part = f"{group}: train {train.get(f'{group}/train_loss', float('nan')):.3f}"
+        if f"{group}/personal_loss" in train:
+            part += f", site adapters {train[f'{group}/personal_loss']:.3f}"
+        if f"{group}/eval_loss" in evaluate:
+            part += f", valid {evaluate[f'{group}/eval_loss']:.3f}"
         parts.append(part)
     done = server_round - first + 1
     eta = elapsed / done * (num_rounds - server_round)
@@ -258,3 +261,16 @@ def _setup_logging() -> None:
         for name in ("fed_netgpt", "strategies"):
             logging.getLogger(name).addHandler(handler)
             logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _flower_logs_to(path: Path) -> None:
+    """Flower's INFO logs (strategy trees, per-round metric dumps) go to the run's flower.log; the console (the
+    log stream `fed-netgpt simulate` prints) keeps Flower's warnings and fed-netgpt's own progress lines."""
+    flower = logging.getLogger("flwr")
+    for handler in flower.handlers:
+        handler.setLevel(logging.WARNING)
+    flower.propagate = False  # the simulation process's root handler would print every record again
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    flower.addHandler(file_handler)

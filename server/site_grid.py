@@ -7,8 +7,8 @@ as the site's. So Flower's strategies sample, weigh and aggregate sites (`federa
 fraction of sites), whatever the number of nodes, and a node trains its sites one message at a time on its one
 frozen base. With `train.sites_per_pass` > 1 the train messages for one node's sites travel packed, up to that
 many in one message (each site's records under "<site>/"), and the node trains them in one grouped pass. Sites
-of one region get the same adapter: a pack carries it once (`arrays_of` names, for each site, the site whose
-arrays it trains from), so a node's downlink grows with its regions, not its sites.
+of one aggregation group get the same adapter: a pack carries it once (`arrays_of` names, for each site, the site
+whose arrays it trains from), so a node's downlink grows with its groups, not its sites.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from fed_netgpt.protocol import (
     sites_of_discovery_reply,
 )
 from fed_netgpt.run.folder import short_reason
-from strategies.regional import array_bytes
+from strategies.groups import array_bytes
 
 log = logging.getLogger("fed_netgpt.server")
 Route = tuple[int, str]  # (node id, site id)

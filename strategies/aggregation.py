@@ -12,7 +12,7 @@ from fed_netgpt.model.adapters import l2_norm
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 
-REGION_SEPARATOR = "/"
+GROUP_SEPARATOR = "/"
 
 
 def weighted_average(
@@ -45,7 +45,7 @@ def weighted_average(
 
 
 def group_by(items: Sequence[T], keys: Sequence[K]) -> dict[K, list[T]]:
-    """Items grouped by their key (e.g. replies by region), keys in order of first appearance."""
+    """Items grouped by their key (e.g. replies by aggregation group), keys in order of first appearance."""
     if len(items) != len(keys):
         raise ValueError(f"need one key per item, got {len(items)} items and {len(keys)} keys")
     groups: dict[K, list[T]] = {}
@@ -54,20 +54,20 @@ def group_by(items: Sequence[T], keys: Sequence[K]) -> dict[K, list[T]]:
     return groups
 
 
-def merge_regions(regions: Mapping[str, Mapping[str, T]]) -> dict[str, T]:
-    """`{region: {key: v}}` -> `{"region/key": v}`: every region's adapter in one flat record."""
-    return {f"{region}{REGION_SEPARATOR}{key}": v for region, state in regions.items() for key, v in state.items()}
+def merge_groups(groups: Mapping[str, Mapping[str, T]]) -> dict[str, T]:
+    """`{group: {key: v}}` -> `{"group/key": v}`: every aggregation group's adapter in one flat record."""
+    return {f"{group}{GROUP_SEPARATOR}{key}": v for group, state in groups.items() for key, v in state.items()}
 
 
-def split_regions(merged: Mapping[str, T]) -> dict[str, dict[str, T]]:
-    """Inverse of `merge_regions`."""
-    regions: dict[str, dict[str, T]] = {}
+def split_groups(merged: Mapping[str, T]) -> dict[str, dict[str, T]]:
+    """Inverse of `merge_groups`."""
+    groups: dict[str, dict[str, T]] = {}
     for flat_key, value in merged.items():
-        region, sep, key = flat_key.partition(REGION_SEPARATOR)
+        group, sep, key = flat_key.partition(GROUP_SEPARATOR)
         if not sep or not key:
-            raise ValueError(f"key {flat_key!r} has no region prefix")
-        regions.setdefault(region, {})[key] = value
-    return regions
+            raise ValueError(f"key {flat_key!r} has no group prefix")
+        groups.setdefault(group, {})[key] = value
+    return groups
 
 
 LORA_FACTORS = ("lora_A", "lora_B")

@@ -1,16 +1,16 @@
-"""Client-level DP per region (`privacy.mode=client_dp`): Flower's own central-DP wrapper around each region's
-strategy, with Flower's RDP accountant.
+"""Client-level DP per aggregation group (`privacy.mode=client_dp`): Flower's own central-DP wrapper around each
+group's strategy, with Flower's RDP accountant.
 
 What is protected is a site's whole data: each site clips its update (its change of the adapter, A and B
 together) to `privacy.max_grad_norm` before sending it (Flower's `fixedclipping_mod`, on the train handler
-only), and the server adds N(0, (noise_multiplier x max_grad_norm / sites sampled)^2) to the region's mean.
+only), and the server adds N(0, (noise_multiplier x max_grad_norm / sites sampled)^2) to the group's mean.
 That sensitivity holds only for the plain mean of the clipped updates, so every site weighs the same (the key
 `unit-weight`, 1 from every site) and the inner strategy must aggregate as FedAvg does (fedavg or fedprox).
 Rounds are composed without sampling amplification (Flower supports no other for fixed clipping), so epsilon
-grows with the rounds whatever `federation.fraction_train`; its population is the region's sites.
+grows with the rounds whatever `federation.fraction_train`; its population is the group's sites.
 
 The noise is per coordinate while the signal is at most `max_grad_norm` in norm: with a handful of sites a
-region it buries the update; client-level DP pays off with hundreds of sites a region.
+group it buries the update; client-level DP pays off with hundreds of sites a group.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from fed_netgpt.config import PrivacyConfig
 
 
 def sites_sampled(num_sites: int, fraction_train: float) -> int:
-    """How many of a region's sites FedAvg samples a round (its own rule, at least one)."""
+    """How many of a group's sites FedAvg samples a round (its own rule, at least one)."""
     return max(int(num_sites * fraction_train), 1)
 
 
 def accountant_for(privacy: PrivacyConfig, num_sites: int) -> RdpAccountant:
-    """Flower's RDP accountant of one region: add-or-remove one site, no sampling amplification."""
+    """Flower's RDP accountant of one group: add-or-remove one site, no sampling amplification."""
     limit = privacy.target_epsilon if math.isfinite(privacy.target_epsilon) else None
     return RdpAccountant(AccountingConfig(target_delta=privacy.delta, population_size=num_sites,
                                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -38,7 +38,7 @@ def accountant_for(privacy: PrivacyConfig, num_sites: int) -> RdpAccountant:
 
 
 def epsilon_after(privacy: PrivacyConfig, noise_multiplier: float, rounds: int, num_sites: int = 1) -> float:
-    """A region's epsilon after `rounds` noisy means at `noise_multiplier` (the same accountant as the run's)."""
+    """A group's epsilon after `rounds` noisy means at `noise_multiplier` (the same accountant as the run's)."""
     accountant = accountant_for(privacy, num_sites)
     accountant.compose(GaussianPrivacyEvent(noise_multiplier, num_sites, num_sites), count=rounds)
     return accountant.get_epsilon(privacy.delta)
@@ -59,7 +59,7 @@ def client_noise_multiplier(privacy: PrivacyConfig, rounds: int) -> float:
 
 
 def sample_shortfall(strategy: Strategy, connected: int) -> str | None:
-    """Why a client_dp region cannot release a mean this round, or None: with fewer of its sites connected the
+    """Why a client_dp group cannot release a mean this round, or None: with fewer of its sites connected the
     inner strategy samples fewer than the noise is sized for (Flower's wrapper refuses that round)."""
     if not isinstance(strategy, DifferentialPrivacyClientSideFixedClipping):
         return None
@@ -73,7 +73,7 @@ def sample_shortfall(strategy: Strategy, connected: int) -> str | None:
 
 def with_client_dp(strategy: Strategy, privacy: PrivacyConfig, num_sites: int, fraction_train: float,
                    num_rounds: int, rounds_done: int = 0) -> DifferentialPrivacyClientSideFixedClipping:
-    """`strategy` (one region's, over `num_sites` sites) behind Flower's client-side fixed-clipping wrapper; a
+    """`strategy` (one group's, over `num_sites` sites) behind Flower's client-side fixed-clipping wrapper; a
     resumed run's accountant starts with the rounds already released."""
     noise = client_noise_multiplier(privacy, num_rounds)
     accountant = accountant_for(privacy, num_sites)

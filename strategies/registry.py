@@ -1,4 +1,4 @@
-"""Build the Flower strategy that each region runs, by the name in `federation.strategy`."""
+"""Build the Flower strategy that each aggregation group runs, by the name in `federation.strategy`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from strategies.robust import robust_strategy
 
 
 def make_strategy(config: Config, num_sites: int, rounds_done: int = 0) -> Strategy:
-    """A strategy for one region of `num_sites` sites; with `privacy.mode=client_dp` behind Flower's DP wrapper,
-    every site weighted alike. Nodes were discovered before the first round, so one node is enough to start."""
+    """A strategy for one aggregation group of `num_sites` sites; with `privacy.mode=client_dp` behind Flower's DP
+    wrapper, every site weighted alike. Nodes were discovered before the first round, so one node is enough to
+    start."""
     federation = config.federation
     client_dp = config.privacy.mode == "client_dp"
     common: dict[str, Any] = dict(

@@ -1,6 +1,7 @@
-"""Robust aggregation per region (`federation.robust`), for regions where some sites may send poisoned updates.
+"""Robust aggregation per aggregation group (`federation.robust`), for groups where some sites may send poisoned
+updates.
 
-Each is a Flower strategy a region runs in place of FedAvg. Median, trimmed mean and clipped mean weigh every site
+Each is a Flower strategy a group runs in place of FedAvg. Median, trimmed mean and clipped mean weigh every site
 alike, since a compromised site can claim any example count; Krum weighs by examples only among the updates it
 kept. Flower's own classes where they fit:
 - `median`: FedMedian, the coordinate-wise median of the sites' adapters (of their updates: the start is shared).
@@ -72,7 +73,7 @@ class ClippedMean(FedAvg):
 
 
 def robust_strategy(name: str, fraction: float, **common: Any) -> Strategy:
-    """The region's strategy for `federation.robust=name` (not `none`), with FedAvg's sampling settings."""
+    """The group's strategy for `federation.robust=name` (not `none`), with FedAvg's sampling settings."""
     if name == "median":
         return FedMedian(**common)
     if name == "trimmed_mean":

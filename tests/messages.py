@@ -62,7 +62,7 @@ def reply(node: int, state: dict[str, np.ndarray], num_examples: int, loss: floa
 
 
 def round_outcome(strategy, server_round: int = 1):
-    """What `strategy` hands over at the end of the round in progress (`RegionalStrategy.round_end`)."""
+    """What `strategy` hands over at the end of the round in progress (`GroupStrategy.round_end`)."""
     received = []
     strategy.round_end(received.append)(server_round, ArrayRecord())
     return received[0]

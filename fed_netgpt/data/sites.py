@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 from flwr_datasets.partitioner import NaturalIdPartitioner
-from omegaconf import OmegaConf
 
 from fed_netgpt.config import DataConfig
 from fed_netgpt.data.geography import select_sites
@@ -45,16 +47,38 @@ def load_heldout_sites(config: DataConfig) -> list[SiteData]:
     return [site for site in _cached(config)[1] if site.heldout]
 
 
-def _cached(config: DataConfig) -> tuple[tuple[PromptPair, ...], tuple[SiteData, ...]]:
-    return _load_cached(OmegaConf.to_yaml(OmegaConf.structured(config)))
+_Loaded = tuple[tuple[PromptPair, ...], tuple[SiteData, ...]]
+_LOADED: dict[Hashable, _Loaded] = {}  # process-wide on purpose: every site of a worker reads the same data once
+_LOADED_MAX = 4
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(config_yaml: str) -> tuple[tuple[PromptPair, ...], tuple[SiteData, ...]]:
-    fields = OmegaConf.to_container(OmegaConf.create(config_yaml))
-    config = DataConfig(**fields)  # type: ignore[arg-type]  # omegaconf's any container: a str-keyed dict here
-    pairs = _resolve_splits(config)
-    return pairs, tuple(site_datasets(list(pairs)))
+def _cached(config: DataConfig) -> _Loaded:
+    """The pairs and sites of `config`, read once per process for each data config and JSONL file version."""
+    key = (_frozen(dataclasses.asdict(config)), _file_version(config.path))
+    if key not in _LOADED:
+        if len(_LOADED) >= _LOADED_MAX:
+            del _LOADED[next(iter(_LOADED))]  # the oldest
+        pairs = _resolve_splits(config)
+        _LOADED[key] = pairs, tuple(site_datasets(list(pairs)))
+    return _LOADED[key]
+
+
+def _frozen(value: Any) -> Hashable:
+    """A config's fields as a hashable value (lists to tuples, dicts to sorted items)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _file_version(path: str) -> tuple[int, int] | None:
+    """A JSONL rewritten in place is read again (its modification time and size change)."""
+    try:
+        stat = Path(path).stat() if path else None
+    except OSError:
+        return None  # read_jsonl names the missing file
+    return (stat.st_mtime_ns, stat.st_size) if stat else None
 
 
 def _resolve_splits(config: DataConfig) -> tuple[PromptPair, ...]:

@@ -40,6 +40,23 @@ def test_run_folder_has_the_contracted_layout(run_dir: Path) -> None:
         assert (run_dir / "checkpoints" / f"round-{n}" / "adapters.safetensors").is_file()
 
 
+def test_simulate_runs_on_flowers_supported_path_and_leaves_nothing_behind(run_dir: Path) -> None:
+    console = (run_dir.parent / "console.txt").read_text()
+    assert "DEPRECATED" not in console and "run_simulation" not in console  # `flwr run` on a SuperLink of its own
+    assert "Starting Flower SuperLink" in (run_dir / "superlink.log").read_text()
+    assert "Starting GroupStrategy strategy" in (run_dir / "flower.log").read_text()  # Flower's INFO log
+    assert "Starting GroupStrategy strategy" not in console  # ... kept off the console
+    scratch = run_dir.parent / "tmp"
+    assert [p.name for p in scratch.iterdir() if p.name != "ray"] == []  # its app folder and FLWR_HOME removed
+    environments = []
+    for proc in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            environments.append(proc.read_bytes())
+        except OSError:
+            continue
+    assert not [env for env in environments if f"FLWR_HOME={scratch}".encode() in env]  # no process left running
+
+
 def test_metrics_has_one_line_per_round_with_every_region(run_dir: Path) -> None:
     rows = round_summaries(run_dir)
     assert [row["round"] for row in rows] == [1, 2]

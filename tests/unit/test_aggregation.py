@@ -1,11 +1,11 @@
-"""strategies/aggregation.py: FedAvg math, grouping, and the region-prefixed flat record."""
+"""strategies/aggregation.py: FedAvg math, grouping, and the group-prefixed flat record."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from strategies.aggregation import group_by, merge_regions, split_regions, weighted_average
+from strategies.aggregation import group_by, merge_groups, split_groups, weighted_average
 
 
 def test_weighted_average_of_arrays_matches_hand_computed_mean():
@@ -132,40 +132,40 @@ def test_group_by_empty_and_length_mismatch():
         group_by([1, 2], ["a"])
 
 
-def test_merge_regions_prefixes_every_key_with_its_region():
+def test_merge_groups_prefixes_every_key_with_its_group():
     # Prepare
-    regions = {"france": {"w": 1, "b": 2}, "japan": {"w": 3}}
+    groups = {"france": {"w": 1, "b": 2}, "japan": {"w": 3}}
 
     # Execute
-    merged = merge_regions(regions)
+    merged = merge_groups(groups)
 
     # Assert
     assert merged == {"france/w": 1, "france/b": 2, "japan/w": 3}
 
 
-def test_split_regions_inverts_merge_regions_with_slashes_in_keys():
-    # Prepare: peft keys contain dots; a key may even contain the separator after the region
-    regions = {
+def test_split_groups_inverts_merge_groups_with_slashes_in_keys():
+    # Prepare: peft keys contain dots; a key may even contain the separator after the group
+    groups = {
         "france": {"base_model.model.q_proj.lora_A.weight": np.arange(4.0), "x/y": np.ones(1)},
         "south-america": {"base_model.model.q_proj.lora_A.weight": np.zeros(4)},
     }
 
     # Execute
-    restored = split_regions(merge_regions(regions))
+    restored = split_groups(merge_groups(groups))
 
     # Assert
-    assert restored.keys() == regions.keys()
-    for region, state in regions.items():
-        assert restored[region].keys() == state.keys()
+    assert restored.keys() == groups.keys()
+    for group, state in groups.items():
+        assert restored[group].keys() == state.keys()
         for key, value in state.items():
-            np.testing.assert_array_equal(restored[region][key], value)
+            np.testing.assert_array_equal(restored[group][key], value)
 
 
-@pytest.mark.parametrize("bad_key", ["no_region_prefix", "france/"])
-def test_split_regions_rejects_a_key_without_region_prefix(bad_key):
+@pytest.mark.parametrize("bad_key", ["no_group_prefix", "france/"])
+def test_split_groups_rejects_a_key_without_group_prefix(bad_key):
     # Prepare
     merged = {"france/w": 1, bad_key: 2}
 
     # Execute / Assert
-    with pytest.raises(ValueError, match=f"key '{bad_key}' has no region prefix"):
-        split_regions(merged)
+    with pytest.raises(ValueError, match=f"key '{bad_key}' has no group prefix"):
+        split_groups(merged)

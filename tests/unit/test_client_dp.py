@@ -14,7 +14,7 @@ from clients.app import clip_for_client_dp
 from fed_netgpt.config import Config, ConfigError, FederationConfig, PrivacyConfig, load_config
 from fed_netgpt.protocol import CLIPPING_NORM, UNIT_WEIGHT
 from strategies.client_dp import client_noise_multiplier, epsilon_after
-from strategies.regional import RegionalStrategy
+from strategies.groups import GroupStrategy
 from strategies.registry import make_strategy
 from tests.messages import ConnectedNodesGrid, merged, numpy_of, record, server_identity  # noqa: F401
 
@@ -69,7 +69,7 @@ def test_regional_client_dp_weighs_sites_alike_adds_the_calibrated_noise_and_rep
     # Prepare: noise 2, clipping 1; france samples 2 sites (noise std 2 x 1 / 2 = 1), japan 1 (std 2)
     config = Config(federation=FederationConfig(num_rounds=3),
                     privacy=_privacy(noise_multiplier=2.0, max_grad_norm=1.0))
-    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
+    strategy = GroupStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
     messages = list(strategy.configure_train(1, merged({"france": _state(0.0), "japan": _state(0.0)}),
                                              ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)))
     by_node = {msg.metadata.dst_node_id: msg for msg in messages}
@@ -146,7 +146,7 @@ def test_client_dp_noise_derivation_is_monotone_in_the_target():
 def test_a_region_over_its_budget_sits_out_the_round_and_keeps_its_adapter(caplog):
     # Prepare: the noise planned for one round at epsilon 2; a second round would exceed it
     config = Config(federation=FederationConfig(num_rounds=1), privacy=_privacy(target_epsilon=2.0))
-    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
+    strategy = GroupStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
     start = merged({"france": _state(0.0), "japan": _state(0.0)})
     first = list(strategy.configure_train(1, start, ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS)))
     arrays, metrics = strategy.aggregate_train(1, [_reply(msg, 0.1, 1) for msg in first])
@@ -159,7 +159,7 @@ def test_a_region_over_its_budget_sits_out_the_round_and_keeps_its_adapter(caplo
     # Assert: round 1 spent the budget without passing it; round 2 trains nowhere and changes nothing
     assert 1.9 < metrics["france/client_epsilon"] <= 2.0
     assert second == []
-    assert "region france sits out round 2" in caplog.text and "exceed max_epsilon" in caplog.text
+    assert "group france sits out round 2" in caplog.text and "exceed max_epsilon" in caplog.text
     for key, value in numpy_of(arrays).items():
         np.testing.assert_array_equal(numpy_of(kept)[key], value)
 
@@ -167,7 +167,7 @@ def test_a_region_over_its_budget_sits_out_the_round_and_keeps_its_adapter(caplo
 def test_a_region_with_a_site_disconnected_sits_out_and_a_bug_in_its_strategy_is_not_hidden(caplog, monkeypatch):
     # Prepare: france's noise is sized for its 2 sites, but only node 11 is connected; japan's site is
     config = Config(federation=FederationConfig(num_rounds=2), privacy=_privacy(noise_multiplier=1.0))
-    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
+    strategy = GroupStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
     start = merged({"france": _state(0.0), "japan": _state(0.0)})
     connected = ConnectedNodesGrid([11, 21])
 
@@ -177,7 +177,7 @@ def test_a_region_with_a_site_disconnected_sits_out_and_a_bug_in_its_strategy_is
 
     # Assert: france sits out, saying why; japan trains
     assert [msg.metadata.dst_node_id for msg in sent] == [21]
-    assert "region france sits out round 1" in caplog.text and "sized for 2" in caplog.text
+    assert "group france sits out round 1" in caplog.text and "sized for 2" in caplog.text
 
     # Execute / Assert: any other error of a region's strategy reaches the caller instead of a log line
     def broken(*args, **kwargs):

@@ -856,3 +856,16 @@ def test_read_jsonl_that_is_not_utf8_names_the_line(tmp_path, encoding):
     path.write_bytes((json.dumps(GOOD) + "\n").encode("utf-8") + accented.encode(encoding))
     with pytest.raises(DataError, match=r"d.jsonl line 2: not UTF-8 text"):
         read_jsonl(path)
+
+
+def test_data_is_read_once_per_config_and_again_when_its_file_changes(tmp_path):
+    # Prepare: a JSONL, read once through a config with lists and dicts in it (unhashable as a dataclass)
+    path = _write_lines(tmp_path / "mine.jsonl", [{**GOOD, "prompt": f"p{i}"} for i in range(4)])
+    config = DataConfig(path=str(path), regions={"france": ["Lyon"]})
+    first = load_pairs(config)
+    assert load_pairs(replace(config)) == first  # an equal config: the same pairs
+    # Execute: the same file rewritten in place, as a user edits a dataset between two commands of one process
+    _write_lines(path, [{**GOOD, "prompt": f"edited {i}"} for i in range(5)])
+    # Assert: the new content, not the remembered one
+    assert [p.prompt for p in load_pairs(config)] == [f"edited {i}" for i in range(5)]
+    assert load_pairs(replace(config, seed=config.seed + 1)) != []  # another config is its own entry

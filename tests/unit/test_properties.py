@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fed_netgpt.config import Config, ConfigError, load_config, scalar_defaults
 from fed_netgpt.data.schema import DataError, read_jsonl
-from strategies.regional import RegionalStrategy
+from strategies.groups import GroupStrategy
 from strategies.registry import make_strategy
 from tests.messages import (  # noqa: F401 - server_identity is a fixture
     NODE_REGIONS,
@@ -115,7 +115,7 @@ def test_random_updates_never_break_aggregation_and_never_reach_an_adapter_unche
     @PROFILE
     @given(st.lists(REPLY, min_size=3, max_size=3))
     def prop(replies: list[dict]) -> None:
-        strategy = RegionalStrategy(lambda n: make_strategy(Config(), n), NODE_REGIONS, max_update_norm=100.0)
+        strategy = GroupStrategy(lambda n: make_strategy(Config(), n), NODE_REGIONS, max_update_norm=100.0)
         strategy.configure_train(1, merged({"france": state_of(0.0), "japan": state_of(10.0)}), ConfigRecord({}),
                                  ConnectedNodesGrid(NODE_REGIONS))
         messages = []

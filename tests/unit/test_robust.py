@@ -13,7 +13,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 from fed_netgpt.config import Config, ConfigError, FederationConfig, load_config
 from fed_netgpt.run.faults import poison_update, poisoned_count, poisoned_sites
 from strategies.aggregation import clip_update, clipped_mean, update_norm
-from strategies.regional import RegionalStrategy
+from strategies.groups import GroupStrategy
 from strategies.registry import make_strategy
 from strategies.robust import ClippedMean, PerRoundKrum
 from tests.messages import ConnectedNodesGrid, merged, numpy_of, reply, server_identity  # noqa: F401
@@ -121,7 +121,7 @@ def _attacked_round(robust: str) -> tuple[dict[str, np.ndarray], dict[str, np.nd
                for k, v in start.items()} for _ in range(8)]
     poisoned = [poison_update(state, start, "sign_flip", 10.0, 0, 1, f"bad-{i}") for i, state in enumerate(honest[:2])]
     config = Config(federation=FederationConfig(robust=robust))
-    strategy = RegionalStrategy(lambda n: make_strategy(config, n), NODES)
+    strategy = GroupStrategy(lambda n: make_strategy(config, n), NODES)
     strategy.configure_train(1, merged({"france": start}), ConfigRecord({}), ConnectedNodesGrid(NODES))
     replies = [reply(node, state, 10, 1.0) for node, state in zip(NODES, [*honest, *poisoned])]
     arrays, _ = strategy.aggregate_train(1, replies)

@@ -1,17 +1,19 @@
-"""Run any Flower strategy once per region: regional adapters from one federation.
+"""Run any Flower strategy once per aggregation group: one adapter per group from one federation.
 
-The ArrayRecord this strategy carries holds every region's adapter, keys prefixed "<region>/", so
-Flower's own `Strategy.start` loop drives it unchanged. Each round, every region's strategy instance
-(FedAvg, FedProx, FedAdam, ...) sees only that region's nodes and adapter: it samples, configures and
-aggregates exactly as it would alone. Replies that do not fit the region's adapter are dropped with a
-logged reason; a region left with no valid reply keeps its previous adapter and says so in a WARNING.
+An aggregation group is what the federation averages over: a region (`federation.adapters=regional`), the
+single global group (`global`), or one site (`local`). The ArrayRecord this strategy carries holds every
+group's adapter, keys prefixed "<group>/", so Flower's own `Strategy.start` loop drives it unchanged. Each
+round, every group's strategy instance (FedAvg, FedProx, FedAdam, ...) sees only that group's nodes and
+adapter: it samples, configures and aggregates exactly as it would alone. Replies that do not fit the group's
+adapter are dropped with a logged reason; a group left with no valid reply keeps its previous adapter and says
+so in a WARNING.
 
 LoRA aggregation (`lora_aggregation`): `factors` keeps the inner strategy's result, which averages A and B
 apart (not the mean of the updates B·A); `ffa` is the same averaging over sites that froze A at the shared
 initialisation (replies that changed A are rejected), which makes it the exact mean of B·A; `svd` replaces the
 inner result by the example-weighted mean of B·A re-factorised to rank r (`svd_average`), logging the residual.
-A region's strategy may be wrapped for client-level DP (strategies/client_dp.py); its epsilon so far is then in
-the round's metrics as `<region>/client_epsilon`.
+A group's strategy may be wrapped for client-level DP (strategies/client_dp.py); its epsilon so far is then in
+the round's metrics as `<group>/client_epsilon`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from fed_netgpt.model.adapters import describe_mismatch
 from fed_netgpt.protocol import ARRAYS, NUM_EXAMPLES, from_record, metric_record, scalar, to_record
 from strategies.aggregation import (
     group_by,
-    merge_regions,
+    merge_groups,
     shared_factor_mismatch,
-    split_regions,
+    split_groups,
     svd_average,
     update_norm,
     weighted_average,
@@ -47,8 +49,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What a round produced, handed to whoever ends it: the run's round number, every region's adapter, the
-    round's summary ("train": each region's mean metrics, "bytes": the adapters' traffic, "evaluate": validation)
+    """What a round produced, handed to whoever ends it: the run's round number, every group's adapter, the
+    round's summary ("train": each group's mean metrics, "bytes": the adapters' traffic, "evaluate": validation)
     and each site's record of the round, by the id the strategy knows it by."""
 
     server_round: int
@@ -57,8 +59,8 @@ class RoundOutcome:
     sites: dict[int, dict[str, Any]]
 
 
-class RegionGrid:
-    """A view of the Grid that shows a strategy only its region's nodes."""
+class GroupGrid:
+    """A view of the Grid that shows a strategy only its group's nodes."""
 
     def __init__(self, grid: Grid, node_ids: list[int]) -> None:
         self._grid = grid
@@ -72,27 +74,28 @@ class RegionGrid:
         return getattr(self._grid, name)
 
 
-class RegionalStrategy(Strategy):
-    """One `make_strategy(number of the region's nodes)` instance per region; `node_regions` maps each node id to
-    its region."""
+class GroupStrategy(Strategy):
+    """Runs any Flower strategy once per aggregation group (a region, the global group, or a site in local mode):
+    one `make_strategy(number of the group's nodes)` instance per group; `node_groups` maps each node id to its
+    group."""
 
-    def __init__(self, make_strategy: Callable[[int], Strategy], node_regions: dict[int, str],
+    def __init__(self, make_strategy: Callable[[int], Strategy], node_groups: dict[int, str],
                  lora_aggregation: str = "factors", rank: int = 0, wire_dtype: str = "float32",
                  rounds_done: int = 0, min_replies: int = 1, max_update_norm: float = math.inf) -> None:
-        if not node_regions:
-            raise ValueError("RegionalStrategy needs at least one node with a region")
+        if not node_groups:
+            raise ValueError("GroupStrategy needs at least one node with a group")
         if lora_aggregation not in ("factors", "ffa", "svd") or (lora_aggregation == "svd" and rank < 1):
             raise ValueError(f"lora_aggregation must be factors, ffa, or svd with rank >= 1; got "
                              f"{lora_aggregation!r}, rank {rank}")
         self.lora_aggregation = lora_aggregation
         self.rank = rank
-        self.rounds_done = rounds_done  # a resumed run: Flower counts from 1 again, the regions' strategies go on
+        self.rounds_done = rounds_done  # a resumed run: Flower counts from 1 again, the groups' strategies go on
         self.min_replies, self.max_update_norm = min_replies, max_update_norm
         self.wire_dtype = wire_dtype
-        self.node_regions = dict(node_regions)
-        self.regions = sorted(set(node_regions.values()))
-        self.strategies = {region: make_strategy(sum(r == region for r in self.node_regions.values()))
-                           for region in self.regions}
+        self.node_groups = dict(node_groups)
+        self.groups = sorted(set(node_groups.values()))
+        self.strategies = {group: make_strategy(sum(g == group for g in self.node_groups.values()))
+                           for group in self.groups}
         self.current: dict[str, dict[str, Any]] = {}
         # what the round in progress produces, handed over at its end (`round_end`)
         self._summary: dict[str, dict[str, float]] = {}  # "train", "bytes", "evaluate"
@@ -108,46 +111,46 @@ class RegionalStrategy(Strategy):
         return evaluate_fn
 
     def optimizer_states(self) -> dict[str, Any]:
-        """Every region's server optimizer state, keys prefixed by region (empty for FedAvg)."""
-        return {f"{region}/{key}": value for region, strategy in self.strategies.items()
+        """Every group's server optimizer state, keys prefixed by group (empty for FedAvg)."""
+        return {f"{group}/{key}": value for group, strategy in self.strategies.items()
                 for key, value in export_optimizer(strategy).items()}
 
     def restore_optimizer_states(self, state: dict[str, Any]) -> None:
-        for region, strategy in self.strategies.items():
-            restore_optimizer(strategy, {k.removeprefix(f"{region}/"): v for k, v in state.items()
-                                         if k.startswith(f"{region}/")})
+        for group, strategy in self.strategies.items():
+            restore_optimizer(strategy, {k.removeprefix(f"{group}/"): v for k, v in state.items()
+                                         if k.startswith(f"{group}/")})
 
     def summary(self) -> None:
-        log.info("\t├──> RegionalStrategy over %d regions:", len(self.regions))
-        for region in self.regions:
-            nodes = sum(r == region for r in self.node_regions.values())
-            log.info("\t│\t├── %s: %d nodes, %s", region, nodes, type(self.strategies[region]).__name__)
+        log.info("\t├──> GroupStrategy over %d groups:", len(self.groups))
+        for group in self.groups:
+            nodes = sum(g == group for g in self.node_groups.values())
+            log.info("\t│\t├── %s: %d nodes, %s", group, nodes, type(self.strategies[group]).__name__)
         next(iter(self.strategies.values())).summary()
 
     def _configure(self, method: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                    grid: Grid) -> list[Message]:
         server_round += self.rounds_done  # the run's round: sites seed with it, FedAdam's bias correction uses it
-        regions = split_regions(dict(arrays.items()))
-        self.current = {region: from_record(ArrayRecord(regions[region])) for region in self.regions}
+        states = split_groups(dict(arrays.items()))
+        self.current = {group: from_record(ArrayRecord(states[group])) for group in self.groups}
         messages: list[Message] = []
-        for region, strategy in self.strategies.items():
-            nodes = [node for node, r in self.node_regions.items() if r == region]
-            region_config = ConfigRecord({**dict(config), "region": region})
+        for group, strategy in self.strategies.items():
+            nodes = [node for node, g in self.node_groups.items() if g == group]
+            group_config = ConfigRecord({**dict(config), "region": group})
             configure = getattr(strategy, method)
-            region_grid = RegionGrid(grid, nodes)
-            if not region_grid.get_node_ids():  # Flower's sample_nodes would wait for one with no timeout
-                log.warning("%s: region %s has no connected site; it sits out round %d and keeps its adapter",
-                            method, region, server_round)
+            group_grid = GroupGrid(grid, nodes)
+            if not group_grid.get_node_ids():  # Flower's sample_nodes would wait for one with no timeout
+                log.warning("%s: group %s has no connected site; it sits out round %d and keeps its adapter",
+                            method, group, server_round)
                 continue
-            reason = sample_shortfall(strategy, len(region_grid.get_node_ids()))
+            reason = sample_shortfall(strategy, len(group_grid.get_node_ids()))
             if reason:
-                log.warning("%s: region %s sits out round %d and keeps its adapter: %s", method, region,
+                log.warning("%s: group %s sits out round %d and keeps its adapter: %s", method, group,
                             server_round, reason)
                 continue
             try:
-                messages += configure(server_round, ArrayRecord(regions[region]), region_config, region_grid)
+                messages += configure(server_round, ArrayRecord(states[group]), group_config, group_grid)
             except PrivacyBudgetExhausted as err:  # client_dp: the round would pass privacy.target_epsilon
-                log.warning("%s: region %s sits out round %d and keeps its adapter: %s", method, region,
+                log.warning("%s: group %s sits out round %d and keeps its adapter: %s", method, group,
                             server_round, err)
         if self.wire_dtype != "float32":
             for msg in messages:
@@ -164,9 +167,9 @@ class RegionalStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         return self._configure("configure_evaluate", server_round, arrays, config, grid)
 
-    def _by_region(self, replies: Iterable[Message]) -> dict[str, list[Message]]:
-        replies = [msg for msg in replies if msg.metadata.src_node_id in self.node_regions]
-        return group_by(replies, [self.node_regions[msg.metadata.src_node_id] for msg in replies])
+    def _by_group(self, replies: Iterable[Message]) -> dict[str, list[Message]]:
+        replies = [msg for msg in replies if msg.metadata.src_node_id in self.node_groups]
+        return group_by(replies, [self.node_groups[msg.metadata.src_node_id] for msg in replies])
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -177,71 +180,71 @@ class RegionalStrategy(Strategy):
             "bytes_up": 0 if msg.has_error() else array_bytes(msg)} for msg in replies}
         for node in self._downlink.keys() - self._sites.keys():
             log.warning("aggregate_train: node %d (%s) did not reply within federation.timeout in round %d", node,
-                        self.node_regions[node], server_round)
+                        self.node_groups[node], server_round)
             self._sites[node] = {"error": "no reply within federation.timeout",
                                  "bytes_down": self._downlink[node], "bytes_up": 0}
         if self.wire_dtype != "float32":  # 16-bit replies are averaged in float32
             for msg in replies:
                 if not msg.has_error() and ARRAYS in msg.content.array_records:
                     msg.content[ARRAYS] = to_record(from_record(msg.content.array_records[ARRAYS]))
-        grouped = self._by_region(replies)
+        grouped = self._by_group(replies)
         new_states, metrics = {}, {}
-        for region in self.regions:
-            accepted = [msg for msg in grouped.get(region, []) if self._accept(region, msg)]
-            valid = _same_metric_keys(region, accepted)
+        for group in self.groups:
+            accepted = [msg for msg in grouped.get(group, []) if self._accept(group, msg)]
+            valid = _same_metric_keys(group, accepted)
             for msg in accepted:
                 if msg not in valid:
-                    self._rejected(msg, "its metric keys differ from the region's other replies")
+                    self._rejected(msg, "its metric keys differ from the group's other replies")
             if 0 < len(valid) < self.min_replies:
-                log.warning("aggregate_train: region %s got %d valid replies in round %d, fewer than "
-                            "federation.min_replies=%d", region, len(valid), server_round, self.min_replies)
+                log.warning("aggregate_train: group %s got %d valid replies in round %d, fewer than "
+                            "federation.min_replies=%d", group, len(valid), server_round, self.min_replies)
                 valid = []
-            arrays, _ = self.strategies[region].aggregate_train(server_round, valid) if valid else (None, None)
-            region_metrics = _mean_metrics(valid)
+            arrays, _ = self.strategies[group].aggregate_train(server_round, valid) if valid else (None, None)
+            group_metrics = _mean_metrics(valid)
             if arrays is not None and not all(np.all(np.isfinite(v)) for v in from_record(arrays).values()):
-                log.warning("aggregate_train: region %s: the aggregate of round %d is not finite", region,
+                log.warning("aggregate_train: group %s: the aggregate of round %d is not finite", group,
                             server_round)
-                arrays, region_metrics = None, {}
+                arrays, group_metrics = None, {}
             if arrays is None:
-                log.warning("aggregate_train: region %s has no valid update in round %d; it keeps its previous "
-                            "adapter", region, server_round)
-                new_states[region] = self.current[region]
+                log.warning("aggregate_train: group %s has no valid update in round %d; it keeps its previous "
+                            "adapter", group, server_round)
+                new_states[group] = self.current[group]
             elif self.lora_aggregation == "svd":
-                new_states[region], residual = self._svd(region, valid)
-                region_metrics["svd_residual"] = residual
+                new_states[group], residual = self._svd(group, valid)
+                group_metrics["svd_residual"] = residual
             else:
-                new_states[region] = from_record(arrays)
-            region_metrics.update(_client_privacy(self.strategies[region]))
-            metrics.update(_prefixed(region, region_metrics))
+                new_states[group] = from_record(arrays)
+            group_metrics.update(_client_privacy(self.strategies[group]))
+            metrics.update(_prefixed(group, group_metrics))
         uplink = sum(record["bytes_up"] for record in self._sites.values())
         self._summary = {"train": metrics, "bytes": {"downlink": sum(self._downlink.values()), "uplink": uplink}}
-        return to_record(merge_regions(new_states)), metric_record(metrics)
+        return to_record(merge_groups(new_states)), metric_record(metrics)
 
-    def _svd(self, region: str, replies: list[Message]) -> tuple[dict[str, Any], float]:
-        """The region's mean of B·A at rank r; returns it and the largest relative residual over modules."""
+    def _svd(self, group: str, replies: list[Message]) -> tuple[dict[str, Any], float]:
+        """The group's mean of B·A at rank r; returns it and the largest relative residual over modules."""
         states = [from_record(msg.content.array_records[ARRAYS]) for msg in replies]
         counts = [next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES] for msg in replies]
         weights = [float(scalar(count, NUM_EXAMPLES)) for count in counts]
         state, residuals = svd_average(states, weights, self.rank)
         worst = max(residuals.values(), default=0.0)
         log.info("aggregate_train: %s: rank-%d SVD of the mean B·A discards at most %.2e of its norm",
-                 region, self.rank, worst)
+                 group, self.rank, worst)
         return state, worst
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        grouped = self._by_region(replies)
+        grouped = self._by_group(replies)
         metrics: dict[str, float] = {}
-        for region in self.regions:
-            valid = [msg for msg in grouped.get(region, []) if not msg.has_error()]
-            metrics.update(_prefixed(region, _mean_metrics(valid)))
+        for group in self.groups:
+            valid = [msg for msg in grouped.get(group, []) if not msg.has_error()]
+            metrics.update(_prefixed(group, _mean_metrics(valid)))
         self._summary["evaluate"] = metrics
         return metric_record(metrics) if metrics else None
 
-    def _accept(self, region: str, msg: Message) -> bool:
-        """Keep a reply only if it carries a finite adapter of the region's shapes and an example count."""
+    def _accept(self, group: str, msg: Message) -> bool:
+        """Keep a reply only if it carries a finite adapter of the group's shapes and an example count."""
         node = msg.metadata.src_node_id
         if msg.has_error():
-            log.warning("aggregate_train: node %d (%s) failed: %s", node, region, msg.error.reason)
+            log.warning("aggregate_train: node %d (%s) failed: %s", node, group, msg.error.reason)
             return False
         arrays = msg.content.array_records
         metrics = list(msg.content.metric_records.values())
@@ -251,17 +254,17 @@ class RegionalStrategy(Strategy):
             reason = (f"it must carry one ArrayRecord {ARRAYS!r} and one MetricRecord with a finite {NUM_EXAMPLES} > 0"
                       f" (got {count!r})")
         else:
-            shapes = {key: value.shape for key, value in self.current[region].items()}
+            shapes = {key: value.shape for key, value in self.current[group].items()}
             state = from_record(arrays[ARRAYS])
             reason = describe_mismatch(shapes, state)
             if not reason and self.lora_aggregation == "ffa":
-                reason = shared_factor_mismatch([state], self.current[region])
+                reason = shared_factor_mismatch([state], self.current[group])
             if not reason and math.isfinite(self.max_update_norm):
-                norm = update_norm(state, self.current[region])
+                norm = update_norm(state, self.current[group])
                 if norm > self.max_update_norm:
                     reason = f"update norm {norm:.4g} > federation.max_update_norm={self.max_update_norm:g}"
         if reason:
-            log.warning("aggregate_train: rejected the update of node %d (%s): %s", node, region, reason)
+            log.warning("aggregate_train: rejected the update of node %d (%s): %s", node, group, reason)
             self._rejected(msg, reason)
             return False
         return True
@@ -287,7 +290,7 @@ def _reply_record(msg: Message) -> dict[str, Any]:
 
 
 def _client_privacy(strategy: Strategy) -> dict[str, float]:
-    """A DP-wrapped region's spending so far, with what recomputing it takes (none for other strategies)."""
+    """A DP-wrapped group's spending so far, with what recomputing it takes (none for other strategies)."""
     if not isinstance(strategy, DifferentialPrivacyClientSideFixedClipping):
         return {}
     spent = strategy.privacy_spent()
@@ -297,7 +300,7 @@ def _client_privacy(strategy: Strategy) -> dict[str, float]:
             "client_noise_multiplier": strategy.noise_multiplier, "client_sites_sampled": strategy.num_sampled_clients}
 
 
-def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:
+def _same_metric_keys(group: str, replies: list[Message]) -> list[Message]:
     """Flower's strategies refuse a round whose replies differ in metric keys: keep the replies with the most
     common key set (ties: the larger set), drop the odd ones out, whichever reply came first."""
     if not replies:
@@ -310,7 +313,7 @@ def _same_metric_keys(region: str, replies: list[Message]) -> list[Message]:
             kept.append(msg)
         else:
             log.warning("aggregate_train: rejected the update of node %d (%s): metric keys %s differ from %s",
-                        msg.metadata.src_node_id, region, sorted(other), sorted(keys))
+                        msg.metadata.src_node_id, group, sorted(other), sorted(keys))
     return kept
 
 
@@ -338,5 +341,5 @@ def _finite(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _prefixed(region: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{region}/{key}": value for key, value in metrics.items()}
+def _prefixed(group: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{group}/{key}": value for key, value in metrics.items()}

@@ -1,4 +1,4 @@
-"""strategies/regional.py and registry.py with real Flower messages, records and strategies.
+"""strategies/groups.py and registry.py with real Flower messages, records and strategies.
 
 Only the transport is a test double: a `Grid` that knows which nodes are connected. Instructions are
 built by the real strategies; replies are real `Message(content, reply_to=instruction)` objects, so
@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fed_netgpt.config import Config, FederationConfig, TrainConfig
-from strategies.regional import RegionalStrategy
+from strategies.groups import GroupStrategy
 from strategies.registry import make_strategy
 from tests.messages import (  # noqa: F401 - server_identity is a fixture
     NODE_REGIONS,
@@ -44,7 +44,7 @@ def _fedavg(num_sites: int) -> FedAvg:
 
 
 @pytest.fixture
-def configured() -> RegionalStrategy:
+def configured() -> GroupStrategy:
     return _configured_strategy()
 
 
@@ -58,21 +58,21 @@ def test_reply_src_node_id_comes_from_the_instruction():
     assert msg.metadata.message_type == MessageType.TRAIN
 
 
-def test_constructor_groups_nodes_into_sorted_regions():
+def test_constructor_groups_nodes_into_sorted_groups():
     # Execute
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+    strategy = GroupStrategy(_fedavg, NODE_REGIONS)
 
     # Assert
-    assert strategy.regions == ["france", "japan"]
+    assert strategy.groups == ["france", "japan"]
     assert set(strategy.strategies) == {"france", "japan"}
     assert strategy.strategies["france"] is not strategy.strategies["japan"]
     with pytest.raises(ValueError, match="at least one node"):
-        RegionalStrategy(_fedavg, {})
+        GroupStrategy(_fedavg, {})
 
 
 def test_configure_train_sends_each_node_its_own_regions_adapter():
     # Prepare
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+    strategy = GroupStrategy(_fedavg, NODE_REGIONS)
     arrays = merged({"france": state_of(1.5), "japan": state_of(-2.0)})
 
     # Execute
@@ -84,7 +84,7 @@ def test_configure_train_sends_each_node_its_own_regions_adapter():
         region = NODE_REGIONS[message.metadata.dst_node_id]
         expected = state_of(1.5 if region == "france" else -2.0)
         sent = numpy_of(message.content["arrays"])
-        assert sent.keys() == expected.keys()  # the region prefix is gone
+        assert sent.keys() == expected.keys()  # the group prefix is gone
         for key, value in expected.items():
             np.testing.assert_array_equal(sent[key], value)
         config = message.content["config"]
@@ -97,7 +97,7 @@ def test_configure_train_sends_each_node_its_own_regions_adapter():
 
 def test_configure_train_only_addresses_connected_nodes():
     # Prepare
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+    strategy = GroupStrategy(_fedavg, NODE_REGIONS)
 
     # Execute: node 12 is not connected, node 99 has no region
     messages = strategy.configure_train(
@@ -110,7 +110,7 @@ def test_configure_train_only_addresses_connected_nodes():
 
 def test_configure_evaluate_sends_region_adapters_as_evaluate_messages():
     # Prepare
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+    strategy = GroupStrategy(_fedavg, NODE_REGIONS)
 
     # Execute
     messages = strategy.configure_evaluate(
@@ -154,7 +154,7 @@ def test_aggregate_train_fedavg_is_the_example_weighted_mean_per_region(configur
 
 def test_float16_on_the_wire_halves_the_bytes_and_averages_in_float32():
     # Prepare: france starts at 1/3 (not a float16 number); replies come back in float16
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, wire_dtype="float16")
+    strategy = GroupStrategy(_fedavg, NODE_REGIONS, wire_dtype="float16")
     third = {key: np.full(shape, 1 / 3, dtype=np.float32) for key, shape in SHAPES.items()}
     messages = list(strategy.configure_train(1, merged({"france": third, "japan": state_of(10.0)}), ConfigRecord({}),
                                              ConnectedNodesGrid(NODE_REGIONS)))
@@ -191,7 +191,7 @@ def test_aggregate_train_rejects_and_excludes_a_misfit_reply(configured, caplog,
     replies = [reply(11, state_of(1.0), 1, 2.0), reply(12, bad_state, 100, 9.0), reply(21, state_of(7.0), 5, 1.0)]
 
     # Execute
-    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+    with caplog.at_level(logging.WARNING, logger="strategies.groups"):
         arrays, metrics = configured.aggregate_train(1, replies)
 
     # Assert: france is node 11 alone, with its metrics alone
@@ -209,7 +209,7 @@ def test_aggregate_train_rejects_a_reply_without_examples(configured, caplog):
     replies = [reply(11, state_of(1.0), 0, 2.0), reply(12, state_of(3.0), 2, 4.0), reply(21, state_of(7.0), 5, 1.0)]
 
     # Execute
-    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+    with caplog.at_level(logging.WARNING, logger="strategies.groups"):
         arrays, _ = configured.aggregate_train(1, replies)
 
     # Assert
@@ -218,14 +218,14 @@ def test_aggregate_train_rejects_a_reply_without_examples(configured, caplog):
     assert "num-examples > 0" in caplog.text
 
 
-def test_region_without_valid_replies_keeps_its_adapter_and_warns(configured, caplog):
+def test_group_without_valid_replies_keeps_its_adapter_and_warns(configured, caplog):
     # Prepare: japan's only reply holds NaN, france's two replies fail or are missing
     nan_state = {k: np.full(shape, np.nan, np.float32) for k, shape in SHAPES.items()}
     failed = Message(Error(code=0, reason="out of memory"), reply_to=instruction(11))
     replies = [failed, reply(21, nan_state, 5, 1.0)]
 
     # Execute
-    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+    with caplog.at_level(logging.WARNING, logger="strategies.groups"):
         arrays, metrics = configured.aggregate_train(4, replies)
 
     # Assert: both regions keep round 1's adapters (france 0.0, japan 10.0), no metrics
@@ -236,8 +236,8 @@ def test_region_without_valid_replies_keeps_its_adapter_and_warns(configured, ca
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("node 11 (france) failed: out of memory" in m for m in messages)
     assert any("rejected the update of node 21 (japan)" in m and "NaN" in m for m in messages)
-    assert any("region france has no valid update in round 4" in m for m in messages)
-    assert any("region japan has no valid update in round 4" in m for m in messages)
+    assert any("group france has no valid update in round 4" in m for m in messages)
+    assert any("group japan has no valid update in round 4" in m for m in messages)
 
 
 def test_a_reply_with_other_metric_keys_is_dropped_not_fatal(configured, caplog):
@@ -249,7 +249,7 @@ def test_a_reply_with_other_metric_keys_is_dropped_not_fatal(configured, caplog)
     replies = [reply(11, state_of(1.0), 1, 2.0), odd, reply(21, state_of(7.0), 5, 1.0)]
 
     # Execute
-    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+    with caplog.at_level(logging.WARNING, logger="strategies.groups"):
         arrays, _ = configured.aggregate_train(1, replies)
 
     # Assert: the round completes; france aggregates what it can
@@ -288,7 +288,7 @@ def test_aggregate_evaluate_prefixes_example_weighted_metrics(configured):
 def test_regional_fedavgm_runs_per_region_and_keeps_regions_apart():
     # Prepare: server lr 1, momentum 0 -> FedAvgM's first step equals the plain average
     config = _config(strategy="fedavgm", server_learning_rate=1.0, server_momentum=0.0)
-    strategy = RegionalStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
+    strategy = GroupStrategy(lambda num_sites: make_strategy(config, num_sites), NODE_REGIONS)
     strategy.configure_train(
         1, merged({"france": state_of(0.0), "japan": state_of(10.0)}), ConfigRecord({}),
         ConnectedNodesGrid(NODE_REGIONS),
@@ -351,8 +351,8 @@ def test_make_strategy_rejects_an_unknown_name():
 # ---- LoRA aggregation options ----------------------------------------------------------------
 
 
-def _configured_with(lora_aggregation: str, start: dict[str, np.ndarray]) -> RegionalStrategy:
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, lora_aggregation=lora_aggregation, rank=2)
+def _configured_with(lora_aggregation: str, start: dict[str, np.ndarray]) -> GroupStrategy:
+    strategy = GroupStrategy(_fedavg, NODE_REGIONS, lora_aggregation=lora_aggregation, rank=2)
     strategy.configure_train(1, merged({"france": start, "japan": start}), ConfigRecord({}),
                              ConnectedNodesGrid(NODE_REGIONS))
     return strategy
@@ -397,7 +397,7 @@ def test_svd_aggregation_is_the_best_rank_r_approximation_of_the_weighted_mean_p
 
 def test_svd_needs_a_rank():
     with pytest.raises(ValueError, match="svd with rank >= 1"):
-        RegionalStrategy(_fedavg, NODE_REGIONS, lora_aggregation="svd")
+        GroupStrategy(_fedavg, NODE_REGIONS, lora_aggregation="svd")
 
 
 @pytest.mark.parametrize("count", [float("inf"), float("nan"), -3.0])
@@ -405,7 +405,7 @@ def test_a_non_finite_or_negative_example_count_is_rejected_not_averaged(configu
     # Prepare: node 11 claims inf examples (Flower's weighted mean would compute inf/inf = NaN)
     replies = [reply(11, state_of(1.0), count, 2.0), reply(12, state_of(3.0), 2, 4.0), reply(21, state_of(7.0), 5, 1.0)]
     # Execute
-    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+    with caplog.at_level(logging.WARNING, logger="strategies.groups"):
         arrays, metrics = configured.aggregate_train(1, replies)
     # Assert: france is node 12's update alone, finite; the rejection is logged and in the site's record
     np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 3.0))
@@ -418,7 +418,7 @@ def test_a_non_finite_or_negative_example_count_is_rejected_not_averaged(configu
 def test_the_odd_reply_out_is_dropped_even_when_it_comes_first():
     # Prepare: three french nodes; the first reply lacks train_loss, the other two agree
     regions = {11: "france", 12: "france", 13: "france"}
-    strategy = RegionalStrategy(_fedavg, regions)
+    strategy = GroupStrategy(_fedavg, regions)
     strategy.configure_train(1, merged({"france": state_of(0.0)}), ConfigRecord({}), ConnectedNodesGrid(regions))
     odd = Message(RecordDict({"arrays": record(state_of(9.0)), "metrics": MetricRecord({"num-examples": 3})}),
                   reply_to=instruction(11))
@@ -439,28 +439,28 @@ def test_one_nan_loss_does_not_remove_the_regions_loss(configured):
     assert metrics["france/num-examples"] == 4
 
 
-def test_a_region_whose_sites_are_all_gone_sits_out_instead_of_waiting_forever(caplog):
+def test_a_group_whose_sites_are_all_gone_sits_out_instead_of_waiting_forever(caplog):
     import threading
 
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS)
+    strategy = GroupStrategy(_fedavg, NODE_REGIONS)
     arrays = merged({"france": state_of(0.0), "japan": state_of(10.0)})
     sent: list[Message] = []
-    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+    with caplog.at_level(logging.WARNING, logger="strategies.groups"):
         worker = threading.Thread(target=lambda: sent.extend(strategy.configure_train(
             3, arrays, ConfigRecord({}), ConnectedNodesGrid([11, 12]))), daemon=True)  # japan's node 21 is gone
         worker.start()
         worker.join(timeout=10)
     assert not worker.is_alive(), "configure_train waited for a node that will not come"
     assert sorted(msg.metadata.dst_node_id for msg in sent) == [11, 12]
-    assert "region japan has no connected site; it sits out round 3" in caplog.text
+    assert "group japan has no connected site; it sits out round 3" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm"])
 def test_a_restored_server_optimizer_continues_exactly(name):
-    def strategy_for() -> RegionalStrategy:
-        return RegionalStrategy(lambda n: make_strategy(_config(strategy=name), n), NODE_REGIONS)
+    def strategy_for() -> GroupStrategy:
+        return GroupStrategy(lambda n: make_strategy(_config(strategy=name), n), NODE_REGIONS)
 
-    def one_round(strategy: RegionalStrategy, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
+    def one_round(strategy: GroupStrategy, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
         strategy.configure_train(server_round, arrays, ConfigRecord({}), ConnectedNodesGrid(NODE_REGIONS))
         current = numpy_of(arrays)
         replies = [reply(node, {k.split("/", 1)[1]: v + server_round * (node % 7) * 0.1 for k, v in current.items()
@@ -486,9 +486,9 @@ def test_a_restored_server_optimizer_continues_exactly(name):
     assert any(not np.allclose(numpy_of(fresh)[k], v) for k, v in numpy_of(arrays).items())  # without it, not
 
 
-def _configured_strategy(**options) -> RegionalStrategy:
-    """A RegionalStrategy with these options after configure_train of round 1: france at 0.0, japan at 10.0."""
-    strategy = RegionalStrategy(_fedavg, NODE_REGIONS, **options)
+def _configured_strategy(**options) -> GroupStrategy:
+    """A GroupStrategy with these options after configure_train of round 1: france at 0.0, japan at 10.0."""
+    strategy = GroupStrategy(_fedavg, NODE_REGIONS, **options)
     strategy.configure_train(1, merged({"france": state_of(0.0), "japan": state_of(10.0)}), ConfigRecord({}),
                              ConnectedNodesGrid(NODE_REGIONS))
     return strategy
@@ -498,21 +498,21 @@ def test_an_update_beyond_max_update_norm_is_rejected_with_its_norm(caplog):
     strategy = _configured_strategy(max_update_norm=5.0)
     # node 11 moved every one of its 12 numbers by 3 (norm sqrt(12 * 9) = 10.4), node 12 by 1 (norm 3.46)
     replies = [reply(11, state_of(3.0), 1, 2.0), reply(12, state_of(1.0), 1, 4.0), reply(21, state_of(10.5), 1, 1.0)]
-    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+    with caplog.at_level(logging.WARNING, logger="strategies.groups"):
         arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 1.0))
     assert "update norm 10.39 > federation.max_update_norm=5" in round_outcome(strategy).sites[11]["rejected"]
     assert "rejected" not in round_outcome(strategy).sites[12] and "rejected" not in round_outcome(strategy).sites[21]
 
 
-def test_a_region_below_min_replies_keeps_its_adapter(caplog):
+def test_a_group_below_min_replies_keeps_its_adapter(caplog):
     strategy = _configured_strategy(min_replies=2)
     replies = [reply(11, state_of(1.0), 1, 2.0), reply(12, state_of(3.0), 1, 4.0), reply(21, state_of(7.0), 5, 1.0)]
-    with caplog.at_level(logging.WARNING, logger="strategies.regional"):
+    with caplog.at_level(logging.WARNING, logger="strategies.groups"):
         arrays, metrics = strategy.aggregate_train(1, replies)
     np.testing.assert_array_equal(numpy_of(arrays)["france/lora_A.weight"], np.full((2, 3), 2.0))  # 2 replies: fine
     np.testing.assert_array_equal(numpy_of(arrays)["japan/lora_A.weight"], np.full((2, 3), 10.0))  # 1 < 2: kept
-    assert "region japan got 1 valid replies in round 1, fewer than federation.min_replies=2" in caplog.text
+    assert "group japan got 1 valid replies in round 1, fewer than federation.min_replies=2" in caplog.text
     assert "japan/num-examples" not in metrics
 
 

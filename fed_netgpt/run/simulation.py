@@ -1,0 +1,259 @@
+"""`fed-netgpt simulate` on the path Flower keeps: `flwr run` against a SuperLink whose runtime is simulation.
+
+Flower retires `run_simulation` (the Python entry point); what it supports is `flwr run APP SUPERLINK`. The
+command starts a SuperLink of its own for each run, on a free port of 127.0.0.1 and with an in-memory state (two
+runs on one machine never share one, and none outlives its run), and hands it an app folder that holds nothing
+but a pyproject.toml: it names the installed ServerApp and ClientApp and the resolved config's path, so the code
+that runs is the installed code and the app archive stays a few hundred bytes whatever else lies beside it. The
+run's log stream is printed without Flower's own INFO/DEBUG lines (the ServerApp sends Flower's INFO log to
+`<run>/flower.log`); the SuperLink's log is `<run>/superlink.log`.
+
+Nothing here imports flwr: Flower's own commands are the interface (they run in this interpreter's environment,
+with runtime dependency installation off, since the environment is already installed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+from typing import TextIO
+
+from fed_netgpt.config import ConfigError, SimulationConfig
+
+RESOLVED_CONFIG = "resolved-config"  # the run_config key naming the config file the simulation ServerApp reads
+LAUNCHER = "launcher"  # the run_config key naming the `fed-netgpt simulate` process ("PID:START") the run lives for
+SUPERLINK_START_SECONDS = 60.0
+_STARTED_RUN = re.compile(r"Successfully started run \d+")
+# Flower's own INFO/DEBUG lines, as its logger prints them ("INFO :  ...", "12/07/2026 21:53:01:DEBUG:...")
+_FLOWER_CHATTER = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\s*(\x1b\[0m)?\s*:"
+                             r"|^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):")
+
+_NOT_FOR_THIS_RUN = ("default simulated SuperNodes changed", "Successfully installed fed-netgpt-simulation")
+
+
+class SimulationError(RuntimeError):
+    """Flower's SuperLink or `flwr run` failed before the run could start (not a failed round)."""
+
+
+def federation_config(simulation: SimulationConfig, num_supernodes: int, cpus: int) -> tuple[list[str], dict]:
+    """`flwr run --federation-config` items and the environment for this run's Ray.
+
+    Flower's federation config takes whole CPUs per ClientApp; a fractional share (0.5: two sites at once per core)
+    is kept exact by scaling both sides: p/q CPUs a client on `cpus` cores is p CPUs a client on cpus*q. A Ray
+    cluster (`simulation.ray_address`) is joined through RAY_ADDRESS, and its size is its own."""
+    share = Fraction(simulation.num_cpus_per_client).limit_denominator(100)
+    if share <= 0:
+        raise ConfigError(f"simulation.num_cpus_per_client: must be > 0, got {simulation.num_cpus_per_client}")
+    items = [f"num-supernodes={num_supernodes}", f"client-resources-num-gpus={float(simulation.num_gpus_per_client)}"]
+    if simulation.ray_address:
+        if share.denominator != 1:
+            raise ConfigError("simulation.num_cpus_per_client: a Ray cluster (simulation.ray_address) takes whole CPUs "
+                              f"per client; got {simulation.num_cpus_per_client}")
+        return [*items, f"client-resources-num-cpus={share.numerator}"], {"RAY_ADDRESS": simulation.ray_address}
+    return [*items, f"client-resources-num-cpus={share.numerator}",
+            f"init-args-num-cpus={cpus * share.denominator}"], {}
+
+
+def app_pyproject(config_path: Path, launcher: str) -> str:
+    """The pyproject.toml of the app folder `flwr run` packs: the installed apps, and where the config is."""
+    return (
+        '[project]\nname = "fed-netgpt-simulation"\nversion = "1.0.0"\n'
+        'description = "fed-netgpt simulate: the installed fed-netgpt apps, run on a resolved config"\n'
+        'license = "Apache-2.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "fed-netgpt"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "server.app:simulation_app"\nclientapp = "clients.app:app"\n\n'
+        f'[tool.flwr.app.config]\n"{RESOLVED_CONFIG}" = "{_toml_string(str(config_path))}"\n'
+        f'"{LAUNCHER}" = "{launcher}"\n'
+    )
+
+
+def shown_on_console(line: str) -> bool:
+    """Everything but Flower's INFO/DEBUG chatter and notes that do not apply to a run whose SuperLink, app and
+    node count the command chose itself."""
+    return not (_FLOWER_CHATTER.match(line) or any(note in line for note in _NOT_FOR_THIS_RUN))
+
+
+def run_simulation_app(config_yaml: str, simulation: SimulationConfig, num_supernodes: int, run_dir: Path,
+                       console: TextIO = sys.stdout) -> None:
+    """Run the federation described by `config_yaml` (a resolved config) on a SuperLink started for it; returns
+    when the run has ended. What the run produced is judged by the caller, from the run folder."""
+    items, ray_env = federation_config(simulation, num_supernodes, os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="fed-netgpt-sim-") as scratch:
+        root = Path(scratch)
+        (root / "app").mkdir()
+        (root / "config.yaml").write_text(config_yaml)
+        (root / "app" / "pyproject.toml").write_text(app_pyproject(root / "config.yaml", process_identity(os.getpid())))
+        env = _flower_environment(root / "flwr-home", ray_env)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with _superlink(env, run_dir / "superlink.log") as port:
+            (root / "flwr-home" / "config.toml").write_text(
+                f'[superlink]\ndefault = "simulation"\n\n[superlink.simulation]\n'
+                f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+            command = [_tool("flwr"), "run", str(root / "app"), "simulation", "--stream",
+                       "--federation-config", " ".join(items)]
+            _stream(command, env, console)  # returns once the run has finished: the SuperLink ends the stream then
+
+
+def process_identity(pid: int) -> str:
+    """"PID:START" (start in clock ticks since boot): names one process, even after its pid is reused."""
+    try:
+        start = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"  # no /proc: the pid alone
+    return f"{pid}:{start}"
+
+
+def end_with(launcher: str, poll_seconds: float = 0.5) -> None:
+    """In the simulation process: a daemon thread that ends this process group (the simulation and its Ray)
+    as soon as the `fed-netgpt simulate` process that launched it is gone, however it went (Ctrl-C, SIGKILL,
+    a closed terminal). Flower starts the simulation in a session of its own, out of reach of both the
+    launcher's process group and its SuperLink's death signal; without this a run would go on, unlocked,
+    writing into its folder after its command ended."""
+    def watch() -> None:
+        pid = int(launcher.split(":")[0])
+        while process_identity(pid) == launcher:
+            time.sleep(poll_seconds)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="end-with-launcher", daemon=True).start()
+
+
+def _flower_environment(flwr_home: Path, ray_env: dict) -> dict:
+    flwr_home.mkdir()
+    bin_dir = str(Path(sys.executable).parent)  # flower-superlink, flwr and flwr-simulation of this environment
+    return {**os.environ, **ray_env, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@contextmanager
+def _superlink(env: dict, log_file: Path) -> Iterator[int]:
+    """A SuperLink in simulation mode on a free port. It stays in this command's process group (Ctrl-C, or a
+    kill of the group, reaches it and all it started) and dies with this process (PR_SET_PDEATHSIG), so a run
+    never goes on without the command that holds its lock; on the way out its whole tree is stopped."""
+    port = _free_port()
+    command = [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+               "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
+               "--log-file", str(log_file)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=_die_with_parent)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        _wait_for_health(process, port, log_file)
+        yield port
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_tree(process)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux; elsewhere a no-op)."""
+    if sys.platform == "linux":
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # runs the `finally` that stops the SuperLink's tree
+
+
+def _wait_for_health(process: subprocess.Popen, port: int, log_file: Path) -> None:
+    deadline = time.monotonic() + SUPERLINK_START_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"Flower's SuperLink exited with code {process.returncode} at start; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SimulationError(f"Flower's SuperLink did not answer within {SUPERLINK_START_SECONDS:.0f}s; see {log_file}")
+
+
+def _stop_tree(process: subprocess.Popen) -> None:
+    """SIGTERM to the SuperLink and everything under it (the simulation process, its Ray), then SIGKILL to what
+    is left after a grace period."""
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        tree = [process.pid, *_descendants(process.pid)]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (process.poll() is None or _any_alive(tree[1:])):
+            time.sleep(0.1)
+        if process.poll() is not None and not _any_alive(tree[1:]):
+            return
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _any_alive(pids: list[int]) -> bool:
+    alive = False
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            alive = True
+    return alive
+
+
+def _stream(command: list[str], env: dict, console: TextIO) -> None:
+    """Run `flwr run --stream`, printing its lines but Flower's INFO/DEBUG chatter. The SuperLink ends the stream
+    when the run's status is finished; a broken stream is an error exit of `flwr`."""
+    started = False
+    tail: list[str] = []
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as flwr:
+        for line in flwr.stdout or ():
+            tail = [*tail[-19:], line]
+            if not started:
+                started = bool(_STARTED_RUN.search(line))
+            elif shown_on_console(line):
+                console.write(line)
+                console.flush()
+    if flwr.returncode != 0 or not started:
+        raise SimulationError(f"`flwr run` failed (exit {flwr.returncode}):\n{''.join(tail).rstrip()}")
+
+
+def _tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _toml_string(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
