@@ -25,7 +25,7 @@ import torch
 
 from fed_netgpt.config import Config, ConfigError, ServingConfig, load_config, to_yaml
 from fed_netgpt.data.schema import DataError, read_jsonl, write_jsonl
-from fed_netgpt.data.sites import load_heldout_sites, load_pairs, load_sites
+from fed_netgpt.data.sites import SiteData, load_heldout_sites, load_pairs, load_sites
 from fed_netgpt.evaluation.comparison import jobs_for, mean_over_seeds, privacy_utility, run_config
 from fed_netgpt.evaluation.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
 from fed_netgpt.evaluation.report import duration, json_safe, write_report
@@ -167,7 +167,7 @@ def prepared_config(args: argparse.Namespace) -> Config:
            if train.bf16 == "auto" else "")
     print(f"device: {where}; precision: train.bf16={train.bf16}{how}", flush=True)
     return replace(config, train=train, simulation=simulation,
-                   run=replace(config.run, output_dir=str(Path(config.run.output_dir).resolve())))
+                   run=replace(config.run, output_dir=str(Path(config.run.output_dir).expanduser().resolve())))
 
 
 def simulate_command(args: argparse.Namespace) -> int:
@@ -178,14 +178,14 @@ def simulate_command(args: argparse.Namespace) -> int:
         args.config = str(args.resume / "config.yaml")
         args.overrides = [*args.overrides, "run.resume=true", f"run.output_dir={args.resume.resolve()}"]
     config = prepared_config(args)
-    with run_lock(config.run.output_dir):
-        return _simulate(config)
-
-
-def _simulate(config: Config) -> int:
-    sites = load_sites(config.data)  # bad data fails here, before any engine starts
+    sites = load_sites(config.data)  # bad data fails here, before the run folder is touched or any engine starts
     base = load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
     check_pair_lengths(base.tokenizer, [*sites, *load_heldout_sites(config.data)], config.train.max_length)
+    with run_lock(config.run.output_dir):
+        return _simulate(config, sites)
+
+
+def _simulate(config: Config, sites: list[SiteData]) -> int:
     regions = sorted({s.region for s in sites})
     heldout = load_heldout_sites(config.data)
     print(f"Simulating {len(sites)} edge sites in {len(regions)} regions ({', '.join(regions)}), "
@@ -207,12 +207,12 @@ def compare_command(args: argparse.Namespace) -> int:
     With `run.resume=true` a run that finished earlier with the same config is evaluated again, not retrained
     (how `compare.seeds=3` adds a third seed to a two-seed comparison)."""
     config = prepared_config(args)
+    load_sites(config.data)  # bad data fails before the folder is touched
     with run_lock(config.run.output_dir) as folder:
         return _compare(config, folder)
 
 
 def _compare(config: Config, folder: Path) -> int:
-    load_sites(config.data)
     base = load_base(config.model.name, config.model.cache_dir, config.train.device)
     (folder / "config.yaml").write_text(to_yaml(config))
     jobs, seeds = jobs_for(config.compare), config.compare.seeds

@@ -33,17 +33,21 @@ METRICS = "metrics.jsonl"  # a run's rounds and sites, one JSON object a line (A
 FAILED = "failed.json"  # a run that never trained some adapter: complete, evaluate and serve refuse the folder
 
 
+LOCK = ".lock"  # held by the process writing the folder; left behind, it marks a folder fed-netgpt wrote
+
+
 @contextlib.contextmanager
 def run_lock(path: str | Path) -> Iterator[Path]:
     """Create the run folder and hold its lock for the block: a second run into the same folder while one is
-    running is refused (a killed run releases it too), and a folder that cannot be one (a file, unwritable) is
-    named before anything starts."""
+    running is refused (a killed run releases it too), and a folder that cannot be one (a file, unwritable, a
+    folder of someone else's files) is named before anything is written there."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"run.output_dir={folder} is a file, not a folder")
+    check_folder_is_ours(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = (folder / ".lock").open("a+")
+        lock = (folder / LOCK).open("a+")
     except OSError as err:
         raise RunFolderError(f"run.output_dir={folder}: cannot write there ({err.strerror})") from None
     with lock:
@@ -62,6 +66,26 @@ def run_lock(path: str | Path) -> Iterator[Path]:
             yield folder
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_folder_is_ours(folder: Path) -> None:
+    """A run writes only into a new or empty folder or one that fed-netgpt wrote before (a run, resumed or run
+    again, or a comparison): a fresh run clears adapters/, checkpoints/ and site_adapters/ there, and a folder of
+    the user's own files must never lose one."""
+    if not folder.is_dir() or (folder / "run.json").is_file() or _our_lock(folder / LOCK):
+        return
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if entries:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise RunFolderError(f"run.output_dir={folder} holds files no fed-netgpt run wrote ({shown}); nothing was "
+                             "written there: choose a new or empty folder")
+
+
+def _our_lock(path: Path) -> bool:
+    try:
+        return path.read_text().startswith("pid ")
+    except OSError:
+        return False
 
 
 MANIFEST_PACKAGES = ("torch", "transformers", "peft", "flwr", "opacus", "numpy", "safetensors")

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -246,7 +247,13 @@ def _stream(command: list[str], env: dict, console: TextIO) -> None:
 
 
 def _tool(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
+    """Flower's command of this environment: beside this interpreter (a virtual environment), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if not found:
+        raise SimulationError(f"Flower's `{name}` command is neither beside {sys.executable} nor on PATH; "
+                              "install flwr[simulation] into this environment")
+    return found
 
 
 def _free_port() -> int:

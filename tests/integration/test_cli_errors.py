@@ -198,3 +198,41 @@ def test_output_paths_that_cannot_be_written_are_named(tmp_path: Path, capsys: p
     setup(tmp_path)
     code, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2 and message in err
+
+
+def test_a_folder_of_someone_elses_files_is_refused_and_kept_byte_for_byte(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a user's folder that happens to use the names a run clears
+    mine = tmp_path / "mine"
+    files = {"adapters/mine.bin": b"\x01\x02", "checkpoints/epoch9.pt": b"weights", "site_adapters/x.txt": b"x",
+             "config.yaml": b"lr: 3\n"}
+    for name, content in files.items():
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_bytes(content)
+    # Execute
+    code, err = run_cli(capsys, "simulate", "preset=smoke", f"run.output_dir={mine}")
+    # Assert: refused, naming what is there; every file as it was, and no lock left behind
+    assert code == 2 and "holds files no fed-netgpt run wrote (adapters/, checkpoints/, config.yaml," in err, err
+    assert {str(p.relative_to(mine)): p.read_bytes() for p in mine.rglob("*") if p.is_file()} == files
+
+
+def test_bad_data_is_refused_before_the_run_folder_is_touched(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_lines(tmp_path / "pairs.jsonl", json.dumps(GOOD), "{not json")
+    out = tmp_path / "empty"
+    out.mkdir()
+    for command in ("simulate", "compare"):
+        code, err = run_cli(capsys, command, "preset=smoke", f"data.path={data}", f"run.output_dir={out}")
+        assert code == 2 and f"{data} line 2: not valid JSON" in err
+        assert list(out.iterdir()) == []  # no .lock, no config.yaml
+
+
+def test_a_run_folder_under_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from fed_netgpt.cli import prepared_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = prepared_config(argparse.Namespace(config=None, overrides=["preset=smoke", "run.output_dir=~/runs/x"]))
+    assert config.run.output_dir == str(tmp_path / "runs" / "x")  # not ./~/runs/x

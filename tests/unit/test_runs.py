@@ -17,6 +17,7 @@ from fed_netgpt.run.folder import (
     RunFolderError,
     adapter_dir,
     aggregation_group,
+    check_folder_is_ours,
     checkpoint_sampling,
     federated_variant,
     is_adapter,
@@ -25,6 +26,7 @@ from fed_netgpt.run.folder import (
     restore_metrics,
     round_summaries,
     run_finished,
+    run_lock,
     run_regions,
     save_checkpoint,
     serving_adapter,
@@ -365,3 +367,27 @@ def test_a_run_folder_records_its_manifest(tmp_path):
     assert saved["packages"]["torch"] and saved["packages"]["flwr"] == "1.42.0"
     assert saved["cpu"]["cores"] >= 1 and isinstance(saved["cpu"]["features"], list)
     assert (saved["device"], saved["bf16"]) == ("cpu", "false")
+
+
+def test_a_run_may_write_into_a_new_or_empty_folder_or_one_fed_netgpt_wrote(tmp_path):
+    check_folder_is_ours(tmp_path / "new")
+    check_folder_is_ours(tmp_path)  # empty
+    earlier = tmp_path / "earlier"
+    start_run(_config(f"run.output_dir={earlier}"))  # a run (run.json)
+    (earlier / "notes.txt").write_text("the user's own note beside a run")
+    check_folder_is_ours(earlier)
+    compared = tmp_path / "compared"
+    with run_lock(compared):  # a comparison's folder: only the lock marks it
+        (compared / "report.json").write_text("{}")
+    check_folder_is_ours(compared)
+
+
+def test_a_folder_of_other_files_is_not_a_run_folder(tmp_path):
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / ".lock").write_text("someone else's lock")
+    with pytest.raises(RunFolderError, match=r"holds files no fed-netgpt run wrote \(\.lock, adapters/\)"):
+        check_folder_is_ours(tmp_path)
+    with pytest.raises(RunFolderError, match="holds files no fed-netgpt run wrote"):
+        with run_lock(tmp_path):
+            pass
+    assert (tmp_path / ".lock").read_text() == "someone else's lock"
