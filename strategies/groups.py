@@ -135,7 +135,6 @@ class GroupStrategy(Strategy):
         messages: list[Message] = []
         for group, strategy in self.strategies.items():
             nodes = [node for node, g in self.node_groups.items() if g == group]
-            group_config = ConfigRecord({**dict(config), "region": group})
             configure = getattr(strategy, method)
             group_grid = GroupGrid(grid, nodes)
             if not group_grid.get_node_ids():  # Flower's sample_nodes would wait for one with no timeout
@@ -148,7 +147,9 @@ class GroupStrategy(Strategy):
                             server_round, reason)
                 continue
             try:
-                messages += configure(server_round, ArrayRecord(states[group]), group_config, group_grid)
+                # a copy each: a group's strategy writes its own keys (server-round, a clipping norm) into it
+                messages += configure(server_round, ArrayRecord(states[group]), ConfigRecord(dict(config)),
+                                      group_grid)
             except PrivacyBudgetExhausted as err:  # client_dp: the round would pass privacy.target_epsilon
                 log.warning("%s: group %s sits out round %d and keeps its adapter: %s", method, group,
                             server_round, err)
