@@ -46,7 +46,10 @@ from fed_netgpt.run.deployment import (
 from fed_netgpt.run.folder import (
     FAILED,
     RunFolderError,
+    aggregation_group,
     check_not_failed,
+    latest_round,
+    published,
     read_run_config,
     round_summaries,
     run_finished,
@@ -181,8 +184,29 @@ def simulate_command(args: argparse.Namespace) -> int:
     sites = load_sites(config.data)  # bad data fails here, before the run folder is touched or any engine starts
     base = load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
     check_pair_lengths(base.tokenizer, [*sites, *load_heldout_sites(config.data)], config.train.max_length)
+    if config.run.resume:
+        finished = _finished_run(config)
+        if finished:
+            print(finished)
+            return 0
+        from server.app import starting_point  # the checkpoint the ServerApp would continue, checked here first
+
+        groups = sorted({aggregation_group(config, s.site_id, s.region) for s in sites})
+        starting_point(Path(config.run.output_dir), config, base, groups)
     with run_lock(config.run.output_dir):
         return _simulate(config, sites)
+
+
+def _finished_run(config: Config) -> str | None:
+    """What to say when the run to resume has already finished (it is then left untouched), else None."""
+    folder = Path(config.run.output_dir)
+    marker = published(folder)
+    done = latest_round(folder)
+    if marker is None or (folder / FAILED).is_file() or done < config.federation.num_rounds:
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(marker.get("published_at", 0))))
+    return (f"{folder}: the run finished all {done} rounds (published {when}); nothing to resume, nothing "
+            f"changed. More rounds: fed-netgpt simulate --resume {folder} federation.num_rounds={done + 1}")
 
 
 def _simulate(config: Config, sites: list[SiteData]) -> int:

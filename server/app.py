@@ -15,7 +15,7 @@ from fed_netgpt.data.sites import load_pairs, load_sites
 from fed_netgpt.evaluation.plots import validation_curves, write_plot
 from fed_netgpt.evaluation.report import duration, write_report
 from fed_netgpt.evaluation.scoring import evaluate_run
-from fed_netgpt.model.adapters import AdapterState, attach_adapter, get_state
+from fed_netgpt.model.adapters import AdapterState, attach_adapter, describe_mismatch, get_state
 from fed_netgpt.model.base import BaseModel, load_base
 from fed_netgpt.protocol import RunContext, from_record, to_record
 from fed_netgpt.run.faults import poisoned_sites
@@ -222,16 +222,27 @@ def publish_report(folder: Path, config: Config, report: dict) -> None:
 
 
 def starting_point(folder: Path, config: Config, base: BaseModel, groups: list[str]) -> tuple[int, dict]:
-    """Rounds already done and every group's adapter to start from: fresh, or the latest checkpoint."""
+    """Rounds already done and every group's adapter to start from: fresh, or the latest checkpoint, refused
+    (naming the first difference) when it does not hold these groups in the shape this config's adapter has:
+    a config.yaml edited to another model or rank cannot continue it, and non-finite values would only spread."""
+    initial = get_state(attach_adapter(base, "initial", config.lora, seed=config.run.seed), "initial")
     checkpoint = latest_checkpoint(folder) if config.run.resume else None
     if checkpoint is None:
-        initial = get_state(attach_adapter(base, "initial", config.lora, seed=config.run.seed), "initial")
         return 0, merge_groups({group: initial for group in groups})
     done, arrays = checkpoint
-    saved = sorted(split_groups(arrays))
-    if saved != groups:
-        raise RunFolderError(f"{folder}/checkpoints/round-{done} holds groups {saved}, but the nodes serve {groups}")
-    log.info("resuming after round %d from %s/checkpoints/round-%d", done, folder, done)
+    saved = split_groups(arrays)
+    where = f"{folder}/checkpoints/round-{done}"
+    if sorted(saved) != groups:
+        raise RunFolderError(f"{where} holds groups {sorted(saved)}, but the nodes serve {groups}")
+    shapes = {key: tuple(value.shape) for key, value in initial.items()}
+    for group, state in saved.items():
+        mismatch = describe_mismatch(shapes, state)
+        if mismatch:
+            raise RunFolderError(
+                f"{where}: group {group}: {mismatch} (for model.name={config.model.name}, lora.r={config.lora.r}, "
+                f"lora.target_modules={list(config.lora.target_modules)}); the run's config.yaml no longer "
+                "describes its checkpoints, so the run cannot be resumed")
+    log.info("resuming after round %d from %s", done, where)
     return done, arrays
 
 
@@ -251,7 +262,6 @@ def _log_round(server_round: int, num_rounds: int, first: int, elapsed: float, g
     eta = elapsed / done * (num_rounds - server_round)
     progress = f"[round {server_round}/{num_rounds} | {duration(elapsed)} elapsed, ETA {duration(eta)}]"
     print(progress, " | ".join(parts), flush=True)
-
 
 
 def _setup_logging() -> None:

@@ -226,3 +226,36 @@ def test_a_fedadam_run_killed_after_round_2_and_resumed_ends_with_the_uninterrup
         np.testing.assert_allclose(final[1][key], final[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
     round_2 = load_file(str(cut / "checkpoints" / "round-2" / "adapters.safetensors"))
     assert any(not np.allclose(round_2[k], final[1][k]) for k in round_2)  # rounds 3 and 4 did move the adapters
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(run_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from fed_netgpt.cli import main
+
+    run = tmp_path / "finished"
+    shutil.copytree(run_dir, run)
+    before = _contents(run)
+    assert main(["simulate", "--resume", str(run)]) == 0
+    assert "the run finished all 2 rounds" in capsys.readouterr().out
+    assert _contents(run) == before  # published.json, config.yaml, the lock: all as they were
+
+
+def test_resuming_checkpoints_the_edited_config_no_longer_fits_is_refused(run_dir: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from fed_netgpt.cli import main
+
+    run = tmp_path / "edited"
+    shutil.copytree(run_dir, run)
+    (run / "published.json").unlink()  # as if killed before the end
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("\n  r: 8\n", "\n  r: 4\n", 1))
+    before = _contents(run)
+    assert main(["simulate", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints/round-2: group france: tensor" in err and "has shape (8, 64), expected (4, 64)" in err
+    assert "lora.r=4" in err and "cannot be resumed" in err
+    assert _contents(run) == before
