@@ -47,7 +47,7 @@ from fed_netgpt.run.folder import (
     FAILED,
     RunFolderError,
     aggregation_group,
-    check_not_failed,
+    check_finished,
     latest_round,
     published,
     read_run_config,
@@ -322,7 +322,7 @@ def data_build_command(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     config = read_run_config(args.run)
-    check_not_failed(args.run)
+    check_finished(args.run, config)
     pairs = read_jsonl(args.data) if args.data else load_pairs(config.data)
     if args.data and not any(p.split == "test" for p in pairs):
         pairs = [replace(p, split="test") for p in pairs]  # the file names no split: evaluate on all of it

@@ -268,15 +268,43 @@ def mark_failed(folder: Path, reason: str) -> None:
     write_atomically(folder / FAILED, json.dumps({"reason": reason, "failure_summary": failure_summary(folder)}))
 
 
-def check_not_failed(folder: str | Path) -> None:
-    """A failed run's adapters are not served or evaluated: its folder says why."""
-    path = Path(folder) / FAILED
+def check_finished(folder: str | Path, config: Config) -> None:
+    """The one rule for evaluate, complete and serve: a run's adapters are used only once it finished. A failed
+    run's folder says why; a run still going, or stopped (killed) before its last round, is named as such. A run
+    that checkpointed every round counts as finished even without published.json (it predates the marker)."""
+    folder = Path(folder)
+    path = folder / FAILED
     if path.is_file():
         try:
             reason = json.loads(path.read_text()).get("reason", "see the file")
         except ValueError:
             reason = "see the file"
         raise RunFolderError(f"{folder} holds a failed run ({reason}); {path} says so. Train it again")
+    if published(folder) is not None:
+        return
+    done, planned = latest_round(folder), config.federation.num_rounds
+    if done >= planned:
+        return
+    holder = _lock_holder(folder / LOCK)
+    if holder:
+        raise RunFolderError(f"{folder} holds a run still going ({holder}, {done} of {planned} rounds done); wait "
+                             f"for its {PUBLISHED}")
+    raise RunFolderError(f"{folder} holds a run that stopped after {done} of {planned} rounds (no {PUBLISHED}); "
+                         f"its adapters are not final: fed-netgpt simulate --resume {folder}")
+
+
+def _lock_holder(path: Path) -> str | None:
+    """Who holds the run folder's lock now ("pid N"), or None when nobody does."""
+    try:
+        with path.open("r") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return lock.read().strip() or "another process"
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    return None
 
 
 def published(folder: str | Path) -> dict[str, Any] | None:

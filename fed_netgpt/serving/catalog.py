@@ -17,7 +17,7 @@ from fed_netgpt.model.adapters import AdapterError, lora_config_from_json, read_
 from fed_netgpt.run.folder import (
     RunFolderError,
     adapter_dir,
-    check_not_failed,
+    check_finished,
     published,
     read_run_config,
     run_regions,
@@ -90,7 +90,7 @@ class Catalog:
 def run_catalog(folder: Path) -> tuple[Catalog, Config]:
     """Read a finished run folder: its config, every region's adapter and every known site's target."""
     config = read_run_config(folder)
-    check_not_failed(folder)
+    check_finished(folder, config)
     marker = published(folder)
     regions = {region: adapter_dir(folder, region) for region in run_regions(folder)}
     try:

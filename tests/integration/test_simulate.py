@@ -259,3 +259,32 @@ def test_resuming_checkpoints_the_edited_config_no_longer_fits_is_refused(run_di
     assert "checkpoints/round-2: group france: tensor" in err and "has shape (8, 64), expected (4, 64)" in err
     assert "lora.r=4" in err and "cannot be resumed" in err
     assert _contents(run) == before
+
+
+def test_a_run_that_stopped_before_its_last_round_is_not_served(run_dir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: the smoke run as a kill -9 after round 1 leaves it: round 2's checkpoint and the marker not written
+    from fed_netgpt.cli import main
+
+    run = tmp_path / "killed"
+    shutil.copytree(run_dir, run)
+    (run / "published.json").unlink()
+    shutil.rmtree(run / "checkpoints" / "round-2")
+    expected = (f"{run} holds a run that stopped after 1 of 2 rounds (no published.json); its adapters are not "
+                f"final: fed-netgpt simulate --resume {run}")
+    # Execute / Assert: complete, evaluate and serve all refuse it with the same line
+    for command in (["complete", "--run", str(run), "--site", "paris", "Hi?"], ["evaluate", "--run", str(run)],
+                    ["serve", "--run", str(run), "--port", "0"]):
+        assert main(command) == 2, command
+        assert expected in capsys.readouterr().err, command
+    # while a run still holds the folder, it is named as running
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from fed_netgpt.run.folder import run_lock\n"
+                               f"with run_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(["complete", "--run", str(run), "--site", "paris", "Hi?"]) == 2
+        assert f"holds a run still going (pid {holder.pid}, 1 of 2 rounds done)" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()

@@ -270,7 +270,7 @@ def test_nodes_that_keep_failing_are_named_in_the_error_and_asked_only_every_ret
 
 
 def test_a_federation_no_node_answers_is_marked_failed_with_that_line(tmp_path, caplog):
-    from fed_netgpt.run.folder import RunFolderError, check_not_failed, metrics_rows
+    from fed_netgpt.run.folder import RunFolderError, check_finished, metrics_rows
     from server.app import run_federation
 
     # Prepare: two nodes connected that never answer, a short discovery timeout (real time) beside a round's
@@ -289,7 +289,7 @@ def test_a_federation_no_node_answers_is_marked_failed_with_that_line(tmp_path, 
     assert not (folder / "adapters").exists() and not (folder / "checkpoints").exists()
     assert metrics_rows(folder / "metrics.jsonl") == []
     with pytest.raises(RunFolderError, match="holds a failed run"):
-        check_not_failed(folder)
+        check_finished(folder, config)
 
 
 def test_sites_sharing_a_node_end_with_the_adapters_they_get_alone(tmp_path):
