@@ -14,6 +14,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -56,7 +57,7 @@ from fed_netgpt.run.folder import (
     run_lock,
     site_records,
 )
-from fed_netgpt.run.simulation import SimulationError, run_simulation_app
+from fed_netgpt.run.simulation import SimulationError, dying_with_parent, run_simulation_app
 from fed_netgpt.training.privacy import privacy_report
 
 USER_ERRORS = (ConfigError, DataError, AdapterError, ModelNotFoundError, RunFolderError, DeviceError,
@@ -291,7 +292,8 @@ def _simulate_in_subprocess(config: Config) -> None:
     requested.write_text(to_yaml(config))
     with (folder.with_suffix(".log")).open("w") as log:
         done = subprocess.run([sys.executable, "-m", "fed_netgpt.cli", "simulate", "--config", str(requested)],
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT,
+                              preexec_fn=dying_with_parent(signal.SIGTERM))  # the run ends with the comparison
     if done.returncode != 0:
         raise RunFolderError(f"the {folder.name} run failed (exit {done.returncode}); see {folder.with_suffix('.log')}")
 

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -151,7 +151,7 @@ def _superlink(env: dict, log_file: Path) -> Iterator[int]:
                "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
                "--log-file", str(log_file)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               preexec_fn=_die_with_parent)
+                               preexec_fn=dying_with_parent(signal.SIGKILL))
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _wait_for_health(process, port, log_file)
@@ -161,10 +161,14 @@ def _superlink(env: dict, log_file: Path) -> Iterator[int]:
         _stop_tree(process)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the parent dies (Linux; elsewhere a no-op)."""
-    if sys.platform == "linux":
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+def dying_with_parent(sig: int) -> Callable[[], None]:
+    """For `preexec_fn`: the child gets `sig` when this process dies, however it dies (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing)."""
+    def arm() -> None:
+        if sys.platform == "linux":
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1: PR_SET_PDEATHSIG
+
+    return arm
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -117,3 +117,23 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_child_armed_to_die_with_its_parent_does_when_the_parent_is_killed():
+    # what `compare` does to each of its `simulate` runs: a SIGKILL of the comparison ends them too
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import signal, subprocess, sys, time\n"
+         "from fed_netgpt.run.simulation import dying_with_parent\n"
+         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+         " preexec_fn=dying_with_parent(signal.SIGTERM))\n"
+         "print(child.pid, flush=True)\n"
+         "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert not _gone(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(child)
