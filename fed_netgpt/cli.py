@@ -31,7 +31,7 @@ from fed_netgpt.evaluation.comparison import jobs_for, mean_over_seeds, privacy_
 from fed_netgpt.evaluation.plots import mean_curve, validation_curves, write_plot, write_privacy_plot
 from fed_netgpt.evaluation.report import duration, json_safe, write_report
 from fed_netgpt.evaluation.scoring import evaluate_run
-from fed_netgpt.model.adapters import AdapterError
+from fed_netgpt.model.adapters import AdapterError, check_rank
 from fed_netgpt.model.base import DeviceError, ModelNotFoundError, cache_root, load_base, resolve_device
 from fed_netgpt.model.prompting import check_pair_lengths
 from fed_netgpt.run.deployment import (
@@ -185,6 +185,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     sites = load_sites(config.data)  # bad data fails here, before the run folder is touched or any engine starts
     base = load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
     check_pair_lengths(base.tokenizer, [*sites, *load_heldout_sites(config.data)], config.train.max_length)
+    check_rank(base, config.lora)
     if config.run.resume:
         finished = _finished_run(config)
         if finished:

@@ -248,6 +248,9 @@ class Config:
         if not 0.0 <= self.federation.robust_fraction < 0.5:
             raise ConfigError(f"federation.robust_fraction must be within [0, 0.5) (a majority must be honest), got "
                               f"{self.federation.robust_fraction}")
+        if not 0.0 <= self.federation.server_momentum < 1.0:
+            raise ConfigError(f"federation.server_momentum must be within [0, 1), got "
+                              f"{self.federation.server_momentum}")
         if not 0.0 <= self.faults.poison_fraction < 1.0:
             raise ConfigError(f"faults.poison_fraction must be within [0, 1), got {self.faults.poison_fraction}")
         for key in ("federation.fraction_evaluate", "data.test_fraction", "data.valid_fraction",
@@ -382,7 +385,7 @@ def _positive_fields(config: Config) -> dict[str, float]:
         "evaluation.max_examples_per_region", "evaluation.batch_size", "serving.max_new_tokens", "serving.max_batch",
         "serving.max_prompt_tokens", "serving.max_body_bytes", "serving.reload_seconds", "serving.cloud_max_tokens",
         "serving.cloud_timeout", "federation.timeout", "federation.discovery_timeout", "simulation.num_cpus_per_client",
-        "faults.poison_scale",
+        "faults.poison_scale", "federation.eta", "federation.tau", "federation.server_learning_rate",
     )
     return {key: select(config, key) for key in keys}
 

@@ -20,7 +20,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.numpy import load_file, save_file
 
-from fed_netgpt.config import LoraConfig
+from fed_netgpt.config import ConfigError, LoraConfig
 from fed_netgpt.model.base import BaseModel
 
 AdapterState = dict[str, np.ndarray]
@@ -37,6 +37,21 @@ def peft_config(config: LoraConfig, base: BaseModel) -> PeftLoraConfig:
         r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules),
         task_type="CAUSAL_LM", base_model_name_or_path=base.model.name_or_path,
     )
+
+
+def check_rank(base: BaseModel, config: LoraConfig) -> None:
+    """`lora.target_modules` must name layers of the model, and `lora.r` must not pass the smallest dimension of
+    those layers: a larger rank adds parameters and time but no capacity (B·A cannot exceed that rank)."""
+    targets = set(config.target_modules)
+    dims = [min(module.weight.shape) for name, module in base.model.named_modules()
+            if name.rsplit(".", 1)[-1] in targets and getattr(module, "weight", None) is not None
+            and module.weight.dim() == 2]
+    if not dims:
+        raise ConfigError(f"lora.target_modules={sorted(targets)}: no layer of {base.name} has one of these names")
+    if config.r > min(dims):
+        raise ConfigError(f"lora.r={config.r} is larger than the smallest dimension ({min(dims)}) of the layers it "
+                          f"adapts in {base.name}: such a rank adds parameters and time but no capacity; use at "
+                          f"most {min(dims)}")
 
 
 def attach_adapter(base: BaseModel, name: str, config: LoraConfig, seed: int = 0) -> PeftModel:

@@ -236,3 +236,15 @@ def test_a_run_folder_under_home_is_expanded(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("HOME", str(tmp_path))
     config = prepared_config(argparse.Namespace(config=None, overrides=["preset=smoke", "run.output_dir=~/runs/x"]))
     assert config.run.output_dir == str(tmp_path / "runs" / "x")  # not ./~/runs/x
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("lora.r=100000", "lora.r=100000 is larger than the smallest dimension (32) of the layers it adapts in "
+                      "tiny-random"),
+    ("lora.target_modules=[foo]", "lora.target_modules=['foo']: no layer of tiny-random has one of these names"),
+])
+def test_a_lora_the_model_cannot_take_is_refused_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               override: str, message: str) -> None:
+    code, err = run_cli(capsys, "simulate", "preset=smoke", override, f"run.output_dir={tmp_path / 'run'}")
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "run").exists()

@@ -332,6 +332,9 @@ def test_a_grouped_pass_is_refused_under_client_dp_and_opacus_hooks_and_taken_un
     ("serving.max_batch=0", "serving.max_batch must be a finite number > 0, got 0"),
     ("serving.precision=int4", "serving.precision must be one of auto, fp32, int8; got 'int4'"),
     ("federation=5", "override: config key federation is a section; set its keys"),
+    ("federation.eta=inf", "federation.eta must be a finite number > 0, got inf"),  # FedAdam's step: NaN adapters
+    ("federation.tau=0", "federation.tau must be a finite number > 0, got 0.0"),
+    ("federation.server_momentum=1", "federation.server_momentum must be within [0, 1), got 1.0"),
 ])
 def test_values_that_used_to_pass_or_crash_are_named(override, message):
     with pytest.raises(ConfigError) as caught:
