@@ -85,10 +85,17 @@ def _unique_keys(items: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_jsonl(path: str | Path) -> list[PromptPair]:
     """Read and validate a prompt-pair JSONL; the first bad line stops it with its line number."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise DataError(f"data file {path} is {kind}; data.path names a JSONL file")
+    try:
+        raw = path.open("rb")
+    except OSError as err:
+        raise DataError(f"data file {path} cannot be read ({err.strerror})") from None
     pairs = []
-    with path.open("rb") as raw:
+    with raw:
         for number, data in enumerate(raw, start=1):
             try:
                 line = data.decode("utf-8")
@@ -117,7 +124,10 @@ def write_jsonl(pairs: Iterable[PromptPair], path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"cannot create {path.parent} ({err.strerror})") from None
-    with path.open("w", encoding="utf-8") as out:
-        for pair in pairs:
-            out.write(json.dumps(pair.to_json(), ensure_ascii=False) + "\n")
+    try:
+        with path.open("w", encoding="utf-8") as out:
+            for pair in pairs:
+                out.write(json.dumps(pair.to_json(), ensure_ascii=False) + "\n")
+    except OSError as err:
+        raise DataError(f"cannot write {path} ({err.strerror})") from None
     return path

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fed_netgpt.data.schema import ID_PATTERN
+
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")  # in every SuperLink certificate: SuperExec dials 127.0.0.1
 DEFAULT_PORT = 8000  # flower-superlink's own default HTTP port
 CONNECTION = "edge"  # the [superlink.<name>] connection `flwr` uses
@@ -36,7 +38,6 @@ LAB_CONNECTION = "lab"
 CA_DAYS, SERVER_DAYS = 3650, 825  # 825 days: the longest server certificate some TLS clients accept
 CURVE = ec.SECP384R1  # Flower's documented node key (ssh-keygen -t ecdsa -b 384); any NIST curve is accepted
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -82,9 +83,10 @@ def parse_node(text: str) -> NodeSpec:
         raise CredentialsError(f"--node {text!r}: the name must be letters, digits, '-' or '_' (at most 63, "
                                "starting with a letter or digit): it names the node's key files")
     sites = tuple(part.strip() for part in sites_text.split(",") if part.strip())
-    bad = [site for site in sites if not _SITE_ID.match(site)]
+    bad = [site for site in sites if not ID_PATTERN.fullmatch(site)]
     if bad or (equals and not sites):
-        raise CredentialsError(f"--node {text!r}: site ids are letters, digits, '.', '-' or '_', comma-separated")
+        raise CredentialsError(f"--node {text!r}: site ids are letters, digits, '-' or '_' (the data contract's "
+                               "site_id), comma-separated")
     return NodeSpec(name, sites)
 
 
@@ -149,7 +151,10 @@ def _fresh_folder(folder: Path) -> Path:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise CredentialsError(f"--out {folder}: already exists and is not an empty folder; credentials are never "
                                "overwritten (choose a new folder)")
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise CredentialsError(f"--out {folder}: cannot create it ({err.strerror})") from None
     return folder.resolve()
 
 

@@ -248,3 +248,19 @@ def test_a_lora_the_model_cannot_take_is_refused_before_the_run(tmp_path: Path, 
     code, err = run_cli(capsys, "simulate", "preset=smoke", override, f"run.output_dir={tmp_path / 'run'}")
     assert code == 2 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["data", "build", "data.path={tmp}", "--out", "{tmp}/x.jsonl"], "is a folder; data.path names a JSONL file"),
+    (["data", "build", "data.path=/dev/null", "--out", "{tmp}/x.jsonl"],
+     "/dev/null is not a regular file (a device, FIFO or socket)"),
+    (["data", "build", "--out", "/proc/x.jsonl"], "cannot write /proc/x.jsonl ("),
+    (["deploy", "credentials", "--out", "/proc/creds"], "--out /proc/creds: cannot create it ("),
+    (["deploy", "credentials", "--out", "{tmp}/c", "--node", "n1=a.b"],
+     "site ids are letters, digits, '-' or '_' (the data contract's site_id)"),
+])
+def test_paths_and_ids_that_cannot_work_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          args: list[str], message: str) -> None:
+    code, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()
