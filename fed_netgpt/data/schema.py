@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fed_netgpt.evaluation.metrics import fact_present
+
 REQUIRED = ("site_id", "region", "prompt", "completion")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 SPLITS = ("train", "valid", "test")
@@ -54,6 +56,14 @@ def parse_pair(row: Any, where: str) -> PromptPair:
     facts = row.get("facts", [])
     if not isinstance(facts, list) or not all(isinstance(f, str) and f for f in facts):
         raise DataError(f"{where}: field 'facts' must be a list of non-empty strings, got {facts!r}")
+    for fact in facts:  # what scoring will look for in a completion must be in the reference one
+        try:
+            found = fact_present(row["completion"], fact)
+        except ValueError:
+            raise DataError(f"{where}: fact {fact!r} has no letter or digit to look for") from None
+        if not found:
+            raise DataError(f"{where}: fact {fact!r} does not occur in the completion (as a whole word, case and "
+                            "accents aside); facts are strings a correct completion contains")
     split = row.get("split", "")
     if split not in ("",) + SPLITS:
         raise DataError(f"{where}: field 'split' must be 'train', 'valid' or 'test', got {split!r}")

@@ -869,3 +869,16 @@ def test_data_is_read_once_per_config_and_again_when_its_file_changes(tmp_path):
     # Assert: the new content, not the remembered one
     assert [p.prompt for p in load_pairs(config)] == [f"edited {i}" for i in range(5)]
     assert load_pairs(replace(config, seed=config.seed + 1)) != []  # another config is its own entry
+
+
+@pytest.mark.parametrize(("facts", "message"), [
+    (["Berlin"], "fact 'Berlin' does not occur in the completion"),
+    (["Lyo"], "fact 'Lyo' does not occur in the completion"),  # inside another word is not an occurrence
+    (["!!"], "fact '!!' has no letter or digit to look for"),
+])
+def test_facts_that_a_correct_completion_would_not_contain_are_refused(facts, message):
+    row = {"site_id": "lyon", "region": "france", "prompt": "Hi?", "completion": "I am in Lyon, France. Hi?",
+           "facts": facts}
+    with pytest.raises(DataError, match=f"x.jsonl line 2: {re.escape(message)}"):
+        parse_pair(row, "x.jsonl line 2")
+    assert parse_pair({**row, "facts": ["lyon", "FRANCE"]}, "x.jsonl line 2").facts == ("lyon", "FRANCE")
