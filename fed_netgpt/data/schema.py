@@ -60,7 +60,7 @@ def parse_pair(row: Any, where: str) -> PromptPair:
         try:
             found = fact_present(row["completion"], fact)
         except ValueError:
-            raise DataError(f"{where}: fact {fact!r} has no letter or digit to look for") from None
+            raise DataError(f"{where}: fact {fact!r} is blank") from None
         if not found:
             raise DataError(f"{where}: fact {fact!r} does not occur in the completion (as a whole word, case and "
                             "accents aside); facts are strings a correct completion contains")

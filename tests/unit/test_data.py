@@ -874,7 +874,7 @@ def test_data_is_read_once_per_config_and_again_when_its_file_changes(tmp_path):
 @pytest.mark.parametrize(("facts", "message"), [
     (["Berlin"], "fact 'Berlin' does not occur in the completion"),
     (["Lyo"], "fact 'Lyo' does not occur in the completion"),  # inside another word is not an occurrence
-    (["!!"], "fact '!!' has no letter or digit to look for"),
+    (["  "], "fact '  ' is blank"),
 ])
 def test_facts_that_a_correct_completion_would_not_contain_are_refused(facts, message):
     row = {"site_id": "lyon", "region": "france", "prompt": "Hi?", "completion": "I am in Lyon, France. Hi?",
