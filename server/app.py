@@ -85,7 +85,7 @@ class Federation:
         _setup_logging()
         self.grid, self.config = grid, config
         self.folder, self.run_id = start_run(config)
-        log.info("run folder: %s\n%s", self.folder, to_yaml(config))
+        log.info("run folder: %s (its config.yaml holds the resolved config)", self.folder)
         self.private = config.privacy.mode == "sample_dp"  # sites are told what they spent (a resumed run's too)
         self.message_config = self._run_context().to_record()
         self.started = time.perf_counter()

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import TextIO
 
 from fed_netgpt.config import ConfigError, SimulationConfig
 
@@ -43,6 +42,10 @@ _STARTED_RUN = re.compile(r"Successfully started run \d+")
 _FLOWER_CHATTER = re.compile(r"^(\x1b\[\d+m)?(INFO|DEBUG)\s*(\x1b\[0m)?\s*:"
                              r"|^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):")
 
+_STDERR_RECORD = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) [A-Za-z_][\w.]*: "  # fed-netgpt's log format
+                            r"|(\x1b\[\d+m)?(WARNING|ERROR|CRITICAL)\s*(\x1b\[0m)?\s*:"  # Flower's warnings
+                            r"|\S+\.py:\d+: \w*Warning: |\s+warnings\.warn\(")  # Python's warnings
+_RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+\)(\x1b\[0m)? ")  # a Ray worker's "(ClientAppActor pid=7) "
 _NOT_FOR_THIS_RUN = ("default simulated SuperNodes changed", "Successfully installed fed-netgpt-simulation")
 
 
@@ -82,14 +85,31 @@ def app_pyproject(config_path: Path, launcher: str) -> str:
     )
 
 
-def shown_on_console(line: str) -> bool:
-    """Everything but Flower's INFO/DEBUG chatter and notes that do not apply to a run whose SuperLink, app and
-    node count the command chose itself."""
-    return not (_FLOWER_CHATTER.match(line) or any(note in line for note in _NOT_FOR_THIS_RUN))
+class ConsoleRouter:
+    """Where a line of the run's log stream goes: Flower merges the simulation's stdout and stderr into one
+    stream, so they are told apart again by their form. Log records (fed-netgpt's "LEVEL name: message" and
+    Flower's warnings), Python warnings and tracebacks go to stderr, as they would from the process itself;
+    the progress lines and the report to stdout; Flower's INFO/DEBUG chatter and notes that do not apply to a run
+    whose SuperLink, app and node count the command chose itself nowhere."""
+
+    def __init__(self) -> None:
+        self._in_traceback = False
+
+    def route(self, line: str) -> str:
+        """"out", "err" or "" (dropped)."""
+        if _FLOWER_CHATTER.match(line) or any(note in line for note in _NOT_FOR_THIS_RUN):
+            return ""
+        text = _RAY_PREFIX.sub("", line)
+        if self._in_traceback:
+            self._in_traceback = text[:1].isspace()  # the exception's own line ends it
+            return "err"
+        if text.startswith("Traceback (most recent call last):"):
+            self._in_traceback = True
+            return "err"
+        return "err" if _STDERR_RECORD.match(text) else "out"
 
 
-def run_simulation_app(config_yaml: str, simulation: SimulationConfig, num_supernodes: int, run_dir: Path,
-                       console: TextIO = sys.stdout) -> None:
+def run_simulation_app(config_yaml: str, simulation: SimulationConfig, num_supernodes: int, run_dir: Path) -> None:
     """Run the federation described by `config_yaml` (a resolved config) on a SuperLink started for it; returns
     when the run has ended. What the run produced is judged by the caller, from the run folder."""
     items, ray_env = federation_config(simulation, num_supernodes, os.cpu_count() or 1)
@@ -106,7 +126,7 @@ def run_simulation_app(config_yaml: str, simulation: SimulationConfig, num_super
                 f'address = "127.0.0.1:{port}"\ninsecure = true\n')
             command = [_tool("flwr"), "run", str(root / "app"), "simulation", "--stream",
                        "--federation-config", " ".join(items)]
-            _stream(command, env, console)  # returns once the run has finished: the SuperLink ends the stream then
+            _stream(command, env)  # returns once the run has finished: the SuperLink ends the stream then
 
 
 def process_identity(pid: int) -> str:
@@ -232,18 +252,20 @@ def _any_alive(pids: list[int]) -> bool:
     return alive
 
 
-def _stream(command: list[str], env: dict, console: TextIO) -> None:
-    """Run `flwr run --stream`, printing its lines but Flower's INFO/DEBUG chatter. The SuperLink ends the stream
-    when the run's status is finished; a broken stream is an error exit of `flwr`."""
+def _stream(command: list[str], env: dict) -> None:
+    """Run `flwr run --stream`, printing its lines on stdout or stderr (`ConsoleRouter`). The SuperLink ends the
+    stream when the run's status is finished; a broken stream is an error exit of `flwr`."""
     started = False
     tail: list[str] = []
+    router = ConsoleRouter()
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace") as flwr:
         for line in flwr.stdout or ():
             tail = [*tail[-19:], line]
             if not started:
                 started = bool(_STARTED_RUN.search(line))
-            elif shown_on_console(line):
+            elif where := router.route(line):
+                console = sys.stdout if where == "out" else sys.stderr
                 console.write(line)
                 console.flush()
     if flwr.returncode != 0 or not started:

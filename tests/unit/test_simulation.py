@@ -15,10 +15,10 @@ from fed_netgpt.config import ConfigError, SimulationConfig
 from fed_netgpt.run.simulation import (
     LAUNCHER,
     RESOLVED_CONFIG,
+    ConsoleRouter,
     app_pyproject,
     federation_config,
     process_identity,
-    shown_on_console,
 )
 
 
@@ -61,16 +61,26 @@ def test_the_app_folder_names_the_installed_apps_and_the_config_file(tmp_path: P
     assert project["project"]["dependencies"] == []  # nothing for Flower to install: the environment is ready
 
 
-def test_the_console_drops_flowers_info_and_debug_lines_and_keeps_the_rest():
-    dropped = ["\x1b[92mINFO \x1b[0m:      Starting Flower Simulation",
-               "12/07/2026 21:55:19:DEBUG:ServerApp finished running.",
-               "12/07/2026 21:55:01:INFO:run folder: /tmp/x",
-               "\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2."]
-    kept = ["INFO fed_netgpt.server: discover_sites: node 1 serves site paris in region france",
-            "\x1b[93mWARNING \x1b[0m:   france: no valid reply this round; the region keeps its adapter",
-            "[round 1/2 | 0m13s elapsed, ETA 0m13s] france: train 10.747",
-            "Traceback (most recent call last):", "INFORMATION about Paris"]
-    assert [line for line in dropped + kept if shown_on_console(line)] == kept
+def test_the_console_splits_the_merged_stream_back_into_stdout_and_stderr_and_drops_flowers_chatter():
+    router = ConsoleRouter()
+    lines = [
+        ("\x1b[92mINFO \x1b[0m:      Starting Flower Simulation", ""),
+        ("12/07/2026 21:55:19:DEBUG:ServerApp finished running.", ""),
+        ("\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.", ""),
+        ("INFO fed_netgpt.server: discover_sites: node 1 serves site paris in region france", "err"),
+        ("WARNING strategies.groups: configure_train: group japan sits out round 2", "err"),
+        ("\x1b[93mWARNING \x1b[0m:   a Flower warning", "err"),
+        ("[round 1/2 | 0m13s elapsed, ETA 0m13s] france: train 10.747", "out"),
+        ("\x1b[36m(ClientAppActor pid=25182)\x1b[0m [round 1] site marseille (france): loss 10.749", "out"),
+        ("\x1b[36m(ClientAppActor pid=25182)\x1b[0m /x/modeling_utils.py:3312: FutureWarning: deprecated", "err"),
+        ("\x1b[36m(ClientAppActor pid=25182)\x1b[0m   warnings.warn(", "err"),
+        ("| base | 8 | 0.0% |", "out"),
+        ("Traceback (most recent call last):", "err"),
+        ('  File "server/app.py", line 9, in main', "err"),
+        ("ValueError: the server's step", "err"),
+        ("INFORMATION about Paris", "out"),
+    ]
+    assert [(line, router.route(line)) for line, _ in lines] == lines
 
 
 def test_a_process_identity_tells_a_reused_pid_apart():
