@@ -73,7 +73,23 @@ def simulation_main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, config: Config) -> Path:
     """One federated run on `grid` with `config`; returns its run folder."""
+    _keep_flowers_threads_off_the_sampling_generator()
     return Federation(grid, config).run()
+
+
+def _keep_flowers_threads_off_the_sampling_generator() -> None:
+    """Flower's strategies sample sites with Python's global `random`, which the federation seeds (and its
+    checkpoints carry) so that a run, and a resumed run, sample the same sites. Under `flwr run` the ServerApp's
+    process also runs Flower's heartbeat and retry threads, which draw jitter from that same generator at times
+    of their own: the sampled sites then depend on timing. Process-wide on purpose, and only this: those modules
+    get generators of their own."""
+    import importlib
+
+    for name in ("flwr.supercore.heartbeat", "flwr.supercore.retry.retry_invoker",
+                 "flwr.supercore.inflatable.inflatable_utils"):
+        module = importlib.import_module(name)
+        if getattr(module, "random", None) is random:
+            module.random = random.Random()  # type: ignore[attr-defined]  # a Random has the module's functions
 
 
 class Federation:
