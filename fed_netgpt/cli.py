@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
+import gc
 import json
 import signal
 import subprocess
@@ -423,7 +424,11 @@ def deploy_credentials_command(args: argparse.Namespace) -> int:
 
 
 def main_exit() -> None:
-    sys.exit(main())
+    code = main()
+    # The interpreter's last garbage collections walk every object torch, transformers and peft created (1.2 s of
+    # a 2-core machine's time at each exit); the process ends here, so they are skipped. Exit handlers still run.
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

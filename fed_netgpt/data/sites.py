@@ -1,4 +1,4 @@
-"""From config to per-site train/test splits; Flower Datasets' NaturalIdPartitioner numbers the sites."""
+"""From config to per-site train/test splits; a site's partition id is its place among the sorted site ids."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-from datasets import Dataset
-from flwr_datasets.partitioner import NaturalIdPartitioner
 
 from fed_netgpt.config import DataConfig
 from fed_netgpt.data.geography import select_sites
@@ -106,11 +103,10 @@ def assign_split(pair: PromptPair, test_fraction: float, seed: int, valid_fracti
 
 
 def site_datasets(pairs: list[PromptPair]) -> list[SiteData]:
-    """One `SiteData` per site in NaturalIdPartitioner's partition-id order (sorted site ids; training sites keep it).
-
-    The partitioner numbers the sites; their pairs are grouped here in one pass, in input order, as its partitions
-    hold them: selecting each partition from an Arrow table costs milliseconds a site, seconds at 1000 sites.
-    """
+    """One `SiteData` per site in partition-id order: the sorted site ids, the numbering Flower Datasets'
+    NaturalIdPartitioner gives a `site_id` column (a unit test holds the two equal; importing it here would cost
+    every process, the simulation's and each Ray worker's, 1.3 s: `datasets`, then seaborn and scipy through
+    `flwr_datasets`). Each site's pairs keep their input order."""
     regions: dict[str, str] = {}
     by_site: dict[str, list[PromptPair]] = {}
     for pair in pairs:
@@ -119,11 +115,8 @@ def site_datasets(pairs: list[PromptPair]) -> list[SiteData]:
                 f"site {pair.site_id!r} appears in two regions: {regions[pair.site_id]!r} and {pair.region!r}"
             )
         by_site.setdefault(pair.site_id, []).append(pair)
-    partitioner = NaturalIdPartitioner(partition_by="site_id")
-    partitioner.dataset = Dataset.from_dict({"site_id": list(by_site)})
     sites = []
-    for partition_id in range(partitioner.num_partitions):
-        site_id = partitioner.partition_id_to_natural_id[partition_id]
+    for site_id in sorted(by_site):
         split = {name: tuple(p for p in by_site[site_id] if p.split == name) for name in ("train", "valid", "test")}
         if not split["train"] and not split["test"]:
             raise DataError(f"site {site_id!r} has neither training nor test pairs (only 'valid' ones)")

@@ -131,11 +131,18 @@ def run_simulation_app(config_yaml: str, simulation: SimulationConfig, num_super
 
 def process_identity(pid: int) -> str:
     """"PID:START" (start in clock ticks since boot): names one process, even after its pid is reused."""
+    fields = _proc_stat(pid)
+    return f"{pid}:{fields[19] if fields else '?'}"  # no /proc: the pid alone
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, parent, ..., start time), or None when the
+    process is gone or there is no /proc."""
     try:
-        start = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        start = "?"  # no /proc: the pid alone
-    return f"{pid}:{start}"
+        return None
+    return fields if len(fields) > 19 else None
 
 
 def end_with(launcher: str, poll_seconds: float = 0.5) -> None:
@@ -227,10 +234,10 @@ def _stop_tree(process: subprocess.Popen) -> None:
 
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for folder in Path("/proc").glob("[0-9]*"):
+        fields = _proc_stat(int(folder.name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(folder.name))
     found, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -240,16 +247,9 @@ def _descendants(root: int) -> list[int]:
 
 
 def _any_alive(pids: list[int]) -> bool:
-    alive = False
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            alive = True
-    return alive
+    """Whether any of `pids` still runs; a zombie (exited, not yet reaped: in a container whose first process
+    reaps nothing, never) does not."""
+    return any((fields := _proc_stat(pid)) and fields[0] not in ("Z", "X") for pid in pids)
 
 
 def _stream(command: list[str], env: dict) -> None:

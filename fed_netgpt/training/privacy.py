@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from fed_netgpt.config import PrivacyConfig, TrainConfig
 
@@ -88,7 +86,11 @@ def noise_multiplier_for(privacy: PrivacyConfig, rate: float, planned_steps: int
 @functools.lru_cache(maxsize=4096)
 def _searched_noise(target_epsilon: float, delta: float, rate: float, planned_steps: int) -> float:
     """Opacus's search for the noise multiplier, once a process for each budget, rate and plan: it takes ~1 s on
-    a 2-core CPU, and every site asks again every round (a node packing 128 sites asked 384 times a round)."""
+    a 2-core CPU, and every site asks again every round (a node packing 128 sites asked 384 times a round).
+    Opacus is imported here and in `_rdp_epsilon`, where it is used: at import it loads its engine and scipy.stats,
+    0.6 s of every process's start, runs without DP included."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
                                           steps=planned_steps, accountant="rdp"))
@@ -113,6 +115,8 @@ def epsilon_of(history: History, delta: float) -> float:
 def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     """Opacus's RDP accountant, once a process for each history and delta: it takes ~0.1 s on a 2-core CPU, and a
     packed round's budget check asks for each site's next epsilon three times (refusal, federated pass, Ditto)."""
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))

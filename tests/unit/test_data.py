@@ -705,6 +705,24 @@ def test_site_datasets_are_sorted_by_site_id_with_their_splits():
     assert isinstance(sites[2].train[0].facts, tuple)
 
 
+def test_site_ids_are_numbered_as_flower_datasets_natural_id_partitioner_numbers_them(default_config):
+    # Prepare: the built sites plus ids that sort differently as bytes, with case and digits
+    from datasets import Dataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    odd = ["Zurich", "a-2", "a-10", "a10", "_x", "ñandu"]
+    pairs = [*load_pairs(default_config.data), *(_pair(site, "alps", "a", "train") for site in odd)]
+    partitioner = NaturalIdPartitioner(partition_by="site_id")
+    partitioner.dataset = Dataset.from_dict({"site_id": [p.site_id for p in pairs]})
+
+    # Execute
+    sites = site_datasets(pairs)
+
+    # Assert
+    assert len(sites) == partitioner.num_partitions == 12 + len(odd)
+    assert [s.site_id for s in sites] == [partitioner.partition_id_to_natural_id[n] for n in range(len(sites))]
+
+
 def test_site_datasets_marks_a_test_only_site_heldout():
     # Prepare
     pairs = [_pair("lyon", "france", "a", "train"), _pair("nice", "france", "a", "test"),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from opacus.accountants import utils as opacus_utils
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 import fed_netgpt.training.privacy as privacy_module
@@ -145,8 +146,8 @@ def test_a_smaller_target_needs_more_noise():
 def test_the_noise_search_runs_once_a_process_for_each_budget_rate_and_plan(monkeypatch):
     # Prepare: count Opacus's searches; a budget no other test asks for
     calls = []
-    search = privacy_module.get_noise_multiplier
-    monkeypatch.setattr(privacy_module, "get_noise_multiplier", lambda **kw: calls.append(kw) or search(**kw))
+    search = opacus_utils.get_noise_multiplier
+    monkeypatch.setattr(opacus_utils, "get_noise_multiplier", lambda **kw: calls.append(kw) or search(**kw))
     privacy = PrivacyConfig(mode="sample_dp", target_epsilon=7.25, delta=DELTA)
 
     # Execute: every round of every site asks again
