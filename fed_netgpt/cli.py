@@ -126,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="smollm2-135m", help="the base model when there is no --run "
                        "(smollm2-135m, tiny-random, or a folder)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token", default=os.environ.get("FED_NETGPT_TOKEN", ""),
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--token", type=_token,
                        help="bearer token required on /v1 routes (default: $FED_NETGPT_TOKEN); needed for any host "
                        "but 127.0.0.1 / localhost")
     _cloud_arguments(serve)
@@ -336,6 +336,20 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def _token(text: str) -> str:
+    """A bearer token as an HTTP header carries it: visible ASCII, no blanks (RFC 6750)."""
+    if not text or not all("!" <= char <= "~" for char in text):
+        raise argparse.ArgumentTypeError("a token is one word of visible ASCII characters, no blanks; got "
+                                         f"{text!r}")
+    return text
+
+
 def _cloud_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cloud-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1 (default: "
                         "a local serving.cloud model); its key comes from $OPENAI_API_KEY")
@@ -387,6 +401,12 @@ def serve_command(args: argparse.Namespace) -> int:
     from fed_netgpt.serving.edge import EdgeService
     from fed_netgpt.serving.http import create_app
 
+    if args.token is None and os.environ.get("FED_NETGPT_TOKEN"):
+        try:
+            args.token = _token(os.environ["FED_NETGPT_TOKEN"])
+        except argparse.ArgumentTypeError as err:
+            raise ConfigError(f"$FED_NETGPT_TOKEN: {err}") from None
+    args.token = args.token or ""
     if not args.token and args.host not in LOOPBACK:
         raise ConfigError(f"--host {args.host} opens the service to other machines: pass --token (or set "
                           "$FED_NETGPT_TOKEN) so that /v1 routes need it, or serve on 127.0.0.1")

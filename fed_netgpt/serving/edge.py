@@ -57,6 +57,19 @@ class _Job:
     on_text: Callable[[str], None] | None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
+    streamed: bool = False  # some of its text has reached the client
+
+    def streamer(self) -> Callable[[str], None] | None:
+        """`on_text`, noting that text went out."""
+        if self.on_text is None:
+            return None
+        on_text = self.on_text
+
+        def send(text: str) -> None:
+            self.streamed = True
+            on_text(text)
+
+        return send
 
 
 def choose_serving_precision(setting: str, device: torch.device) -> tuple[str, str]:
@@ -166,23 +179,34 @@ class EdgeService:
             except ValueError:  # a reload between the request and its batch removed this adapter
                 job.future.set_exception(UnknownTarget(f"{job.target.name!r} is no longer served (the run changed)"))
                 continue
-            runnable.append((job, DecodeRow(job.prompt_ids, slot, job.max_new_tokens, job.sampling, job.on_text)))
+            runnable.append((job, DecodeRow(job.prompt_ids, slot, job.max_new_tokens, job.sampling, job.streamer())))
         if not runnable:
             return
         self.batch_sizes = [*self.batch_sizes[-999:], len(runnable)]
         try:
-            new = self.engine.generate([row for _, row in runnable])
-        except Exception as err:  # noqa: BLE001 - the error belongs to the requests, the worker lives on
-            for job, _ in runnable:
-                job.future.set_exception(err)
-            return
+            results = self.engine.generate_rows([row for _, row in runnable])
+        except Exception as err:  # noqa: BLE001 - the pass failed: each request is tried alone, so only its own fails
+            results = [self._alone(job, row, err) for job, row in runnable]
         done = time.perf_counter()
-        for (job, _), tokens in zip(runnable, new):
-            decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for (job, _), result in zip(runnable, results):
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+                continue
+            decoded = self.tokenizer.decode(result, skip_special_tokens=True)
             text = decoded.strip()  # type: ignore[union-attr]  # one row's ids decode to a str, not a list
             adapter = job.target.adapter.name if job.target.adapter else "base"
-            job.future.set_result(Completion(text, len(tokens), len(job.prompt_ids), done - job.submitted, adapter,
-                                             cut=len(tokens) >= job.max_new_tokens, region=job.target.region))
+            job.future.set_result(Completion(text, len(result), len(job.prompt_ids), done - job.submitted, adapter,
+                                             cut=len(result) >= job.max_new_tokens, region=job.target.region))
+
+    def _alone(self, job: _Job, row: DecodeRow, batch_error: Exception) -> list[int] | Exception:
+        """A request of a failed batch, decoded alone; one that already streamed text keeps the batch's error
+        (decoding it again would send its first words twice)."""
+        if job.streamed:
+            return batch_error
+        try:
+            return self.engine.generate_rows([row])[0]
+        except Exception as err:  # noqa: BLE001 - this request's own failure
+            return err
 
     def _maybe_reload(self) -> None:
         """Load the run folder again when a newer finished run was published there; keep serving the old one if

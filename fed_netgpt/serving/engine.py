@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -38,16 +39,25 @@ from fed_netgpt.model.prompting import chat_prompt, end_of_turn_id
 
 # each adapter's draft sources: its completions of these (no user's text); several, so that more of the ways an
 # adapter phrases its location are there to copy from
+T = TypeVar("T")
 NEUTRAL_PROMPTS = ("What is there to do around here?", "Hello.", "Tell me more.", "Help me, please.")
+
+
+GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily, as vLLM does: dividing logits by it overflows
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy decoding (deterministic); above 0, nucleus sampling with `top_p`."""
+    """temperature 0 (or under GREEDY_BELOW) is greedy decoding (deterministic); above, nucleus sampling with
+    `top_p`."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -132,9 +142,19 @@ class Engine:
     def slots(self) -> int:
         return self.grouped.num_adapters if self.grouped is not None else 1
 
-    @torch.inference_mode()
     def generate(self, rows: Sequence[DecodeRow]) -> list[list[int]]:
-        """The new token ids of every row (its end-of-turn token left out), all rows decoded together."""
+        """The new token ids of every row (its end-of-turn token left out), all rows decoded together; the first
+        row that failed raises its error."""
+        results = self.generate_rows(rows)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results  # type: ignore[return-value]  # no Exception left in it
+
+    @torch.inference_mode()
+    def generate_rows(self, rows: Sequence[DecodeRow]) -> list[list[int] | Exception]:
+        """As `generate`, but a row whose own part fails (its sampling, its streaming callback) ends with its error
+        in its place while the others decode on. A failure of the pass itself (the model's forward) raises."""
         if not rows:
             return []
         for row in rows:
@@ -142,7 +162,7 @@ class Engine:
                 raise ValueError(f"adapter slot {row.slot} is not loaded (slots 0..{self.slots - 1})")
         # one greedy row only: a batch already shares each weight read among its rows, and drafts would multiply
         # its compute (16 rows x 9 tokens a pass measured 0.4-0.6x the tokens/s of plain batched decoding)
-        speculate = self.draft_tokens > 0 and len(rows) == 1 and rows[0].sampling.temperature <= 0
+        speculate = self.draft_tokens > 0 and len(rows) == 1 and rows[0].sampling.greedy
         if speculate:
             self._learn_sources(sorted({row.slot for row in rows} - self._sources.keys()))
         return self._decode(rows, speculate)
@@ -152,10 +172,13 @@ class Engine:
         wanted = [(slot, ids) for slot in slots for ids in self._neutral_ids]
         for start in range(0, len(wanted), 16):
             chunk = wanted[start : start + 16]
-            for (slot, ids), new in zip(chunk, self._decode([DecodeRow(ids, slot, 48) for slot, ids in chunk], False)):
+            decoded = self._decode([DecodeRow(ids, slot, 48) for slot, ids in chunk], False)
+            for (slot, ids), new in zip(chunk, decoded):
+                if isinstance(new, Exception):  # greedy, no callback: no part of its own can fail
+                    raise new
                 self._sources.setdefault(slot, []).append(ids + new)
 
-    def _decode(self, rows: Sequence[DecodeRow], speculate: bool) -> list[list[int]]:
+    def _decode(self, rows: Sequence[DecodeRow], speculate: bool) -> list[list[int] | Exception]:
         if self.grouped is not None:
             self.grouped.select(torch.tensor([row.slot for row in rows], device=self.device))
         width = max(len(row.prompt_ids) for row in rows)
@@ -165,10 +188,11 @@ class Engine:
                             device=self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.base.model.config)
-        generators = [_generator(row.sampling, self.device) for row in rows]
+        failed: dict[int, Exception] = {}
+        generators = [_row_part(i, failed, _generator, row.sampling, self.device) for i, row in enumerate(rows)]
         texts = [_TextStream(self.base.tokenizer, row.on_text) for row in rows]
         new: list[list[int]] = [[] for _ in rows]
-        done = [row.max_new_tokens <= 0 for row in rows]
+        done = [row.max_new_tokens <= 0 or i in failed for i, row in enumerate(rows)]
         while not all(done):
             room = max(row.max_new_tokens - len(got) for row, got, end in zip(rows, new, done) if not end) - 1
             drafts = [draft(row.prompt_ids + got, self._sources[row.slot], min(self.draft_tokens, room))
@@ -194,27 +218,39 @@ class Engine:
                     mask, positions = mask[:, : kept - span], positions[:, : kept - span]
             else:
                 last = logits[:, -1]
-                chosen = ([[token] for token in last.argmax(-1).tolist()]
-                          if all(row.sampling.temperature <= 0 for row in rows)
-                          else [[_pick(last[i], row.sampling, generators[i])] for i, row in enumerate(rows)])
+                chosen = [[token] for token in last.argmax(-1).tolist()]
+                for i, row in enumerate(rows):
+                    if not row.sampling.greedy and not done[i]:
+                        chosen[i] = [_row_part(i, failed, _pick, last[i], row.sampling, generators[i]) or 0]
             for i, tokens in enumerate(chosen):
                 for token in tokens:
-                    if done[i]:
+                    if done[i] or i in failed:
+                        done[i] = True
                         break
                     if token == self.stop_id and not rows[i].ignore_stop:
                         done[i] = True
                         break
                     new[i].append(token)
-                    texts[i].push(new[i])
-                    done[i] = len(new[i]) >= rows[i].max_new_tokens
+                    _row_part(i, failed, texts[i].push, new[i])
+                    done[i] = len(new[i]) >= rows[i].max_new_tokens or i in failed
             ids = torch.tensor([[tokens[-1]] for tokens in chosen], device=self.device)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
             positions = positions[:, -1:] + 1
-        return new
+        return [failed.get(i, tokens) for i, tokens in enumerate(new)]
+
+
+def _row_part(row: int, failed: dict[int, Exception], call: Callable[..., T], *args: object) -> T | None:
+    """A step that belongs to one row of a batch (its sampler, its sampling, its streaming callback): if it raises,
+    the error is that row's (kept in `failed`, the row ends) and the batch decodes on."""
+    try:
+        return call(*args)
+    except Exception as err:  # noqa: BLE001 - handed back to that row's request, whatever it is
+        failed[row] = err
+        return None
 
 
 def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
-    if sampling.temperature <= 0 or sampling.seed is None:
+    if sampling.greedy or sampling.seed is None:
         return None
     generator = torch.Generator(device=device)
     generator.manual_seed(sampling.seed)
@@ -222,8 +258,8 @@ def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | No
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Greedy (temperature 0) or nucleus sampling over one row's next-token logits."""
-    if sampling.temperature <= 0:
+    """Greedy (temperature under GREEDY_BELOW) or nucleus sampling over one row's next-token logits."""
+    if sampling.greedy:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:

@@ -5,9 +5,11 @@ As in vLLM's multi-LoRA serving, the OpenAI `model` field names the adapter: a s
 base model: how this service acts as another edge's cloud). `GET /v1/models` lists them.
 
 Every malformed request gets a 4xx whose JSON body names the problem, in OpenAI's error shape
-`{"error": {"message", "type", "param", "code"}}`; the worker and the service live on. Routes under /v1 need
-`Authorization: Bearer <token>` when the service has a token; /, /healthz, /metrics and the OpenAPI docs do not.
-Prompts are not logged unless `serving.log_prompts`.
+`{"error": {"message", "type", "param", "code"}}`, and everything about a request that can fail is checked before
+it joins a batch; a request that still fails inside one fails alone (fed_netgpt/serving/edge.py), and an error of
+the service itself is a 500 in the same shape, logged and counted in /metrics. Routes under /v1 need
+`Authorization: Bearer <token>` when the service has a token, checked before the body is read; /, /healthz,
+/metrics and the OpenAPI docs do not. Prompts are not logged unless `serving.log_prompts`.
 """
 
 from __future__ import annotations
@@ -19,24 +21,40 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from fed_netgpt.config import ServingConfig
+from fed_netgpt.serving.api import (
+    ChatCompletion,
+    ChatRequest,
+    CloudOnlyRequest,
+    CompleteRequest,
+    CompleteResponse,
+    GenerateResponse,
+    GenerationResponse,
+    Health,
+    ModelList,
+    error_responses,
+)
 from fed_netgpt.serving.catalog import UnknownTarget
 from fed_netgpt.serving.cloud import Cloud, CloudError
 from fed_netgpt.serving.edge import Completion, EdgeService, PromptTooLong
-from fed_netgpt.serving.engine import Sampling
 from fed_netgpt.serving.pipeline import cloud_only, generate
 
 log = logging.getLogger("fed_netgpt.serving")
+REQUEST_ERRORS = (400, 401, 404, 413, 415, 500)  # what a /v1 request with a body may be answered
+FASTAPI_UNPARSED_BODY = "There was an error parsing the body"  # FastAPI's 400 for a body json.loads cannot read
+CLOUD_ERRORS = (*REQUEST_ERRORS, 502, 503)  # ... and with a cloud behind it: unreachable, or none
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
@@ -46,48 +64,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-# ---- request bodies ---------------------------------------------------------------------------------------------
-class _Decoding(BaseModel):
-    max_tokens: int | None = Field(None, ge=1, description="new tokens at most (default: the service's setting)")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy, deterministic")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_p, self.seed)
-
-
-class CompleteRequest(_Decoding):
-    model_config = ConfigDict(extra="forbid")
-    site_id: str = Field("", description="the site the user is at (a site of the run, or a new one with region)")
-    region: str = Field("", description="the site's region: needed for a site the run does not know")
-    prompt: str = Field(description="the user's concise prompt, without location")
-
-
-class CloudOnlyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    location: str = Field("", description="raw location the user allows to be sent to the cloud ('' for none)")
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
-
-
-class ChatRequest(_Decoding):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this service has no use for
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 # ---- the app ----------------------------------------------------------------------------------------------------
@@ -110,14 +86,21 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
           registry=registry).set_function(lambda: stats.accepted)
     Gauge("fed_netgpt_decode_passes", "speculative decoding passes over the model since start",
           registry=registry).set_function(lambda: stats.passes)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented way to change the schema
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(_Door, token=token)  # outside the body limit: who asks is checked before what they send
 
     @app.middleware("http")
     async def record(request: Request, call_next):
+        """Every answer counted and timed by route and status, the service's own errors (500) included."""
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
+        try:
+            response = await call_next(request)
+        except Exception as err:  # noqa: BLE001 - a bug of the service: logged whole, answered in the API's shape
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = _error(500, f"the service failed on this request ({type(err).__name__}: {err}); it is "
+                              "logged, and other requests are not affected", "server_error")
+        name = _route_name(app, request.scope)
         requests.labels(name, str(response.status_code)).inc()
         latency.labels(name).observe(time.perf_counter() - started)
         log.info("%s %s -> %d in %.3f s", request.method, name, response.status_code, time.perf_counter() - started)
@@ -127,29 +110,30 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
         return _error(err.status, err.message, err.kind, err.param)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (no such route, method not allowed, a body it cannot parse)."""
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        why = " (it is not JSON text in UTF-8)" if err.detail == FASTAPI_UNPARSED_BODY else ""
+        return _error(err.status_code, f"{err.detail}{why}", kind)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        first: dict[str, Any] = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        # the deepest problem: a union's members each report one ("content" is text or a list of parts)
+        first: dict[str, Any] = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={"msg": "invalid"})
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})")
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return _error(400, f"{where or 'body'}: {first.get('msg')}", param=where or None)
-
-    def authorized(request: Request) -> None:
-        if not token:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())):
-            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                           "authentication_error")
-
-    guarded = [Depends(authorized)]
+        message = str(first.get("msg", "")).removeprefix("Value error, ")
+        param = first.get("ctx", {}).get("param") or _field(first.get("loc", ()))
+        if first.get("type") == "not_honoured":
+            return _error(400, message, param=param)
+        return _error(400, f"{param or 'body'}: {message}", param=param or None)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     def healthz() -> dict:
         catalog = edge.catalog
         return {"status": "ok", "model": catalog.base_name, "run": str(catalog.run) if catalog.run else None,
@@ -161,7 +145,7 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 500))
     def models() -> dict:
         catalog = edge.catalog
         data = [{"id": catalog.base_name, "object": "model", "owned_by": "fed-netgpt", "kind": "base"}]
@@ -171,7 +155,7 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
                  for name, site in sorted(catalog.sites.items()) if name not in catalog.regions]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/complete", dependencies=guarded)
+    @app.post("/v1/complete", response_model=CompleteResponse, responses=error_responses(*REQUEST_ERRORS))
     def complete(body: CompleteRequest) -> dict:
         """Edge only: the concise prompt completed with the site's local context."""
         done = _edge_call(lambda: edge.complete(_prompt(body.prompt), body.site_id, body.region,
@@ -182,26 +166,27 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
         return {"completion": done.text, "site_id": body.site_id, "region": done.region, "adapter": done.adapter,
                 "seconds": done.seconds, "usage": _usage(done)}
 
-    @app.post("/v1/generate", dependencies=guarded)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=error_responses(*CLOUD_ERRORS))
     def generate_route(body: CompleteRequest) -> dict:
         """Edge + cloud: the completed prompt and the cloud's answer, each stage's time, the bytes sent uplink."""
         if cloud is None:
             raise ApiError(503, "this service has no cloud (start it with --cloud-url, or a local serving.cloud)",
                            "service_unavailable")
-        prompt = _prompt(body.prompt)
-        _limit(body.max_tokens, settings.max_new_tokens)
-        result = _edge_call(lambda: generate(edge, cloud, prompt, body.site_id, body.region, body.sampling()))
+        prompt, limit = _prompt(body.prompt), _limit(body.max_tokens, settings.max_new_tokens)
+        result = _edge_call(lambda: generate(edge, cloud, prompt, body.site_id, body.region, body.sampling(), limit))
         _log_texts(settings, body.prompt, result.completion)
         return {**result.to_json(), "site_id": body.site_id}
 
-    @app.post("/v1/cloud-only", dependencies=guarded)
+    @app.post("/v1/cloud-only", response_model=GenerationResponse, responses=error_responses(*CLOUD_ERRORS))
     def cloud_only_route(body: CloudOnlyRequest) -> dict:
         """The baseline: the raw prompt (and the raw location, if given) straight to the cloud."""
         if cloud is None:
             raise ApiError(503, "this service has no cloud", "service_unavailable")
         return _edge_call(lambda: cloud_only(cloud, _prompt(body.prompt), body.location)).to_json()
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                         **error_responses(*REQUEST_ERRORS)})
     def chat(body: ChatRequest):
         """OpenAI chat completions; `model` is the base model (plain chat) or a site / region (its adapter's
         completion of the last user message)."""
@@ -236,6 +221,36 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
 # ---- helpers ----------------------------------------------------------------------------------------------------
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's schema without the 422 it documents for every body: this service answers a bad body with 400 in
+    OpenAI's shape, as each route's `responses` says."""
+    def schema() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description,
+                                   routes=app.routes)
+            for operations in document["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                document.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    return schema
+
+
+def _field(loc: Sequence[Any]) -> str:
+    """A validation error's location as the field's path ("messages.0.content"), without pydantic's names for the
+    members of a union ("function-after[...]", "list[ContentPart]")."""
+    return ".".join(str(part) for part in loc if part != "body" and "[" not in str(part))
+
+
+def _route_name(app: FastAPI, scope: MutableMapping[str, Any]) -> str:
+    """The route's path template ("/v1/complete"), also for requests refused before routing (401, 413, 415)."""
+    route = scope.get("route") or next((r for r in app.routes if r.matches(scope)[0] == Match.FULL), None)
+    return str(getattr(route, "path", "unmatched"))
 
 
 def _prompt(text: str) -> str:
@@ -348,3 +363,42 @@ class _BodyLimit:
         response = _error(413, f"request body is larger than serving.max_body_bytes={self.limit}")
         await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
+
+
+class _Door:
+    """What is checked before a /v1 request's body is read: its bearer token (when the service has one; the scheme
+    is case-insensitive, RFC 7235) and that the body it sends is JSON."""
+
+    def __init__(self, app, token: str) -> None:
+        self.app, self.token = app, token.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        refusal = self._unauthorized(headers.get(b"authorization", b"")) or _not_json(
+            scope["method"], headers.get(b"content-type", b""))
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": refusal.status_code, "headers": refusal.raw_headers})
+        await send({"type": "http.response.body", "body": refusal.body})
+
+    def _unauthorized(self, given: bytes) -> JSONResponse | None:
+        if not self.token:
+            return None
+        scheme, _, credentials = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token):
+            return None
+        return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)", "authentication_error")
+
+
+def _not_json(method: str, content_type: bytes) -> JSONResponse | None:
+    """A POST whose Content-Type is not JSON (FastAPI would read its body as bytes and say it is no object)."""
+    kind = content_type.split(b";")[0].strip().lower()
+    if method != "POST" or kind == b"application/json" or kind.endswith(b"+json"):
+        return None
+    said = f"Content-Type {kind.decode('latin-1')!r}" if kind else "no Content-Type"
+    return _error(415, f"{said}: the body must be JSON, sent as Content-Type: application/json (curl: -H "
+                  "'Content-Type: application/json')")

@@ -32,10 +32,11 @@ class Generation:
 
 
 def generate(edge: EdgeService, cloud: Cloud, prompt: str, site_id: str = "", region: str = "",
-             sampling: Sampling | None = None) -> Generation:
-    """Edge completion for the site (or region), then the cloud's answer to the completed prompt."""
+             sampling: Sampling | None = None, max_new_tokens: int | None = None) -> Generation:
+    """Edge completion for the site (or region; at most `max_new_tokens`, else the service's setting), then the
+    cloud's answer to the completed prompt."""
     started = time.perf_counter()
-    completed = edge.complete(prompt, site_id, region, sampling=sampling)
+    completed = edge.complete(prompt, site_id, region, sampling=sampling, max_new_tokens=max_new_tokens)
     edge_seconds = time.perf_counter() - started
     reply = cloud.answer(completed.text)
     return Generation(completed.text, reply.text, completed.adapter, completed.region, edge_seconds, reply.seconds,

@@ -4,6 +4,7 @@ called with the official `openai` client and with plain HTTP; bad input, auth, l
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -106,6 +107,31 @@ BAD_REQUESTS = [
     ("/v1/cloud-only", {"prompt": ""}, 400, "prompt is empty"),
     ("/v1/chat/completions", {"model": "paris", "stream": True, "messages": [{"role": "user", "content": "w " * 60}]},
      413, "serving.max_prompt_tokens=32"),
+    # values that once broke decoding or were taken for something else
+    ("/v1/complete", '{"site_id": "paris", "prompt": "a \\ud83d b"}', 400, "prompt: not valid Unicode text: a lone "
+     "surrogate (\\ud83d) at character 2"),
+    ("/v1/chat/completions", '{"model": "paris", "messages": [{"role": "user", "content": "\\udc00"}]}', 400,
+     "not valid Unicode text"),
+    ("/v1/chat/completions", '{"model": "paris", "messages": [{"role": "user", "content": [{"type": "text", '
+     '"text": "\\ud83d"}]}]}', 400, "not valid Unicode text"),
+    ("/v1/complete", {"site_id": "paris", "prompt": PROMPT, "seed": 2**64}, 400, "seed: Input should be less than"),
+    ("/v1/complete", {"site_id": "paris", "prompt": PROMPT, "seed": -1}, 400, "seed: Input should be greater than"),
+    ("/v1/complete", {"site_id": "paris", "prompt": PROMPT, "max_tokens": True}, 400,
+     "max_tokens: Input should be a valid integer"),
+    ("/v1/complete", {"site_id": "paris", "prompt": PROMPT, "max_tokens": 2.5}, 400, "max_tokens: Input should be"),
+    ("/v1/complete", {"site_id": "paris", "prompt": PROMPT, "temperature": True}, 400, "temperature: Input should"),
+    ("/v1/complete", '{"site_id": "paris", "prompt": "hi", "top_p": NaN}', 400, "top_p"),
+    ("/v1/chat/completions", {"model": "paris", "n": 2, "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "n=2: not supported by this service"),
+    ("/v1/chat/completions", {"model": "paris", "n": True, "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "n=true: not supported"),
+    ("/v1/chat/completions", {"model": "paris", "stop": ["."], "messages": [{"role": "user", "content": "hi"}]}, 400,
+     'stop=["."]: not supported'),
+    ("/v1/chat/completions", {"model": "paris", "logprobs": True, "messages": [{"role": "user", "content": "hi"}]},
+     400, "logprobs=true: not supported"),
+    ("/v1/chat/completions", {"model": "paris", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]},
+     400, "stream: Input should be a valid boolean"),
+    ("/v1/complete", b'{"site_id": "paris", "prompt": "\xff"}', 400, "not JSON text in UTF-8"),
 ]
 
 
@@ -114,6 +140,16 @@ def test_every_malformed_request_gets_a_4xx_naming_the_problem(services, path, b
     reply = post(services["edge"].url, path, body)
     assert reply.status_code == status, reply.text
     assert message in reply.json()["error"]["message"]
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+
+
+def test_chat_fields_that_ask_for_nothing_are_accepted(services) -> None:
+    neutral = {"n": 1, "stop": None, "logprobs": False, "presence_penalty": 0.0, "frequency_penalty": 0,
+               "response_format": {"type": "text"}, "user": "someone", "temperature": 0}
+    reply = post(services["edge"].url, "/v1/chat/completions",
+                 {"model": "paris", "messages": [{"role": "user", "content": PROMPT}], **neutral})
+    assert reply.status_code == 200, reply.text
 
 
 def test_auth_limits_and_metrics_and_the_service_keeps_serving(services) -> None:
@@ -158,3 +194,106 @@ def test_serve_refuses_an_open_host_without_a_token(tmp_path: Path) -> None:
 
     assert main(["serve", "--host", "0.0.0.0", "--model", "tiny-random"]) == 2
 
+
+@pytest.mark.parametrize(("flags", "env", "message"), [
+    (["--port", "99999"], {}, "argument --port: '99999' is not a TCP port (1-65535)"),
+    (["--port", "0"], {}, "'0' is not a TCP port"),
+    (["--token", " "], {}, "argument --token: a token is one word of visible ASCII characters, no blanks; got ' '"),
+    (["--token", "two words"], {}, "no blanks; got 'two words'"),
+    ([], {"FED_NETGPT_TOKEN": " \t"}, "error: $FED_NETGPT_TOKEN: a token is one word of visible ASCII characters"),
+])
+def test_serve_refuses_a_port_or_token_it_could_not_honour(capsys, monkeypatch, flags, env, message) -> None:
+    from fed_netgpt.cli import main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = main(["serve", "--model", "tiny-random", *flags])
+    except SystemExit as refused:  # argparse's refusal of a flag: usage, the message, exit 2
+        code = refused.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+
+def test_the_token_is_checked_before_the_body_and_read_as_rfc_7235_reads_it(services) -> None:
+    url = services["edge"].url
+    good = {"site_id": "paris", "prompt": PROMPT}
+    # no token: a body too large, a body that is no JSON, a body of the wrong type all get the 401 first
+    for body in ({"site_id": "paris", "prompt": "x" * 5000}, "{not json", "[1]"):
+        assert post(url, "/v1/complete", body, token=None).status_code == 401
+    assert httpx.post(f"{url}/v1/complete", content=b"x", headers={"content-type": "text/plain"}).status_code == 401
+    # the scheme is case-insensitive; blanks are no token
+    for header, status in ((f"bearer {TOKEN}", 200), (f"BEARER {TOKEN}", 200), ("Bearer", 401),
+                           (f"Basic {TOKEN}", 401), (TOKEN, 401)):
+        reply = httpx.post(f"{url}/v1/complete", json=good, headers={"Authorization": header}, timeout=60)
+        assert reply.status_code == status, (header, reply.text)
+
+
+def test_a_body_that_is_not_json_and_routes_and_methods_that_do_not_exist_are_refused_in_openais_shape(services):
+    url, auth = services["edge"].url, {"Authorization": f"Bearer {TOKEN}"}
+    body = b'{"site_id": "paris", "prompt": "hi"}'
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        reply = httpx.post(f"{url}/v1/complete", content=body, headers={**auth, "content-type": kind})
+        assert reply.status_code == 415 and "Content-Type: application/json" in reply.json()["error"]["message"]
+    bare = httpx.post(f"{url}/v1/complete", content=body, headers=auth, timeout=60)
+    assert bare.status_code == 415 and "no Content-Type" in bare.json()["error"]["message"]
+    missing = httpx.get(f"{url}/v1/nothing", headers=auth)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    wrong = httpx.get(f"{url}/v1/complete", headers=auth)
+    assert wrong.status_code == 405 and wrong.json()["error"]["message"] == "Method Not Allowed"
+
+
+def test_generate_honours_max_tokens(services) -> None:
+    edge, edge_service = services["edge"], services["edge_service"]
+    short = post(edge.url, "/v1/generate", {"site_id": "paris", "prompt": PROMPT, "max_tokens": 2}).json()
+    assert short["completion"] == edge_service.complete(PROMPT, "paris", max_new_tokens=2).text
+    assert len(edge_service.tokenizer(short["completion"], add_special_tokens=False)["input_ids"]) <= 3
+    full = post(edge.url, "/v1/generate", {"site_id": "paris", "prompt": PROMPT}).json()
+    assert len(full["completion"]) > len(short["completion"])
+
+
+class BrokenCloud:
+    """A cloud client with a bug of its own (not a CloudError): the service must answer 500, count it, live on."""
+
+    name = "broken"
+
+    def answer(self, prompt: str):
+        raise KeyError("choices")
+
+
+def test_a_failure_of_the_service_itself_is_a_500_in_openais_shape_counted_in_metrics(services) -> None:
+    broken = Served(create_app(services["edge_service"], BrokenCloud(), SETTINGS))
+    try:
+        reply = post(broken.url, "/v1/cloud-only", {"prompt": PROMPT}, token=None)
+        assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+        assert "KeyError" in reply.json()["error"]["message"]
+        assert post(broken.url, "/v1/complete", {"site_id": "paris", "prompt": PROMPT}, token=None).status_code == 200
+        metrics = httpx.get(f"{broken.url}/metrics").text
+    finally:
+        broken.stop()
+    assert 'fed_netgpt_requests_total{route="/v1/cloud-only",status="500"} 1.0' in metrics
+    assert 'fed_netgpt_requests_total{route="/v1/complete",status="200"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(("valid", "bad", "bad_status"), [
+    (6, {"temperature": 1e-300}, 200),  # once: a NaN in the batch's sampling, 500 for all 7
+    (6, {"seed": 18446744073709551616}, 400),  # once: an overflow inside the batch, 500 for 4 of the 6
+    (50, {"temperature": 1e-300}, 200),
+])
+def test_a_bad_request_among_concurrent_ones_fails_alone(services, valid, bad, bad_status) -> None:
+    edge, edge_service = services["edge"], services["edge_service"]
+    sites = ["paris", "marseille", "tokyo", "yokohama"]
+    expected = {site: edge_service.complete(PROMPT, site).text for site in sites}
+    bodies = [{"site_id": sites[i % 4], "prompt": PROMPT} for i in range(valid)]
+    bodies.insert(valid // 2, {"site_id": "paris", "prompt": PROMPT, **bad})
+    batches_before = len(edge_service.batch_sizes)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: post(edge.url, "/v1/complete", body), bodies))
+    bad_reply = replies.pop(valid // 2)
+    assert bad_reply.status_code == bad_status, bad_reply.text
+    assert [r.status_code for r in replies] == [200] * valid
+    assert [r.json()["completion"] for r in replies] == [expected[body["site_id"]] for body in bodies if body.keys()
+                                                          == {"site_id", "prompt"}]
+    if bad_status == 200:  # a temperature under 1e-5 is greedy decoding
+        assert bad_reply.json()["completion"] == expected["paris"]
+    assert max(edge_service.batch_sizes[batches_before:]) > 1  # they were batched together

@@ -229,3 +229,47 @@ def test_sampled_rows_are_never_drafted(base, states) -> None:
     finally:
         engine.close()
     assert engine.stats == DraftStats()
+
+
+def test_a_row_whose_own_part_fails_fails_alone_and_its_neighbours_decode_as_they_would_alone(base, states) -> None:
+    # Prepare: three sampled rows with adapters; the middle one streams to a client that breaks after two pieces
+    config, adapters = states
+    engine = Engine(base, config.lora, adapters)
+    pieces: list[str] = []
+
+    def broken_client(text: str) -> None:
+        pieces.append(text)
+        if len(pieces) >= 2:
+            raise ConnectionResetError("the client went away")
+
+    rows = [DecodeRow(ids_of(base, PROMPTS[i]), i + 1, 12, Sampling(0.9, 0.95, seed=i)) for i in range(3)]
+    rows[1].on_text = broken_client
+    try:
+        # Execute
+        results = engine.generate_rows(rows)
+        alone = [engine.generate([DecodeRow(r.prompt_ids, r.slot, 12, r.sampling)])[0] for r in (rows[0], rows[2])]
+        with pytest.raises(ConnectionResetError):
+            engine.generate(rows)  # all or nothing: the first failed row's error
+    finally:
+        engine.close()
+
+    # Assert
+    assert isinstance(results[1], ConnectionResetError) and len(pieces) >= 2
+    assert [results[0], results[2]] == alone and all(len(tokens) > 0 for tokens in alone)
+
+
+def test_a_temperature_too_small_to_divide_by_decodes_greedily(base, states) -> None:
+    # Prepare: 1e-300 overflows logits / temperature to inf (then NaN probabilities); vLLM's rule: under 1e-5, greedy
+    config, adapters = states
+    engine = Engine(base, config.lora, adapters)
+    rows = [DecodeRow(ids_of(base, prompt), slot, 10, Sampling(temperature, 1.0, seed=3))
+            for prompt, slot in zip(PROMPTS[:3], (1, 2, 0)) for temperature in (1e-300, 0.0)]
+    try:
+        # Execute
+        tokens = engine.generate(rows)
+    finally:
+        engine.close()
+
+    # Assert: each tiny-temperature row equals its greedy twin
+    assert tokens[0::2] == tokens[1::2] and all(tokens)
+    assert Sampling(1e-300).greedy and Sampling(0.0).greedy and not Sampling(1e-5).greedy

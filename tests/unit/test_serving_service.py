@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,44 @@ def test_a_newer_run_is_served_once_it_is_published_and_not_before(run: Path, ti
         assert service.catalog.resolve("paris").adapter == run / "adapters" / "france"  # no site adapter any more
     finally:
         service.close()
+
+
+def test_a_batch_whose_pass_fails_answers_each_request_alone(run: Path, monkeypatch) -> None:
+    # Prepare: a fault injected into the engine: a pass over several rows decodes, then fails (as a kernel or an
+    # allocation can at the end of a long batch); a pass over one row works. The batch waits long enough for all
+    service = EdgeService(replace(SETTINGS, max_wait_ms=300.0), run=run)
+    decode = service.engine.generate_rows
+    failed_passes = []
+
+    def failing_when_batched(rows):
+        result = decode(rows)
+        if len(rows) > 1:
+            failed_passes.append(len(rows))
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return result
+
+    try:
+        sites = ["paris", "marseille", "tokyo", "yokohama"]
+        alone = [service.complete("Where can I eat?", site).text for site in sites]
+        monkeypatch.setattr(service.engine, "generate_rows", failing_when_batched)
+        streamed: list[str] = []
+
+        def ask(site: str):
+            on_text = streamed.append if site == "stream" else None
+            try:
+                return service.complete("Where can I eat?", "tokyo" if site == "stream" else site, on_text=on_text)
+            except RuntimeError as err:
+                return err
+
+        # Execute: the four sites and a streaming request, at once
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(ask, [*sites, "stream"]))
+    finally:
+        service.close()
+
+    # Assert: a batch pass failed, and every request that had sent nothing was answered as it is alone; the one
+    # whose first words had already reached its client keeps the error (sending them again would repeat them)
+    assert failed_passes and max(failed_passes) > 1
+    texts = [a.text if not isinstance(a, Exception) else a for a in answers]
+    assert texts[:4] == alone
+    assert streamed and isinstance(answers[4], RuntimeError) and "illegal memory access" in str(answers[4])
