@@ -1,9 +1,10 @@
 """The edge service's request and response bodies: what the OpenAPI schema at /openapi.json is made from.
 
-Requests are checked here, field by field, before they reach a batch: integers and numbers are strict (`true` is no
-count), text must be Unicode (JSON can carry half a surrogate pair), sampling values stay where the decoder works,
-and OpenAI chat fields this service cannot honour are refused, never silently ignored. Responses are declared too,
-errors included (OpenAI's shape), so that a client, or a fuzzer, can hold every answer to the schema.
+Requests are checked here, field by field, before they reach a batch: counts and numbers are JSON's (`true` is no
+count, nor "2"), text must be Unicode (JSON can carry half a surrogate pair), sampling values stay where the
+decoder works, and OpenAI chat fields this service cannot honour are refused, never silently ignored. Responses
+are declared too, errors included (OpenAI's shape), so that a client, or a fuzzer, can hold every answer to the
+schema.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from fed_netgpt.serving.engine import Sampling
@@ -29,6 +30,16 @@ def _unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
+
+
+def _count(value: Any) -> Any:
+    """JSON's integers, as JSON Schema counts them (2 and 2.0); never `true` or "2", which lax parsing would take."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+JSON_INTEGER = BeforeValidator(_count)  # placed after a Field's bounds, which then reach the schema as minimum/maximum
 # OpenAI chat fields this service cannot honour, with the values that ask for nothing: anything else is refused
 # rather than silently ignored
 NOT_HONOURED: dict[str, tuple[Any, ...]] = {
@@ -38,12 +49,13 @@ NOT_HONOURED: dict[str, tuple[Any, ...]] = {
 
 
 class _Decoding(BaseModel):
-    max_tokens: int | None = Field(None, ge=1, strict=True, description="new tokens at most (default: the "
-                                   "service's setting); on /v1/generate, of the edge's completion")
+    max_tokens: Annotated[int, Field(ge=1), JSON_INTEGER] | None = Field(
+        None, description="new tokens at most (default: the service's setting); /v1/generate: of the edge's completion")
     temperature: float = Field(0.0, ge=0.0, le=2.0, strict=True,
                                description="0 (or under 1e-5): greedy, deterministic")
     top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
-    seed: int | None = Field(None, ge=0, le=2**64 - 1, strict=True, description="makes sampling repeatable")
+    seed: Annotated[int, Field(ge=0, le=2**64 - 1), JSON_INTEGER] | None = Field(
+        None, description="makes sampling repeatable")
 
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_p, self.seed)
@@ -83,7 +95,7 @@ class ChatRequest(_Decoding):
     model: Text
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = Field(False, strict=True)
-    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: Annotated[int, Field(ge=1), JSON_INTEGER] | None = None
 
     @model_validator(mode="before")
     @classmethod

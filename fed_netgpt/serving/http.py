@@ -53,6 +53,8 @@ from fed_netgpt.serving.pipeline import cloud_only, generate
 
 log = logging.getLogger("fed_netgpt.serving")
 REQUEST_ERRORS = (400, 401, 404, 413, 415, 500)  # what a /v1 request with a body may be answered
+STREAM_EVENT = {  # one server-sent event of a streamed chat: its data is a chat.completion.chunk as JSON, or [DONE]
+    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 FASTAPI_UNPARSED_BODY = "There was an error parsing the body"  # FastAPI's 400 for a body json.loads cannot read
 CLOUD_ERRORS = (*REQUEST_ERRORS, 502, 503)  # ... and with a cloud behind it: unreachable, or none
 PLAYGROUND = Path(__file__).with_name("playground.html")
@@ -185,7 +187,7 @@ def create_app(edge: EdgeService, cloud: Cloud | None, settings: ServingConfig, 
         return _edge_call(lambda: cloud_only(cloud, _prompt(body.prompt), body.location)).to_json()
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+              responses={200: {"content": {"text/event-stream": {"schema": STREAM_EVENT}}},
                          **error_responses(*REQUEST_ERRORS)})
     def chat(body: ChatRequest):
         """OpenAI chat completions; `model` is the base model (plain chat) or a site / region (its adapter's
