@@ -184,8 +184,9 @@ def simulate_command(args: argparse.Namespace) -> int:
         args.overrides = [*args.overrides, "run.resume=true", f"run.output_dir={args.resume.resolve()}"]
     config = prepared_config(args)
     sites = load_sites(config.data)  # bad data fails here, before the run folder is touched or any engine starts
+    heldout = load_heldout_sites(config.data)
     base = load_base(config.model.name, config.model.cache_dir)  # converts SmolLM2 once, before workers race
-    check_pair_lengths(base.tokenizer, [*sites, *load_heldout_sites(config.data)], config.train.max_length)
+    check_pair_lengths(base.tokenizer, [*sites, *heldout], config.train.max_length)
     check_rank(base, config.lora)
     if config.run.resume:
         finished = _finished_run(config)
@@ -197,7 +198,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         groups = sorted({aggregation_group(config, s.site_id, s.region) for s in sites})
         starting_point(Path(config.run.output_dir), config, base, groups)
     with run_lock(config.run.output_dir):
-        return _simulate(config, sites)
+        return _simulate(config, sites, len(heldout))
 
 
 def _finished_run(config: Config) -> str | None:
@@ -212,11 +213,10 @@ def _finished_run(config: Config) -> str | None:
             f"changed. More rounds: fed-netgpt simulate --resume {folder} federation.num_rounds={done + 1}")
 
 
-def _simulate(config: Config, sites: list[SiteData]) -> int:
+def _simulate(config: Config, sites: list[SiteData], heldout: int) -> int:
     regions = sorted({s.region for s in sites})
-    heldout = load_heldout_sites(config.data)
     print(f"Simulating {len(sites)} edge sites in {len(regions)} regions ({', '.join(regions)}), "
-          f"{len(heldout)} more held out, {config.federation.num_rounds} rounds, model {config.model.name}",
+          f"{heldout} more held out, {config.federation.num_rounds} rounds, model {config.model.name}",
           flush=True)
     folder = Path(config.run.output_dir)
     run_simulation_app(to_yaml(config), config.simulation, config.simulation.num_supernodes or len(sites),

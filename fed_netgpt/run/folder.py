@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -54,10 +54,8 @@ def run_lock(path: str | Path) -> Iterator[Path]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise RunFolderError(f"run.output_dir={folder} is in use by a running run ({holder}); wait for it or "
-                                 "choose another folder") from None
+            raise RunFolderError(f"run.output_dir={folder} is in use by a running run ({_holder(lock)}); wait for "
+                                 "it or choose another folder") from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()}")
@@ -300,11 +298,17 @@ def _lock_holder(path: Path) -> str | None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return lock.read().strip() or "another process"
+                return _holder(lock)
             fcntl.flock(lock, fcntl.LOCK_UN)
     except OSError:
         pass
     return None
+
+
+def _holder(lock: IO[str]) -> str:
+    """What the lock's holder wrote in it ("pid N")."""
+    lock.seek(0)
+    return lock.read().strip() or "another process"
 
 
 def published(folder: str | Path) -> dict[str, Any] | None:
