@@ -79,7 +79,7 @@ def app_pyproject(config_path: Path, launcher: str) -> str:
         'description = "fed-netgpt simulate: the installed fed-netgpt apps, run on a resolved config"\n'
         'license = "Apache-2.0"\ndependencies = []\n\n'
         '[tool.flwr.app]\npublisher = "fed-netgpt"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "server.app:simulation_app"\nclientapp = "clients.app:app"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "server.entry:simulation_app"\nclientapp = "clients.entry:app"\n\n'
         f'[tool.flwr.app.config]\n"{RESOLVED_CONFIG}" = "{_toml_string(str(config_path))}"\n'
         f'"{LAUNCHER}" = "{launcher}"\n'
     )

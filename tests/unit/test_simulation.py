@@ -55,8 +55,8 @@ def test_a_cpu_share_flower_cannot_take_is_refused_naming_the_key(share, address
 def test_the_app_folder_names_the_installed_apps_and_the_config_file(tmp_path: Path):
     config = tmp_path / 'a "quoted" \\ path' / "config.yaml"
     project = tomllib.loads(app_pyproject(config, "123:456"))
-    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:simulation_app",
-                                                            "clientapp": "clients.app:app"}
+    assert project["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.entry:simulation_app",
+                                                            "clientapp": "clients.entry:app"}
     assert project["tool"]["flwr"]["app"]["config"] == {RESOLVED_CONFIG: str(config), LAUNCHER: "123:456"}
     assert project["project"]["dependencies"] == []  # nothing for Flower to install: the environment is ready
 
@@ -147,3 +147,11 @@ def test_a_child_armed_to_die_with_its_parent_does_when_the_parent_is_killed():
     while not _gone(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone(child)
+
+
+def test_the_apps_flower_loads_for_a_simulation_import_no_model_library():
+    # Flower's simulation process imports both before it starts Ray: torch and the like are imported when they run
+    loaded = subprocess.run([sys.executable, "-c", "import sys, server.entry, clients.entry; "
+                             "print(sorted({'torch', 'transformers', 'peft', 'fed_netgpt'} & set(sys.modules)))"],
+                            capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
