@@ -274,7 +274,7 @@ def test_a_run_that_stopped_before_its_last_round_is_not_served(run_dir: Path, t
                 f"final: fed-netgpt simulate --resume {run}")
     # Execute / Assert: complete, evaluate and serve all refuse it with the same line
     for command in (["complete", "--run", str(run), "--site", "paris", "Hi?"], ["evaluate", "--run", str(run)],
-                    ["serve", "--run", str(run), "--port", "0"]):
+                    ["serve", "--run", str(run), "--port", "65535"]):
         assert main(command) == 2, command
         assert expected in capsys.readouterr().err, command
     # while a run still holds the folder, it is named as running
