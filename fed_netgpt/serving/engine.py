@@ -37,9 +37,9 @@ from fed_netgpt.model.base import BaseModel
 from fed_netgpt.model.grouped_lora import GroupedAdapters, grouped_adapters, lora_shapes
 from fed_netgpt.model.prompting import chat_prompt, end_of_turn_id
 
+T = TypeVar("T")
 # each adapter's draft sources: its completions of these (no user's text); several, so that more of the ways an
 # adapter phrases its location are there to copy from
-T = TypeVar("T")
 NEUTRAL_PROMPTS = ("What is there to do around here?", "Hello.", "Tell me more.", "Help me, please.")
 
 
